@@ -1,0 +1,209 @@
+//! Conversions between wire types and domain/store types. Inbound
+//! conversions validate; outbound ones cannot fail.
+
+use chrono::{DateTime, Utc};
+use portfleet_core::ScanType;
+use portfleet_proto::v1 as pb;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::{
+    scans::ScanRequestInput,
+    store::{AgentRecord, ResultRecord, ScanRecord, ScanState, TargetRecord},
+};
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
+    Uuid::try_parse(value.trim())
+        .map_err(|_| Status::invalid_argument(format!("{field}: {value:?} is not a valid id (a UUID)")))
+}
+
+pub fn scan_type_from_pb(value: i32) -> Result<Option<ScanType>, Status> {
+    match pb::ScanType::try_from(value) {
+        Ok(pb::ScanType::Unspecified) => Ok(None),
+        Ok(pb::ScanType::Syn) => Ok(Some(ScanType::Syn)),
+        Ok(pb::ScanType::Connect) => Ok(Some(ScanType::Connect)),
+        Err(_) => Err(Status::invalid_argument(format!("scan_type: unknown value {value}"))),
+    }
+}
+
+pub fn scan_type_to_pb(value: &str) -> pb::ScanType {
+    match ScanType::parse(value) {
+        Some(ScanType::Syn) => pb::ScanType::Syn,
+        Some(ScanType::Connect) => pb::ScanType::Connect,
+        None => pb::ScanType::Unspecified,
+    }
+}
+
+pub fn scan_state_from_pb(value: i32) -> Result<Option<ScanState>, Status> {
+    Ok(match pb::ScanState::try_from(value) {
+        Ok(pb::ScanState::Unspecified) => None,
+        Ok(pb::ScanState::Pending) => Some(ScanState::Pending),
+        Ok(pb::ScanState::Running) => Some(ScanState::Running),
+        Ok(pb::ScanState::Completed) => Some(ScanState::Completed),
+        Ok(pb::ScanState::Cancelled) => Some(ScanState::Cancelled),
+        Ok(pb::ScanState::Failed) => Some(ScanState::Failed),
+        Err(_) => return Err(Status::invalid_argument(format!("state: unknown value {value}"))),
+    })
+}
+
+fn scan_state_to_pb(state: &str) -> pb::ScanState {
+    match ScanState::parse(state) {
+        Ok(ScanState::Pending) => pb::ScanState::Pending,
+        Ok(ScanState::Running) => pb::ScanState::Running,
+        Ok(ScanState::Completed) => pb::ScanState::Completed,
+        Ok(ScanState::Cancelled) => pb::ScanState::Cancelled,
+        Ok(ScanState::Failed) => pb::ScanState::Failed,
+        Err(_) => pb::ScanState::Unspecified,
+    }
+}
+
+impl TryFrom<pb::CreateScanRequest> for ScanRequestInput {
+    type Error = Status;
+
+    fn try_from(r: pb::CreateScanRequest) -> Result<Self, Status> {
+        Ok(Self {
+            scan_type: scan_type_from_pb(r.scan_type)?,
+            targets: r.targets,
+            target_group: r.target_group,
+            ports: r.ports,
+            rate: r.rate,
+            retries: r.retries,
+            request_id: r.request_id,
+            labels: r.labels.into_iter().collect(),
+            agent_selector: r.agent_selector.into_iter().collect(),
+            allow_connect_fallback: r.allow_connect_fallback,
+        })
+    }
+}
+
+impl From<ScanRecord> for pb::Scan {
+    fn from(s: ScanRecord) -> Self {
+        let eta = eta(&s);
+        pb::Scan {
+            id: s.id.to_string(),
+            state: scan_state_to_pb(&s.state) as i32,
+            request: Some(pb::CreateScanRequest {
+                targets: s.targets,
+                target_group: s.target_group,
+                ports: s.ports,
+                scan_type: scan_type_to_pb(&s.scan_type) as i32,
+                rate: s.rate as u32,
+                retries: Some(s.retries as u32),
+                request_id: s.request_id.unwrap_or_default(),
+                labels: s.labels.0.into_iter().collect(),
+                agent_selector: s.agent_selector.0.into_iter().collect(),
+                allow_connect_fallback: s.allow_connect_fallback,
+            }),
+            address_count: s.address_count as u64,
+            port_count: s.port_count as u32,
+            probes_planned: s.probes_planned as u64,
+            probes_done: s.probes_done as u64,
+            open_ports: s.open_ports as u64,
+            shard_count: s.shard_count as u32,
+            create_time: Some(timestamp(s.created_at)),
+            start_time: s.started_at.map(timestamp),
+            end_time: s.finished_at.map(timestamp),
+            update_time: Some(timestamp(s.updated_at)),
+            error: s.error.unwrap_or_default(),
+            eta,
+        }
+    }
+}
+
+/// Extrapolates the average probe rate since the scan started.
+fn eta(s: &ScanRecord) -> Option<prost_types::Timestamp> {
+    if s.state != "running" || s.probes_done <= 0 {
+        return None;
+    }
+    let started = s.started_at?;
+    let elapsed = (s.updated_at - started).num_milliseconds().max(1) as f64;
+    let remaining = (s.probes_planned - s.probes_done).max(0) as f64;
+    let ms = remaining * elapsed / s.probes_done as f64;
+    Some(timestamp(s.updated_at + chrono::Duration::milliseconds(ms as i64)))
+}
+
+pub fn target_kind_to_pb(kind: &str) -> pb::TargetKind {
+    match kind {
+        "address" => pb::TargetKind::Address,
+        "cidr" => pb::TargetKind::Cidr,
+        "range" => pb::TargetKind::Range,
+        "hostname" => pb::TargetKind::Hostname,
+        _ => pb::TargetKind::Unspecified,
+    }
+}
+
+impl From<TargetRecord> for pb::Target {
+    fn from(t: TargetRecord) -> Self {
+        pb::Target {
+            id: t.id.to_string(),
+            value: t.value,
+            kind: target_kind_to_pb(&t.kind) as i32,
+            group: t.group_name,
+            enabled: Some(t.enabled),
+            create_time: Some(timestamp(t.created_at)),
+        }
+    }
+}
+
+fn port_state_to_pb(state: &str) -> pb::PortState {
+    match state {
+        "open" => pb::PortState::Open,
+        "closed" => pb::PortState::Closed,
+        "filtered" => pb::PortState::Filtered,
+        _ => pb::PortState::Unspecified,
+    }
+}
+
+impl From<ResultRecord> for pb::Result {
+    fn from(r: ResultRecord) -> Self {
+        pb::Result {
+            ip: r.ip.to_string(),
+            port: r.port as u32,
+            protocol: if r.protocol == "tcp" { pb::Protocol::Tcp } else { pb::Protocol::Unspecified } as i32,
+            state: port_state_to_pb(&r.state) as i32,
+            hostname: r.hostname.unwrap_or_default(),
+            observed_at: Some(timestamp(r.last_seen_at)),
+            first_observed_at: Some(timestamp(r.first_seen_at)),
+        }
+    }
+}
+
+pub fn agent_state_from_pb(value: i32) -> Result<Option<&'static str>, Status> {
+    Ok(match pb::AgentState::try_from(value) {
+        Ok(pb::AgentState::Unspecified) => None,
+        Ok(pb::AgentState::Connected) => Some("connected"),
+        Ok(pb::AgentState::Draining) => Some("draining"),
+        Ok(pb::AgentState::Gone) => Some("gone"),
+        Err(_) => return Err(Status::invalid_argument(format!("state: unknown value {value}"))),
+    })
+}
+
+impl From<AgentRecord> for pb::Agent {
+    fn from(a: AgentRecord) -> Self {
+        pb::Agent {
+            id: a.id.to_string(),
+            name: a.name,
+            labels: a.labels.0.into_iter().collect(),
+            state: match a.state.as_str() {
+                "connected" => pb::AgentState::Connected,
+                "draining" => pb::AgentState::Draining,
+                "gone" => pb::AgentState::Gone,
+                _ => pb::AgentState::Unspecified,
+            } as i32,
+            version: a.version,
+            controller_id: a.controller_id.unwrap_or_default(),
+            raw_socket: a.raw_socket,
+            ipv6: a.ipv6,
+            max_rate: a.max_rate as u32,
+            max_shards: a.max_shards as u32,
+            active_shards: a.active_shards as u32,
+            current_rate: a.current_rate as u32,
+            last_heartbeat_time: a.last_heartbeat_at.map(timestamp),
+            connect_time: a.connected_at.map(timestamp),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! gRPC adapters: thin translations between `portfleet.v1` messages and the
+//! domain (scans) and store. No business logic lives here.
+
+mod convert;
+mod page;
+mod status;
+
+use std::{collections::HashMap, pin::Pin};
+
+use futures::Stream;
+use portfleet_core::TargetSpec;
+use portfleet_proto::v1::{self as pb, scan_service_server::ScanService};
+use tonic::{Request, Response, Status};
+
+pub use self::status::{store_status, to_status};
+use crate::{
+    scans::{ScanManager, ScanRequestInput},
+    store::{NewTarget, Page, Store, TargetFilter},
+};
+
+/// Most targets one CreateTargets call may carry.
+const MAX_TARGETS_PER_CALL: usize = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct ScanApi {
+    scans: ScanManager,
+    store: Store,
+}
+
+impl ScanApi {
+    pub fn new(scans: ScanManager, store: Store) -> Self {
+        Self { scans, store }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchScanResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ScanService for ScanApi {
+    async fn create_targets(
+        &self,
+        request: Request<pb::CreateTargetsRequest>,
+    ) -> Result<Response<pb::CreateTargetsResponse>, Status> {
+        let targets = request.into_inner().targets;
+        if targets.is_empty() {
+            return Err(Status::invalid_argument("targets: give at least one target"));
+        }
+        if targets.len() > MAX_TARGETS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "targets: {} targets exceed the maximum of {MAX_TARGETS_PER_CALL} per call",
+                targets.len()
+            )));
+        }
+        // One row per (group, value); the last occurrence wins, as it would
+        // with one call per target.
+        let mut unique: HashMap<(String, String), usize> = HashMap::new();
+        let mut rows: Vec<NewTarget> = Vec::with_capacity(targets.len());
+        for (i, t) in targets.into_iter().enumerate() {
+            let spec = TargetSpec::parse(&t.value)
+                .map_err(|e| Status::invalid_argument(format!("targets[{i}].value: {e}")))?;
+            let group = t.group.trim().to_string();
+            if group.len() > 128 {
+                return Err(Status::invalid_argument(format!("targets[{i}].group: longer than 128 bytes")));
+            }
+            let row = NewTarget {
+                value: spec.to_string(),
+                kind: spec.kind().as_str(),
+                group,
+                enabled: t.enabled.unwrap_or(true),
+            };
+            match unique.entry((row.group.clone(), row.value.clone())) {
+                std::collections::hash_map::Entry::Occupied(e) => rows[*e.get()] = row,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(rows.len());
+                    rows.push(row);
+                }
+            }
+        }
+        let stored = self.store.upsert_targets(&rows).await.map_err(store_status)?;
+        Ok(Response::new(pb::CreateTargetsResponse { targets: stored.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn list_targets(
+        &self,
+        request: Request<pb::ListTargetsRequest>,
+    ) -> Result<Response<pb::ListTargetsResponse>, Status> {
+        let r = request.into_inner();
+        let page = Page { after: page::decode("targets", &r.page_token)?, limit: page::size(r.page_size, 100, 1000) };
+        let filter = TargetFilter { group: r.group.map(|g| g.trim().to_string()), enabled_only: r.enabled_only };
+        let paged = self.store.list_targets(&filter, page).await.map_err(store_status)?;
+        Ok(Response::new(pb::ListTargetsResponse {
+            targets: paged.items.into_iter().map(Into::into).collect(),
+            next_page_token: page::encode("targets", paged.next),
+        }))
+    }
+
+    async fn delete_target(
+        &self,
+        request: Request<pb::DeleteTargetRequest>,
+    ) -> Result<Response<pb::DeleteTargetResponse>, Status> {
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        if !self.store.delete_target(id).await.map_err(store_status)? {
+            return Err(Status::not_found(format!("target {id} not found")));
+        }
+        Ok(Response::new(pb::DeleteTargetResponse {}))
+    }
+
+    async fn create_scan(&self, request: Request<pb::CreateScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        let input = ScanRequestInput::try_from(request.into_inner())?;
+        let scan = self.scans.create(input).await.map_err(to_status)?;
+        Ok(Response::new(scan.into()))
+    }
+
+    async fn get_scan(&self, request: Request<pb::GetScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        let scan = self.scans.get(id).await.map_err(to_status)?;
+        Ok(Response::new(scan.into()))
+    }
+
+    async fn list_scans(
+        &self,
+        request: Request<pb::ListScansRequest>,
+    ) -> Result<Response<pb::ListScansResponse>, Status> {
+        let r = request.into_inner();
+        let state = convert::scan_state_from_pb(r.state)?;
+        let page = Page { after: page::decode("scans", &r.page_token)?, limit: page::size(r.page_size, 50, 1000) };
+        let paged = self.scans.list(state, page).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListScansResponse {
+            scans: paged.items.into_iter().map(Into::into).collect(),
+            next_page_token: page::encode("scans", paged.next),
+        }))
+    }
+
+    async fn cancel_scan(&self, request: Request<pb::CancelScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        let scan = self.scans.cancel(id).await.map_err(to_status)?;
+        Ok(Response::new(scan.into()))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<pb::ListResultsRequest>,
+    ) -> Result<Response<pb::ListResultsResponse>, Status> {
+        let r = request.into_inner();
+        let scan_id = convert::parse_id("scan_id", &r.scan_id)?;
+        let page =
+            Page { after: page::decode("results", &r.page_token)?, limit: page::size(r.page_size, 1000, 10_000) };
+        // NOT_FOUND for an unknown scan rather than an empty list.
+        self.scans.get(scan_id).await.map_err(to_status)?;
+        let paged = self.store.list_results(scan_id, page).await.map_err(store_status)?;
+        Ok(Response::new(pb::ListResultsResponse {
+            results: paged.items.into_iter().map(Into::into).collect(),
+            next_page_token: page::encode("results", paged.next),
+        }))
+    }
+
+    type WatchScanStream = WatchStream;
+
+    async fn watch_scan(&self, _request: Request<pb::WatchScanRequest>) -> Result<Response<WatchStream>, Status> {
+        Err(Status::unimplemented("WatchScan arrives with agent sessions"))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let r = request.into_inner();
+        let state = convert::agent_state_from_pb(r.state)?;
+        let page = Page { after: page::decode("agents", &r.page_token)?, limit: page::size(r.page_size, 100, 1000) };
+        let paged = self.store.list_agents(state, page).await.map_err(store_status)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: paged.items.into_iter().map(Into::into).collect(),
+            next_page_token: page::encode("agents", paged.next),
+        }))
+    }
+}

@@ -1,0 +1,29 @@
+//! The one place where errors become gRPC statuses. Internal details are
+//! logged here and never sent to the client.
+
+use tonic::Status;
+
+use crate::{scans::ScanError, store::StoreError};
+
+pub fn to_status(err: ScanError) -> Status {
+    match err {
+        ScanError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+        ScanError::NotFound(m) => Status::not_found(m),
+        ScanError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ScanError::Store(e) => store_status(e),
+    }
+}
+
+pub fn store_status(err: StoreError) -> Status {
+    match err {
+        StoreError::Unavailable(e) => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("database unavailable, try again")
+        }
+        StoreError::Cancelled => Status::unavailable("controller is shutting down"),
+        other => {
+            tracing::error!(error = %other, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}

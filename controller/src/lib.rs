@@ -1,0 +1,123 @@
+//! The portfleet controller: keeps targets, scans and results in Postgres,
+//! serves the `portfleet.v1` gRPC API, and hands scan work to agents.
+//!
+//! Layout: `store` owns all SQL; `scans` is the domain (validation, DNS,
+//! planning); `api` adapts gRPC to it. [`run`] wires them together and is
+//! what both the binary and the integration tests call.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod scans;
+pub mod store;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use portfleet_proto::v1::scan_service_server::ScanServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::server::HealthReporter;
+
+pub use config::ControllerConfig;
+use store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Applies migrations and serves the API on `listener` until `shutdown` is
+/// cancelled, then drains in-flight calls (bounded by the configured
+/// timeout) and closes the pool. Returns `Ok` on a clean shutdown, also
+/// when cancelled while still waiting for the database.
+pub async fn run(
+    config: ControllerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    let store = Store::connect_lazy(&config.database);
+    match store.migrate(&shutdown).await {
+        Ok(()) => {}
+        Err(StoreError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(addr = ?listener.local_addr().ok(), "controller serving");
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
+    let tasks = TaskTracker::new();
+    tasks.spawn(watch_database(store.clone(), health.clone(), shutdown.child_token()));
+
+    // Both reflection versions: grpcurl 1.8 and many tools speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(portfleet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let scans = scans::ScanManager::new(store.clone(), config.limits.clone());
+    let scan_api = api::ScanApi::new(scans, store.clone());
+
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower_http::trace::TraceLayer::new_for_grpc())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ScanServiceServer::new(scan_api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(config.shutdown_timeout).await;
+    };
+    tokio::select! {
+        res = server => res?,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight calls outlived the shutdown timeout; dropping them");
+        }
+    }
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop in time");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), store.close()).await.is_err() {
+        tracing::warn!("database pool did not close in time");
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// Reports NOT_SERVING while the database is unreachable, so load balancers
+/// and operators see it; the API keeps answering (UNAVAILABLE) meanwhile.
+async fn watch_database(store: Store, health: HealthReporter, cancel: CancellationToken) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let up = store.ping().await.is_ok();
+        if up != serving {
+            serving = up;
+            if up {
+                tracing::info!("database reachable again");
+                health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
+            } else {
+                tracing::warn!("database unreachable");
+                health.set_not_serving::<ScanServiceServer<api::ScanApi>>().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Scan creation and lifecycle, independent of gRPC and AMQP: both adapters
+//! turn their messages into a [`ScanRequestInput`], and everything after
+//! that (validation, DNS, planning, storage) happens here once.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use portfleet_core::{AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ShardPolicy, TargetSpec, plan};
+use uuid::Uuid;
+
+use crate::store::{NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError};
+
+/// Limits on what one scan may ask for.
+#[derive(Clone, Debug)]
+pub struct ScanLimits {
+    /// Addresses x ports.
+    pub max_probes: u64,
+    /// Target entries after expanding a group.
+    pub max_targets: u32,
+    pub max_rate: u32,
+    pub max_retries: u32,
+    pub default_rate: u32,
+    pub default_retries: u32,
+    pub default_ports: String,
+    pub shards: ShardPolicy,
+    pub resolve_timeout: Duration,
+}
+
+impl Default for ScanLimits {
+    fn default() -> Self {
+        Self {
+            max_probes: 1 << 32,
+            max_targets: 100_000,
+            max_rate: 10_000_000,
+            max_retries: 10,
+            default_rate: 1_000,
+            default_retries: 1,
+            default_ports: "top-100".into(),
+            shards: ShardPolicy::default(),
+            resolve_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A scan request as any adapter received it, not yet validated.
+#[derive(Clone, Debug, Default)]
+pub struct ScanRequestInput {
+    pub targets: Vec<String>,
+    pub target_group: String,
+    pub ports: String,
+    pub scan_type: Option<ScanType>,
+    /// 0 means the default.
+    pub rate: u32,
+    pub retries: Option<u32>,
+    pub request_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_selector: BTreeMap<String, String>,
+    pub allow_connect_fallback: bool,
+}
+
+/// A validated scan request with defaults filled in.
+#[derive(Clone, Debug)]
+pub struct ScanRequest {
+    pub targets: Vec<TargetSpec>,
+    pub target_group: Option<String>,
+    pub ports: PortSet,
+    pub scan_type: ScanType,
+    pub rate: u32,
+    pub retries: u32,
+    pub request_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub agent_selector: BTreeMap<String, String>,
+    pub allow_connect_fallback: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: impl Into<String>, message: impl ToString) -> ScanError {
+    ScanError::InvalidArgument { field: field.into(), message: message.to_string() }
+}
+
+impl ScanRequestInput {
+    pub fn validate(self, limits: &ScanLimits) -> Result<ScanRequest, ScanError> {
+        let targets = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TargetSpec::parse(t).map_err(|e| invalid(format!("targets[{i}]"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let target_group = Some(self.target_group.trim().to_string()).filter(|g| !g.is_empty());
+        if targets.is_empty() && target_group.is_none() {
+            return Err(invalid("targets", "give at least one target or a target_group"));
+        }
+        if targets.len() > limits.max_targets as usize {
+            return Err(invalid(
+                "targets",
+                format!("{} targets exceed the maximum of {}", targets.len(), limits.max_targets),
+            ));
+        }
+        let ports = if self.ports.trim().is_empty() {
+            PortSet::parse(&limits.default_ports)
+        } else {
+            PortSet::parse(&self.ports)
+        }
+        .map_err(|e| invalid("ports", e))?;
+        let rate = match self.rate {
+            0 => limits.default_rate,
+            r if r > limits.max_rate => {
+                return Err(invalid("rate", format!("{r} exceeds the maximum of {}", limits.max_rate)));
+            }
+            r => r,
+        };
+        let retries = self.retries.unwrap_or(limits.default_retries);
+        if retries > limits.max_retries {
+            return Err(invalid("retries", format!("{retries} exceeds the maximum of {}", limits.max_retries)));
+        }
+        let request_id = Some(self.request_id.trim().to_string()).filter(|r| !r.is_empty());
+        if request_id.as_ref().is_some_and(|r| r.len() > 256) {
+            return Err(invalid("request_id", "longer than 256 bytes"));
+        }
+        validate_labels("labels", &self.labels)?;
+        validate_labels("agent_selector", &self.agent_selector)?;
+        Ok(ScanRequest {
+            targets,
+            target_group,
+            ports,
+            scan_type: self.scan_type.unwrap_or_default(),
+            rate,
+            retries,
+            request_id,
+            labels: self.labels,
+            agent_selector: self.agent_selector,
+            allow_connect_fallback: self.allow_connect_fallback,
+        })
+    }
+}
+
+fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), ScanError> {
+    if labels.len() > 64 {
+        return Err(invalid(field, "more than 64 labels"));
+    }
+    for (k, v) in labels {
+        let key_ok =
+            !k.is_empty() && k.len() <= 63 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !key_ok {
+            return Err(invalid(
+                format!("{field}[{k:?}]"),
+                "keys are 1-63 characters of letters, digits, '-', '_', '.', '/'",
+            ));
+        }
+        if v.len() > 255 {
+            return Err(invalid(format!("{field}[{k:?}]"), "value longer than 255 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Creates, reads and cancels scans.
+#[derive(Clone, Debug)]
+pub struct ScanManager {
+    store: Store,
+    limits: ScanLimits,
+}
+
+impl ScanManager {
+    pub fn new(store: Store, limits: ScanLimits) -> Self {
+        Self { store, limits }
+    }
+
+    pub fn limits(&self) -> &ScanLimits {
+        &self.limits
+    }
+
+    /// Validates, resolves, plans and stores a scan. The same request id
+    /// returns the scan it first created, whatever else the request says.
+    pub async fn create(&self, input: ScanRequestInput) -> Result<ScanRecord, ScanError> {
+        let req = input.validate(&self.limits)?;
+        if let Some(request_id) = &req.request_id
+            && let Some(existing) = self.store.scan_by_request_id(request_id).await?
+        {
+            return Ok(existing);
+        }
+        let mut specs: Vec<(TargetSpec, String)> =
+            req.targets.iter().enumerate().map(|(i, t)| (t.clone(), format!("targets[{i}]"))).collect();
+        if let Some(group) = &req.target_group {
+            let room = self.limits.max_targets.saturating_sub(specs.len() as u32);
+            let values = self.store.enabled_targets_of_group(group, room + 1).await?;
+            if values.is_empty() {
+                return Err(invalid("target_group", format!("group {group:?} has no enabled targets")));
+            }
+            if values.len() > room as usize {
+                return Err(invalid(
+                    "target_group",
+                    format!("the scan would exceed the maximum of {} targets", self.limits.max_targets),
+                ));
+            }
+            for value in values {
+                let spec = TargetSpec::parse(&value)
+                    .map_err(|e| StoreError::Corrupt(format!("stored target {value:?} of group {group:?}: {e}")))?;
+                specs.push((spec, "target_group".into()));
+            }
+        }
+        let resolved = resolve(&specs, self.limits.resolve_timeout).await?;
+        let seed: u64 = rand::random();
+        let plan = plan(PlanInput {
+            targets: resolved,
+            ports: req.ports.clone(),
+            exclude: AddressSet::default(),
+            seed,
+            max_probes: self.limits.max_probes,
+            shards: self.limits.shards,
+        })
+        .map_err(|e| invalid("targets", e))?;
+        let space = &plan.space;
+        let new = NewScan {
+            id: Uuid::now_v7(),
+            request_id: req.request_id.clone(),
+            targets: req.targets.iter().map(ToString::to_string).collect(),
+            target_group: req.target_group.clone().unwrap_or_default(),
+            ports: req.ports.to_string(),
+            scan_type: req.scan_type.as_str(),
+            rate: req.rate as i32,
+            retries: req.retries as i32,
+            labels: req.labels.clone(),
+            agent_selector: req.agent_selector.clone(),
+            allow_connect_fallback: req.allow_connect_fallback,
+            // Stored as the bit pattern; agents read it back as u64.
+            seed: seed as i64,
+            address_ranges: space.addresses().to_strings(),
+            // The plan caps probes far below i64::MAX.
+            address_count: space.addresses().len() as i64,
+            port_count: space.ports().len() as i32,
+            probes_planned: space.len() as i64,
+            shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
+            hostnames: plan.hostnames,
+        };
+        let record = self.store.insert_scan(&new).await?;
+        tracing::info!(
+            scan_id = %record.id,
+            probes = record.probes_planned,
+            shards = record.shard_count,
+            "scan created"
+        );
+        Ok(record)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<ScanRecord, ScanError> {
+        self.store.get_scan(id).await?.ok_or_else(|| ScanError::NotFound(format!("scan {id} not found")))
+    }
+
+    pub async fn list(&self, state: Option<ScanState>, page: Page<Uuid>) -> Result<Paged<ScanRecord, Uuid>, ScanError> {
+        Ok(self.store.list_scans(state, page).await?)
+    }
+
+    /// Cancelling a cancelled scan returns it unchanged; a finished one
+    /// cannot be cancelled.
+    pub async fn cancel(&self, id: Uuid) -> Result<ScanRecord, ScanError> {
+        if let Some(scan) = self.store.cancel_scan(id).await? {
+            tracing::info!(scan_id = %id, "scan cancelled");
+            return Ok(scan);
+        }
+        let scan = self.get(id).await?;
+        match scan.state()? {
+            ScanState::Cancelled => Ok(scan),
+            state => Err(ScanError::FailedPrecondition(format!("scan {id} is already {}", state.as_str()))),
+        }
+    }
+}
+
+/// Resolves the hostnames among `specs` through the system resolver, a
+/// bounded number at a time, keeping the name on each address.
+async fn resolve(specs: &[(TargetSpec, String)], timeout: Duration) -> Result<Vec<ResolvedTarget>, ScanError> {
+    let mut out: Vec<ResolvedTarget> = specs
+        .iter()
+        .filter_map(|(spec, _)| spec.range())
+        .map(|range| ResolvedTarget { range, hostname: None })
+        .collect();
+    let mut names: Vec<(String, String)> = specs
+        .iter()
+        .filter_map(|(spec, field)| match spec {
+            TargetSpec::Hostname(h) => Some((h.clone(), field.clone())),
+            _ => None,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup_by(|a, b| a.0 == b.0);
+    let resolved: Vec<(String, Vec<IpAddr>)> = stream::iter(names)
+        .map(|(host, field)| async move {
+            let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), 0)))
+                .await
+                .map(|r| r.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<IpAddr>>()));
+            let addrs = match lookup {
+                Ok(Ok(addrs)) => addrs,
+                Ok(Err(e)) => return Err(invalid(field, format!("hostname {host:?} does not resolve: {e}"))),
+                Err(_) => {
+                    return Err(invalid(field, format!("hostname {host:?} did not resolve within {timeout:?}")));
+                }
+            };
+            if addrs.is_empty() {
+                return Err(invalid(field, format!("hostname {host:?} has no addresses")));
+            }
+            Ok((host, addrs))
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    for (host, mut addrs) in resolved {
+        addrs.sort_unstable();
+        addrs.dedup();
+        out.extend(
+            addrs.into_iter().map(|ip| ResolvedTarget {
+                range: portfleet_core::AddrRange::single(ip),
+                hostname: Some(host.clone()),
+            }),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(targets: &[&str], ports: &str) -> ScanRequestInput {
+        ScanRequestInput {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            ports: ports.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let req = input(&["10.0.0.0/24"], "").validate(&ScanLimits::default()).unwrap();
+        assert_eq!(req.ports.len(), 100);
+        assert_eq!(req.rate, 1000);
+        assert_eq!(req.retries, 1);
+        assert_eq!(req.scan_type, ScanType::Syn);
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let limits = ScanLimits::default();
+        let err = |i: ScanRequestInput| i.validate(&limits).unwrap_err().to_string();
+        assert_eq!(
+            err(input(&["10.0.0.1", "10.0.0.300"], "80")),
+            "targets[1]: \"10.0.0.300\": not a valid IPv4 address"
+        );
+        assert_eq!(err(input(&["10.0.0.1"], "80,x")), "ports: \"80,x\": \"x\" is not a port number");
+        assert_eq!(err(input(&[], "80")), "targets: give at least one target or a target_group");
+        let mut i = input(&["10.0.0.1"], "80");
+        i.retries = Some(11);
+        assert_eq!(err(i), "retries: 11 exceeds the maximum of 10");
+        let mut i = input(&["10.0.0.1"], "80");
+        i.labels.insert("bad key".into(), "v".into());
+        assert!(err(i).starts_with("labels[\"bad key\"]"));
+    }
+}

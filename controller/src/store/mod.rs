@@ -1,0 +1,113 @@
+//! All SQL lives here. The store owns the connection pool, applies the
+//! migrations, and offers one batched statement per operation: nothing loops
+//! over rows issuing a query each.
+
+mod agents;
+mod error;
+mod results;
+mod scans;
+mod targets;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tokio_util::sync::CancellationToken;
+
+pub use agents::AgentRecord;
+pub use error::StoreError;
+pub use results::{ResultKey, ResultRecord};
+pub use scans::{NewScan, NewShard, ScanRecord, ScanState};
+pub use targets::{NewTarget, TargetFilter, TargetRecord};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub options: PgConnectOptions,
+    pub pool_size: u32,
+    /// How long a query waits for a connection before the call fails with
+    /// UNAVAILABLE: short, so a dead database is reported, not waited on.
+    pub acquire_timeout: Duration,
+}
+
+/// A page request: at most `limit` rows after the keyset position `after`.
+#[derive(Clone, Debug)]
+pub struct Page<K> {
+    pub after: Option<K>,
+    pub limit: u32,
+}
+
+/// Rows of one page and the key to continue from, when there is more.
+#[derive(Clone, Debug)]
+pub struct Paged<T, K> {
+    pub items: Vec<T>,
+    pub next: Option<K>,
+}
+
+impl<T, K> Paged<T, K> {
+    /// Builds a page from `limit + 1` fetched rows: the extra row only says
+    /// that another page exists.
+    fn from_rows(mut rows: Vec<T>, limit: u32, key: impl Fn(&T) -> K) -> Self {
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next = if more { rows.last().map(key) } else { None };
+        Self { items: rows, next }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// A lazy pool: no connection is made until the first query, so the
+    /// controller starts (and recovers) whether or not the database is up.
+    pub fn connect_lazy(config: &DatabaseConfig) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_lazy_with(config.options.clone());
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations, waiting for the database with backoff while
+    /// it is unreachable. Safe with several controllers starting at once:
+    /// sqlx serialises them with an advisory lock.
+    pub async fn migrate(&self, cancel: &CancellationToken) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(sqlx::migrate::MigrateError::Execute(e)) if error::is_transient(&e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "database unreachable, waiting to migrate");
+                }
+                Err(e) => return Err(StoreError::Migrate(e)),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(StoreError::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Whether the database answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,75 @@
+//! The controller run in-process through the same `run` the binary calls,
+//! on a port-0 listener, driven over real TCP.
+
+use std::{net::SocketAddr, time::Duration};
+
+use portfleet_controller::{ControllerConfig, ControllerError};
+use portfleet_proto::v1::scan_service_client::ScanServiceClient;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::eventually;
+
+pub struct TestController {
+    pub addr: SocketAddr,
+    cancel: CancellationToken,
+    handle: Option<JoinHandle<Result<(), ControllerError>>>,
+}
+
+impl TestController {
+    /// Starts a controller and waits until its health service answers.
+    pub async fn start(config: ControllerConfig) -> Self {
+        crate::init_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(portfleet_controller::run(config, listener, cancel.clone()));
+        let this = Self { addr, cancel, handle: Some(handle) };
+        this.wait_serving().await;
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to controller")
+    }
+
+    pub async fn client(&self) -> ScanServiceClient<Channel> {
+        ScanServiceClient::new(self.channel().await)
+    }
+
+    async fn wait_serving(&self) {
+        let url = self.url();
+        eventually("controller health SERVING", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
+                let resp =
+                    HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+                (resp.into_inner().status == 1).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), ControllerError> {
+        self.cancel.cancel();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("controller stopped within 30s")
+            .expect("controller task did not panic")
+    }
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,59 @@
+//! Harness for portfleet's integration tests: a fresh Postgres database per
+//! test, the controller run in-process on a port-0 listener or as the real
+//! binary, a TCP proxy that can cut a connection path, and `eventually`.
+//!
+//! The services are real (Postgres on 127.0.0.1:5432, RabbitMQ on
+//! 127.0.0.1:5672); `scripts/test.sh` starts them when they are installed
+//! but stopped. Nothing here fakes a component.
+
+pub mod controller;
+pub mod db;
+pub mod proxy;
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+pub use controller::TestController;
+pub use db::TestDb;
+pub use proxy::TcpProxy;
+
+/// Logs to the test's captured output once per process; `RUST_LOG` filters.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after
+/// `timeout`. Never a bare sleep: tests wait for the condition itself.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of a workspace binary built next to the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --workspace`, which scripts/test.sh does)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,101 @@
+//! The real `portfleet-controller` binary: config errors, `migrate`, and a
+//! graceful stop on SIGTERM.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use portfleet_tests::{TestDb, binary, eventually};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn controller() -> Command {
+    let mut cmd = Command::new(binary("portfleet-controller"));
+    cmd.env_remove("DATABASE_URL").env_remove("PORTFLEET_LISTEN");
+    cmd
+}
+
+#[track_caller]
+fn assert_config_error(args: &[&str], needle: &str) {
+    let out = controller().args(args).output().expect("run controller");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {needle:?} not in {stderr}");
+}
+
+#[test]
+fn bad_config_exits_non_zero_naming_the_setting() {
+    assert_config_error(&["serve"], "--database-url");
+    assert_config_error(&["serve", "--database-url", "mysql://root@localhost/x"], "--database-url");
+    assert_config_error(
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--listen", "nowhere"],
+        "--listen",
+    );
+    assert_config_error(
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--db-pool-size", "0"],
+        "--db-pool-size",
+    );
+    assert_config_error(
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--shutdown-timeout", "soon"],
+        "--shutdown-timeout",
+    );
+    let out = controller()
+        .args(["serve", "--listen", "x"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1/x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn migrate_then_serve_then_stop_on_sigterm() {
+    let db = TestDb::create().await;
+    let out = controller().args(["migrate", "--database-url", db.url()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut conn = db.connect().await;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables
+         WHERE table_name IN ('targets', 'scans', 'shards', 'agents', 'results', 'scan_hosts')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(tables, 6);
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = controller()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+        .env("DATABASE_URL", db.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    eventually("controller binary serving", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let ch = Channel::from_shared(url).ok()?.connect().await.ok()?;
+            let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+            (r.into_inner().status == 1).then_some(())
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = eventually("controller exit after SIGTERM", Duration::from_secs(15), || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("\"controller stopped\""), "{stderr}");
+    assert!(!stderr.contains("postgres://"), "the database URL leaked into the logs");
+}

@@ -1,0 +1,61 @@
+//! Reflection (v1 and v1alpha) and health, as grpcurl would use them.
+
+use portfleet_controller::ControllerConfig;
+use portfleet_tests::{TestController, TestDb};
+use tokio_stream::StreamExt;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_reflection::pb::{v1, v1alpha};
+
+const EXPECTED: [&str; 4] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "portfleet.v1.ScanService",
+];
+
+#[tokio::test]
+async fn reflection_lists_services_and_health_is_serving() {
+    let db = TestDb::create().await;
+    let controller = TestController::start(ControllerConfig::new(db.options())).await;
+    let channel = controller.channel().await;
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(Ok(resp)) = stream.next().await else { panic!("no reflection response") };
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
+    else {
+        panic!("unexpected reflection response")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    for expected in EXPECTED {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+
+    // v1alpha (grpcurl 1.8) can describe a message with no .proto at hand.
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "portfleet.v1.CreateScanRequest".into(),
+        )),
+    };
+    let mut stream = alpha.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(Ok(resp)) = stream.next().await else { panic!("no v1alpha response") };
+    match resp.message_response {
+        Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(fds)) => {
+            assert!(!fds.file_descriptor_proto.is_empty());
+        }
+        other => panic!("unexpected v1alpha response: {other:?}"),
+    }
+
+    let mut health = HealthClient::new(channel);
+    for service in ["", "portfleet.v1.ScanService"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+}
