@@ -1,5 +1,12 @@
-//! The portfleet agent. The scan engine and the controller session arrive
-//! in their own modules; this crate links `portfleet-core` and the wire
-//! contract, never the controller.
+//! The portfleet agent: the scan engine ([`engine`]) over raw packet I/O
+//! ([`net`]), the standalone `scan` command, and (with a controller) the
+//! agent session. It links `portfleet-core` and the wire contract, never
+//! the controller's database or broker code.
+//!
+//! Unsafe code lives only in [`net::sys`], which wraps socket syscalls.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+pub mod engine;
+pub mod net;
+pub mod scan_cmd;

@@ -1,11 +1,38 @@
-//! `portfleet-agent`.
+//! `portfleet-agent`: parses the command line and runs a subcommand.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use portfleet_agent::scan_cmd;
 
 #[derive(Parser, Debug)]
 #[command(name = "portfleet-agent", version, about = "The portfleet scanning agent.")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Scan targets from this host, with no controller (like naabu or masscan).
+    Scan(scan_cmd::ScanArgs),
+}
 
 fn main() {
-    let _ = Cli::parse();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(scan_cmd::EXIT_FAILURE);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Scan(args) => scan_cmd::run(args).await,
+        }
+    });
+    // The engine's threads hold nothing that needs a graceful drop here.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    std::process::exit(code);
 }

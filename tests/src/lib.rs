@@ -8,6 +8,7 @@
 
 pub mod controller;
 pub mod db;
+pub mod netns;
 pub mod proxy;
 
 use std::{future::Future, path::PathBuf, time::Duration};

@@ -6,7 +6,8 @@ use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::{v1, v1alpha};
 
-const EXPECTED: [&str; 3] = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "portfleet.v1.ScanService"];
+const EXPECTED: [&str; 3] =
+    ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "portfleet.v1.ScanService"];
 
 #[tokio::test]
 async fn reflection_lists_services_and_health_is_serving() {

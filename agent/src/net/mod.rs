@@ -1,0 +1,386 @@
+//! Raw packet I/O for SYN scanning: choosing how probes leave, sending
+//! them in batches, and receiving only the replies.
+//!
+//! Two send paths share one interface:
+//! - **link**: Ethernet frames on an AF_PACKET socket that bypasses the
+//!   qdisc, addressed to the gateway's MAC. The fast path, used for IPv4
+//!   targets that one gateway route on an Ethernet interface covers.
+//! - **ip**: whole IP packets on a raw IP socket; the kernel routes them and
+//!   resolves neighbours. Used for IPv6, loopback, on-link targets,
+//!   non-Ethernet links, and whenever the link path cannot be set up.
+//!
+//! Replies are read from an AF_PACKET socket with a kernel BPF filter and
+//! a large receive buffer; its drop counter is reported, never hidden.
+
+pub mod arp;
+pub mod bpf;
+pub mod packet;
+pub mod route;
+pub mod sys;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use packet::{LinkHeader, MAX_PROBE_LEN, ProbeTemplate, Reply};
+use portfleet_core::AddressSet;
+use sys::{Framing, MAX_BATCH, PacketSocket, RECV_SNAP, RawIpSocket};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "raw sockets need the CAP_NET_RAW capability: run as root, grant it with \
+         `sudo setcap cap_net_raw,cap_net_admin+ep $(command -v portfleet-agent)`, \
+         or use --scan-type connect"
+    )]
+    NoPrivilege,
+    #[error("no route to {addr}: {reason}")]
+    NoRoute { addr: IpAddr, reason: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NetError {
+    let context = context.into();
+    move |source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            NetError::NoPrivilege
+        } else {
+            NetError::Io { context, source }
+        }
+    }
+}
+
+/// Whether this process may open raw sockets.
+pub fn has_raw_privilege() -> bool {
+    PacketSocket::open(Framing::Network, 0).is_ok()
+}
+
+/// Operator overrides for the send path.
+#[derive(Clone, Debug, Default)]
+pub struct NetOptions {
+    /// Send (and receive) only on this interface.
+    pub interface: Option<String>,
+    /// Source address to put in probes instead of the kernel's choice.
+    pub source_ip: Option<IpAddr>,
+}
+
+/// How probes of one address family leave the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Egress {
+    Link { iface: String, ifindex: u32, header: LinkHeader },
+    Ip { device: Option<String> },
+}
+
+/// The chosen send path for a scan's addresses.
+#[derive(Clone, Debug)]
+pub struct NetPlan {
+    pub v4: Option<(Ipv4Addr, Egress)>,
+    pub v6: Option<(Ipv6Addr, Egress)>,
+    /// Interface the receiver listens on; 0 for all.
+    pub recv_ifindex: u32,
+}
+
+impl NetPlan {
+    pub fn describe(&self) -> String {
+        let one = |fam: &str, src: String, e: &Egress| match e {
+            Egress::Link { iface, .. } => format!("{fam} from {src} via {iface} (link)"),
+            Egress::Ip { device: Some(d) } => format!("{fam} from {src} via {d} (ip)"),
+            Egress::Ip { device: None } => format!("{fam} from {src} (ip)"),
+        };
+        let mut parts = Vec::new();
+        if let Some((src, e)) = &self.v4 {
+            parts.push(one("ipv4", src.to_string(), e));
+        }
+        if let Some((src, e)) = &self.v6 {
+            parts.push(one("ipv6", src.to_string(), e));
+        }
+        parts.join(", ")
+    }
+}
+
+/// Chooses source addresses and send paths for `addrs`. Blocking: may ARP
+/// for the gateway (up to about a second).
+pub fn plan(addrs: &AddressSet, opts: &NetOptions) -> Result<NetPlan, NetError> {
+    let first_v4 = addrs.ranges().iter().find(|r| !r.is_ipv6()).map(|r| r.first());
+    let first_v6 = addrs.ranges().iter().find(|r| r.is_ipv6()).map(|r| r.first());
+    let ip_egress = Egress::Ip { device: opts.interface.clone() };
+
+    let v4 = match first_v4 {
+        None => None,
+        Some(dst) => {
+            let src = match opts.source_ip {
+                Some(IpAddr::V4(s)) => s,
+                _ => match route::source_address(dst) {
+                    Ok(IpAddr::V4(s)) => s,
+                    Ok(other) => return Err(NetError::NoRoute { addr: dst, reason: format!("source {other}") }),
+                    Err(e) => return Err(NetError::NoRoute { addr: dst, reason: e.to_string() }),
+                },
+            };
+            let egress = link_egress(addrs, src, opts).unwrap_or_else(|reason| {
+                tracing::debug!(%reason, "ipv4 probes use the kernel's IP path");
+                ip_egress.clone()
+            });
+            Some((src, egress))
+        }
+    };
+    let v6 = match first_v6 {
+        None => None,
+        Some(dst) => {
+            let src = match opts.source_ip {
+                Some(IpAddr::V6(s)) => s,
+                _ => match route::source_address(dst) {
+                    Ok(IpAddr::V6(s)) => s,
+                    Ok(other) => return Err(NetError::NoRoute { addr: dst, reason: format!("source {other}") }),
+                    Err(e) => return Err(NetError::NoRoute { addr: dst, reason: e.to_string() }),
+                },
+            };
+            Some((src, ip_egress.clone()))
+        }
+    };
+    let recv_ifindex = match (&v4, &v6, &opts.interface) {
+        (Some((_, Egress::Link { ifindex, .. })), None, _) => *ifindex,
+        (_, _, Some(name)) => sys::interface_index(name).map_err(io_err(format!("interface {name}")))?,
+        _ => 0,
+    };
+    Ok(NetPlan { v4, v6, recv_ifindex })
+}
+
+/// The link path for every IPv4 range, if one gateway route on an Ethernet
+/// interface covers them all; otherwise why not.
+fn link_egress(addrs: &AddressSet, src: Ipv4Addr, opts: &NetOptions) -> Result<Egress, String> {
+    let table = std::fs::read_to_string("/proc/net/route").map_err(|e| format!("/proc/net/route: {e}"))?;
+    let routes = route::parse_routes(&table);
+    let mut chosen: Option<&route::Route4> = None;
+    for range in addrs.ranges().iter().filter(|r| !r.is_ipv6()) {
+        let r = route::uniform_route(&routes, range).ok_or_else(|| format!("{range} spans several routes"))?;
+        if chosen.is_some_and(|c| c != r) {
+            return Err("targets use several routes".into());
+        }
+        chosen = Some(r);
+    }
+    let route = chosen.ok_or("no ipv4 targets")?;
+    let gateway = route.gateway.ok_or_else(|| format!("targets are on-link on {}", route.iface))?;
+    if opts.interface.as_ref().is_some_and(|i| *i != route.iface) {
+        return Err(format!("route uses {}, not the requested interface", route.iface));
+    }
+    let (hwtype, src_mac) = sys::interface_hwaddr(&route.iface).map_err(|e| format!("{}: {e}", route.iface))?;
+    if hwtype != sys::ARPHRD_ETHER {
+        return Err(format!("{} is not Ethernet", route.iface));
+    }
+    let ifindex = sys::interface_index(&route.iface).map_err(|e| e.to_string())?;
+    let dst_mac = arp::resolve(&route.iface, ifindex, src_mac, src, gateway, Duration::from_millis(300))
+        .map_err(|e| e.to_string())?;
+    Ok(Egress::Link { iface: route.iface.clone(), ifindex, header: LinkHeader { src_mac, dst_mac } })
+}
+
+/// Probes waiting to go out one socket.
+struct Queue {
+    bufs: Box<[[u8; MAX_PROBE_LEN]; MAX_BATCH]>,
+    lens: [usize; MAX_BATCH],
+    dsts: [IpAddr; MAX_BATCH],
+    n: usize,
+}
+
+impl Queue {
+    fn new() -> Self {
+        Self {
+            bufs: Box::new([[0; MAX_PROBE_LEN]; MAX_BATCH]),
+            lens: [0; MAX_BATCH],
+            dsts: [IpAddr::V4(Ipv4Addr::UNSPECIFIED); MAX_BATCH],
+            n: 0,
+        }
+    }
+}
+
+enum Out {
+    Link(PacketSocket, LinkHeader),
+    Ip(RawIpSocket),
+}
+
+/// One path's socket and its batch.
+struct Lane {
+    out: Out,
+    queue: Queue,
+}
+
+impl Lane {
+    fn open(egress: &Egress, v6: bool) -> Result<Self, NetError> {
+        let out = match egress {
+            Egress::Link { iface, ifindex, header } => {
+                let s =
+                    PacketSocket::open(Framing::Link, *ifindex).map_err(io_err(format!("packet socket on {iface}")))?;
+                // Not every driver supports the bypass; it only saves time.
+                let _ = s.set_qdisc_bypass();
+                let _ = s.set_send_buffer(4 << 20);
+                Out::Link(s, *header)
+            }
+            Egress::Ip { device } => {
+                let s = RawIpSocket::open(v6).map_err(io_err("raw IP socket"))?;
+                if let Some(d) = device {
+                    s.bind_to_device(d).map_err(io_err(format!("bind to {d}")))?;
+                }
+                let _ = s.set_send_buffer(4 << 20);
+                Out::Ip(s)
+            }
+        };
+        Ok(Self { out, queue: Queue::new() })
+    }
+
+    fn link(&self) -> Option<&LinkHeader> {
+        match &self.out {
+            Out::Link(_, h) => Some(h),
+            Out::Ip(_) => None,
+        }
+    }
+
+    /// Sends everything queued; returns how many went out. Retries briefly
+    /// when the device queue is full instead of dropping.
+    fn flush(&mut self) -> io::Result<usize> {
+        let q = &mut self.queue;
+        let mut done = 0;
+        let mut stalls = 0;
+        while done < q.n {
+            let res = match &self.out {
+                Out::Link(s, _) => {
+                    let frames: [&[u8]; MAX_BATCH] = std::array::from_fn(|i| &q.bufs[i][..q.lens[i]]);
+                    s.send_batch(&frames[done..q.n])
+                }
+                Out::Ip(s) => {
+                    let pkts: [(&[u8], IpAddr); MAX_BATCH] =
+                        std::array::from_fn(|i| (&q.bufs[i][..q.lens[i]], q.dsts[i]));
+                    s.send_batch(&pkts[done..q.n])
+                }
+            };
+            match res {
+                Ok(n) if n > 0 => {
+                    done += n;
+                    stalls = 0;
+                }
+                Ok(_) => stalls += 1,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => stalls += 1,
+                Err(e) => {
+                    q.n = 0;
+                    return Err(e);
+                }
+            }
+            if stalls > 0 {
+                if stalls > 1000 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        q.n = 0;
+        Ok(done)
+    }
+}
+
+/// The sockets one send thread writes probes to.
+pub struct Sender {
+    template: ProbeTemplate,
+    v4: Option<Lane>,
+    v6: Option<Lane>,
+}
+
+impl Sender {
+    pub fn open(plan: &NetPlan, src_port: u16) -> Result<Self, NetError> {
+        let v4 = plan.v4.as_ref().map(|(_, e)| Lane::open(e, false)).transpose()?;
+        let v6 = plan.v6.as_ref().map(|(_, e)| Lane::open(e, true)).transpose()?;
+        Ok(Self {
+            template: ProbeTemplate {
+                src_v4: plan.v4.as_ref().map(|v| v.0),
+                src_v6: plan.v6.as_ref().map(|v| v.0),
+                src_port,
+            },
+            v4,
+            v6,
+        })
+    }
+
+    pub fn source_for(&self, dst: IpAddr) -> Option<IpAddr> {
+        self.template.source_for(dst)
+    }
+
+    /// Queues a SYN; flushes its lane when the batch is full. Returns how
+    /// many probes went out.
+    pub fn push(&mut self, dst: IpAddr, port: u16, seq: u32) -> io::Result<usize> {
+        let lane = match dst {
+            IpAddr::V4(_) => self.v4.as_mut(),
+            IpAddr::V6(_) => self.v6.as_mut(),
+        };
+        let Some(lane) = lane else { return Ok(0) };
+        let link = lane.link().copied();
+        let i = lane.queue.n;
+        let Some(len) = self.template.write_syn(&mut lane.queue.bufs[i], link.as_ref(), dst, port, seq) else {
+            return Ok(0);
+        };
+        lane.queue.lens[i] = len;
+        lane.queue.dsts[i] = dst;
+        lane.queue.n += 1;
+        if lane.queue.n == MAX_BATCH { lane.flush() } else { Ok(0) }
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let mut n = 0;
+        for lane in [self.v4.as_mut(), self.v6.as_mut()].into_iter().flatten() {
+            n += lane.flush()?;
+        }
+        Ok(n)
+    }
+}
+
+/// The reply socket: filtered in the kernel, with a large buffer.
+pub struct Receiver {
+    sock: PacketSocket,
+    bufs: Box<[[u8; RECV_SNAP]; MAX_BATCH]>,
+    lens: [usize; MAX_BATCH],
+    buffer_bytes: usize,
+}
+
+impl Receiver {
+    pub fn open(ifindex: u32, dst_port: u16, buffer_bytes: usize) -> Result<Self, NetError> {
+        let sock = PacketSocket::open(Framing::Network, ifindex).map_err(io_err("receive socket"))?;
+        sock.attach_filter(&bpf::reply_filter(dst_port, RECV_SNAP as u32)).map_err(io_err("attach BPF filter"))?;
+        // Older kernels lack it; the filter already drops our own SYNs.
+        let _ = sock.set_ignore_outgoing();
+        let granted = sock.set_recv_buffer(buffer_bytes).map_err(io_err("receive buffer"))?;
+        sock.set_recv_timeout(Duration::from_millis(5)).map_err(io_err("receive timeout"))?;
+        // Packets queued before the filter was attached may be anything.
+        let mut r =
+            Self { sock, bufs: Box::new([[0; RECV_SNAP]; MAX_BATCH]), lens: [0; MAX_BATCH], buffer_bytes: granted };
+        while r.recv(|_| {}).map_err(io_err("drain receive socket"))? > 0 {}
+        let _ = r.sock.take_stats();
+        Ok(r)
+    }
+
+    /// Receive buffer the kernel granted, in bytes.
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer_bytes
+    }
+
+    /// Reads one batch (waiting up to 5 ms) and calls `f` for each TCP
+    /// reply in it. Returns the number of packets read.
+    pub fn recv(&mut self, mut f: impl FnMut(&Reply)) -> io::Result<usize> {
+        let n = self.sock.recv_batch(&mut self.bufs[..], &mut self.lens)?;
+        for i in 0..n {
+            if let Some(reply) = packet::parse_reply(&self.bufs[i][..self.lens[i]]) {
+                f(&reply);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Replies the kernel dropped because the buffer was full, since the
+    /// last call.
+    pub fn take_drops(&self) -> u64 {
+        self.sock.take_stats().map(|(_, drops)| drops).unwrap_or(0)
+    }
+}

@@ -1,0 +1,406 @@
+//! The agent's only unsafe code: thin wrappers over the socket syscalls
+//! the raw-packet path needs (AF_PACKET and raw IP sockets, `sendmmsg`,
+//! `recvmmsg`, classic BPF, packet statistics). Each wrapper checks its
+//! inputs so callers stay in safe Rust.
+
+#![allow(unsafe_code)]
+
+use std::{
+    ffi::CString,
+    io,
+    mem::{size_of, zeroed},
+    net::{IpAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+// Values from <linux/if_packet.h> and <asm/socket.h>; stable kernel ABI.
+const PACKET_STATISTICS: libc::c_int = 6;
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const SO_RCVBUFFORCE: libc::c_int = 33;
+const SO_SNDBUFFORCE: libc::c_int = 32;
+
+/// Most packets moved per `sendmmsg`/`recvmmsg` call.
+pub const MAX_BATCH: usize = 64;
+
+/// A classic BPF instruction, as `struct sock_filter`.
+pub type BpfInsn = libc::sock_filter;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success the kernel returns a new descriptor
+    // that nothing else owns.
+    let fd = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) })?;
+    // SAFETY: `fd` is a freshly created, valid descriptor owned only here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` points to a live `T` of the size passed.
+    cvt(unsafe {
+        libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
+    })?;
+    Ok(())
+}
+
+fn getsockopt<T: Copy>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, init: T) -> io::Result<T> {
+    let mut value = init;
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a live, writable `T` and `len` is its size.
+    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut T).cast(), &mut len) })?;
+    Ok(value)
+}
+
+/// The index of a network interface by name.
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has NUL"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {name:?}")));
+    }
+    Ok(index)
+}
+
+fn set_timeout(fd: &OwnedFd, name: libc::c_int, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, name, &tv)
+}
+
+/// Sets a socket buffer, beyond `rmem_max`/`wmem_max` when the process has
+/// CAP_NET_ADMIN. Returns the size the kernel granted.
+fn set_buffer(fd: &OwnedFd, force: libc::c_int, plain: libc::c_int, bytes: usize) -> io::Result<usize> {
+    let want = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    if setsockopt(fd, libc::SOL_SOCKET, force, &want).is_err() {
+        setsockopt(fd, libc::SOL_SOCKET, plain, &want)?;
+    }
+    let got: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, plain, 0)?;
+    Ok(got.max(0) as usize)
+}
+
+/// How an AF_PACKET socket frames what it reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// With the link-layer header (we write Ethernet frames).
+    Link,
+    /// From the network header on (we read IP packets on any link type).
+    Network,
+}
+
+/// An AF_PACKET socket bound to one interface (or all, index 0).
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    /// Needs CAP_NET_RAW; fails with `PermissionDenied` without it.
+    pub fn open(framing: Framing, ifindex: u32) -> io::Result<Self> {
+        let ty = match framing {
+            Framing::Link => libc::SOCK_RAW,
+            Framing::Network => libc::SOCK_DGRAM,
+        };
+        let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+        let fd = socket(libc::AF_PACKET, ty, proto)?;
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?;
+        Ok(Self { fd })
+    }
+
+    /// Hands frames straight to the driver, skipping the qdisc layer.
+    pub fn set_qdisc_bypass(&self) -> io::Result<()> {
+        setsockopt(&self.fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1 as &libc::c_int)
+    }
+
+    /// Drops packets this host sends, so a receiver sees only replies.
+    pub fn set_ignore_outgoing(&self) -> io::Result<()> {
+        setsockopt(&self.fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1 as &libc::c_int)
+    }
+
+    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<usize> {
+        set_buffer(&self.fd, SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
+    }
+
+    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<usize> {
+        set_buffer(&self.fd, SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
+    }
+
+    pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
+        set_timeout(&self.fd, libc::SO_RCVTIMEO, timeout)
+    }
+
+    /// Installs a classic BPF program; the kernel then queues only packets
+    /// it accepts.
+    pub fn attach_filter(&self, program: &[BpfInsn]) -> io::Result<()> {
+        let prog = libc::sock_fprog {
+            len: u16::try_from(program.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
+            filter: program.as_ptr().cast_mut(),
+        };
+        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+    }
+
+    /// Sends whole frames (the socket is bound, so no address is needed).
+    /// Returns how many the kernel took.
+    pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        let n = frames.len().min(MAX_BATCH);
+        // SAFETY: iovec and mmsghdr are plain data; zero is valid for both.
+        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+        for i in 0..n {
+            iov[i] = libc::iovec { iov_base: frames[i].as_ptr().cast_mut().cast(), iov_len: frames[i].len() };
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        send_mmsg(&self.fd, &mut msgs[..n])
+    }
+
+    /// Reads up to `bufs.len()` packets, waiting at most the receive
+    /// timeout for the first. Each packet is truncated to its buffer; `lens`
+    /// gets the bytes stored. Returns 0 on timeout.
+    pub fn recv_batch(&self, bufs: &mut [[u8; RECV_SNAP]], lens: &mut [usize]) -> io::Result<usize> {
+        let n = bufs.len().min(lens.len()).min(MAX_BATCH);
+        // SAFETY: plain data; zero is valid.
+        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+        // SAFETY: plain data; zero is valid.
+        let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+        for i in 0..n {
+            iov[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: RECV_SNAP };
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `msgs[..n]` point at `n` live, writable buffers of
+        // RECV_SNAP bytes each; the kernel writes at most that much.
+        let got = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let got = got as usize;
+        for i in 0..got {
+            lens[i] = (msgs[i].msg_len as usize).min(RECV_SNAP);
+        }
+        Ok(got)
+    }
+
+    /// Packets received and dropped (buffer full) since the last call.
+    pub fn take_stats(&self) -> io::Result<(u64, u64)> {
+        #[derive(Clone, Copy)]
+        #[repr(C)]
+        struct TpacketStats {
+            packets: u32,
+            drops: u32,
+        }
+        let s: TpacketStats =
+            getsockopt(&self.fd, libc::SOL_PACKET, PACKET_STATISTICS, TpacketStats { packets: 0, drops: 0 })?;
+        // tp_packets counts drops too.
+        Ok((u64::from(s.packets.saturating_sub(s.drops)), u64::from(s.drops)))
+    }
+}
+
+/// Bytes kept of each received packet: enough for IPv6 + TCP headers.
+pub const RECV_SNAP: usize = 128;
+
+/// A raw IP socket that takes whole IP packets (IP_HDRINCL) and lets the
+/// kernel route them and resolve neighbours: the sender for loopback,
+/// non-Ethernet links, on-link targets and IPv6.
+#[derive(Debug)]
+pub struct RawIpSocket {
+    fd: OwnedFd,
+    v6: bool,
+}
+
+impl RawIpSocket {
+    pub fn open(v6: bool) -> io::Result<Self> {
+        let fd = if v6 {
+            let fd = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+            setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_HDRINCL, &1 as &libc::c_int)?;
+            fd
+        } else {
+            // IPPROTO_RAW implies IP_HDRINCL.
+            socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)?
+        };
+        Ok(Self { fd, v6 })
+    }
+
+    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<usize> {
+        set_buffer(&self.fd, SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
+    }
+
+    /// Sends IP packets to their destinations. Returns how many the kernel
+    /// took; packets of the wrong family are refused.
+    pub fn send_batch(&self, packets: &[(&[u8], IpAddr)]) -> io::Result<usize> {
+        let n = packets.len().min(MAX_BATCH);
+        // SAFETY: plain data; zero is valid.
+        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+        // SAFETY: plain data; zero is valid.
+        let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+        // SAFETY: plain data; zero is valid.
+        let mut addrs: [libc::sockaddr_in6; MAX_BATCH] = unsafe { zeroed() };
+        for i in 0..n {
+            let (bytes, dst) = packets[i];
+            let len = match (dst, self.v6) {
+                (IpAddr::V4(v4), false) => {
+                    let sa = sockaddr_v4(SocketAddrV4::new(v4, 0));
+                    // SAFETY: sockaddr_in fits inside sockaddr_in6 storage.
+                    unsafe { std::ptr::write((&mut addrs[i] as *mut libc::sockaddr_in6).cast(), sa) };
+                    size_of::<libc::sockaddr_in>()
+                }
+                (IpAddr::V6(v6), true) => {
+                    addrs[i] = sockaddr_v6(SocketAddrV6::new(v6, 0, 0, 0));
+                    size_of::<libc::sockaddr_in6>()
+                }
+                _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "address family mismatch")),
+            };
+            iov[i] = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in6).cast();
+            msgs[i].msg_hdr.msg_namelen = len as libc::socklen_t;
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        send_mmsg(&self.fd, &mut msgs[..n])
+    }
+}
+
+fn send_mmsg(fd: &OwnedFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    if msgs.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: every header in `msgs` points at live iovecs (and addresses)
+    // owned by the caller's stack frame for the duration of the call.
+    let sent = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as libc::c_uint, 0) };
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(sent as usize) }
+}
+
+fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+        sin_zero: [0; 8],
+    }
+}
+
+fn sockaddr_v6(a: SocketAddrV6) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: a.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+        sin6_scope_id: a.scope_id(),
+    }
+}
+
+/// ARPHRD_ETHER: the link type that takes Ethernet frames.
+pub const ARPHRD_ETHER: u16 = 1;
+
+/// An interface's link-layer type (ARPHRD_*) and hardware address.
+pub fn interface_hwaddr(name: &str) -> io::Result<(u16, [u8; 6])> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+    }
+    let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked
+    // length above); SIOCGIFHWADDR writes only into it.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })?;
+    // SAFETY: after SIOCGIFHWADDR the union holds ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok((sa.sa_family, mac))
+}
+
+/// Binds a raw IP socket's traffic to one interface.
+impl RawIpSocket {
+    pub fn bind_to_device(&self, name: &str) -> io::Result<()> {
+        let c =
+            CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has NUL"))?;
+        let bytes = c.as_bytes_with_nul();
+        // SAFETY: `bytes` is live for the call and its length is passed.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                bytes.as_ptr().cast(),
+                bytes.len() as libc::socklen_t,
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// The (interface, address) pairs of this host.
+pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    cvt(unsafe { libc::getifaddrs(&mut head) })?;
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        // SAFETY: ifa_addr points at a sockaddr whose family says its type.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        let ip = match family {
+            libc::AF_INET => {
+                // SAFETY: family AF_INET means a sockaddr_in.
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: family AF_INET6 means a sockaddr_in6.
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::from(sa.sin6_addr.s6_addr)
+            }
+            _ => continue,
+        };
+        out.push((name, ip));
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}

@@ -1,0 +1,217 @@
+//! Test networks: a scanner namespace and a target namespace joined by a
+//! veth pair. The target side answers for a whole IPv4 /24 and an IPv6
+//! /120 (`route local ... dev lo`), so listeners can be bound to any
+//! address in them; a second block is routed to the target but not local
+//! there, so its hosts are silent (filtered). Neither namespace has a
+//! default route: nothing the scanner sends can leave the pair.
+//!
+//! Everything is removed on drop, also when the test panics.
+
+#![allow(unsafe_code)]
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use tokio::task::JoinHandle;
+
+/// Target addresses: live IPv4 block, silent IPv4 block, live IPv6 block.
+pub const LIVE_V4: &str = "10.77.1.0/24";
+pub const DEAD_V4: &str = "10.77.2.0/28";
+pub const LIVE_V6: &str = "fd77:1::/120";
+pub const DEAD_V6: &str = "fd77:2::/124";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct NetTopology {
+    pub scanner: String,
+    pub target: String,
+    pub scanner_if: String,
+    pub target_if: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl NetTopology {
+    /// Builds the topology, or explains why it cannot. Under `CI=true` a
+    /// failure panics: end-to-end tests must not skip there.
+    pub fn create() -> Option<Self> {
+        match Self::try_create() {
+            Ok(t) => Some(t),
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("CI=true and the test network cannot be built (needs root and iproute2): {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping: cannot build the test network (needs root and iproute2): {e}");
+                None
+            }
+        }
+    }
+
+    fn try_create() -> Result<Self, String> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let t = Self {
+            scanner: format!("pft-{id}-s"),
+            target: format!("pft-{id}-t"),
+            scanner_if: format!("pfs{id}"),
+            target_if: format!("pft{id}"),
+        };
+        // From here on, Drop cleans up whatever was made.
+        let (s, tg, si, ti) = (&t.scanner, &t.target, &t.scanner_if, &t.target_if);
+        ip(&["netns", "add", s])?;
+        ip(&["netns", "add", tg])?;
+        // No duplicate address detection: addresses usable at once.
+        for ns in [s, tg] {
+            for knob in ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"] {
+                ip(&["netns", "exec", ns, "sysctl", "-qw", knob])?;
+            }
+        }
+        ip(&["link", "add", si, "netns", s, "type", "veth", "peer", "name", ti, "netns", tg])?;
+        for (ns, dev, v4, v6) in [(s, si, "10.76.0.1/30", "fd76::1/64"), (tg, ti, "10.76.0.2/30", "fd76::2/64")] {
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+            ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&["-n", tg, "route", "add", "local", LIVE_V4, "dev", "lo"])?;
+        ip(&["-n", tg, "-6", "route", "add", "local", LIVE_V6, "dev", "lo"])?;
+        // IPv6 listeners may bind addresses that are local only by route.
+        ip(&["netns", "exec", tg, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])?;
+        for block in [LIVE_V4, DEAD_V4] {
+            ip(&["-n", s, "route", "add", block, "via", "10.76.0.2", "dev", si])?;
+        }
+        for block in [LIVE_V6, DEAD_V6] {
+            ip(&["-n", s, "-6", "route", "add", block, "via", "fd76::2", "dev", si])?;
+        }
+        // Static neighbours: IPv6 neighbour discovery on a link that just came
+        // up takes a second, and the kernel drops what it queued meanwhile.
+        let mac = |ns: &str, dev: &str| -> Result<String, String> {
+            let out =
+                Command::new("ip").args(["-n", ns, "-br", "link", "show", dev]).output().map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.split_whitespace().nth(2).map(str::to_string).ok_or_else(|| format!("no MAC for {dev}: {text}"))
+        };
+        let (smac, tmac) = (mac(s, si)?, mac(tg, ti)?);
+        for (ns, dev, peer4, peer6, lladdr) in
+            [(s, si, "10.76.0.2", "fd76::2", &tmac), (tg, ti, "10.76.0.1", "fd76::1", &smac)]
+        {
+            ip(&["-n", ns, "neigh", "replace", peer4, "lladdr", lladdr, "dev", dev, "nud", "permanent"])?;
+            ip(&["-n", ns, "-6", "neigh", "replace", peer6, "lladdr", lladdr, "dev", dev, "nud", "permanent"])?;
+        }
+        // As the benchmarks do: segmentation offload off on the scanner side.
+        let _ = Command::new("ip").args(["netns", "exec", s, "ethtool", "-K", si, "tso", "off", "gso", "off"]).output();
+        Ok(t)
+    }
+
+    /// A command run inside the scanner namespace.
+    pub fn in_scanner(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.scanner]).arg(program);
+        cmd
+    }
+
+    /// Packets the target side has received so far.
+    pub fn target_rx_packets(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.target,
+                "cat",
+                &format!("/sys/class/net/{}/statistics/rx_packets", self.target_if),
+            ])
+            .output()
+            .expect("read rx_packets");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets is a number")
+    }
+
+    /// Opens TCP listeners inside `namespace` (the target's unless given)
+    /// and accepts (then closes) whatever connects, so connect scans never
+    /// fill a backlog. Returns the open set.
+    pub fn listen(&self, addrs: &[SocketAddr]) -> Listeners {
+        self.listen_in(&self.target, addrs)
+    }
+
+    pub fn listen_in(&self, namespace: &str, addrs: &[SocketAddr]) -> Listeners {
+        let ns = format!("/run/netns/{namespace}");
+        let addrs = addrs.to_vec();
+        // Sockets belong to the namespace of the thread that creates them.
+        let listeners = std::thread::spawn(move || {
+            let file = std::fs::File::open(&ns).expect("open namespace");
+            // SAFETY: setns on this short-lived thread only; the fd is valid.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            addrs
+                .iter()
+                .map(|a| {
+                    let l = std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("listen on {a}: {e}"));
+                    l.set_nonblocking(true).expect("nonblocking");
+                    l
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("listener thread");
+        let tasks = listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(async move {
+                    let l = tokio::net::TcpListener::from_std(l).expect("tokio listener");
+                    while let Ok((s, _)) = l.accept().await {
+                        drop(s);
+                    }
+                })
+            })
+            .collect();
+        Listeners { tasks }
+    }
+}
+
+impl Drop for NetTopology {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its veth end, and so the pair.
+        let _ = ip(&["netns", "del", &self.scanner]);
+        let _ = ip(&["netns", "del", &self.target]);
+    }
+}
+
+pub struct Listeners {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// `count` distinct random (address, port) pairs in the live blocks, and
+/// the ports they use.
+pub fn random_open_set(count: usize, v6: bool, ports: &[u16]) -> BTreeSet<SocketAddr> {
+    let mut set = BTreeSet::new();
+    while set.len() < count {
+        let host: u8 = rand::random_range(1..=254);
+        let ip = if v6 {
+            IpAddr::V6(Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, u16::from(host)))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(10, 77, 1, host))
+        };
+        let port = ports[rand::random_range(0..ports.len())];
+        set.insert(SocketAddr::new(ip, port));
+    }
+    set
+}
