@@ -27,12 +27,11 @@ use crate::net::{self, NetError, NetPlan, Receiver, Sender, sys::MAX_BATCH};
 /// Probes per second one send thread sustains on a small machine (veth,
 /// target answering); more than this asks for a second thread.
 const PER_THREAD_RATE: u32 = 150_000;
-/// Receive buffer asked of the kernel: room for ~0.5 s of replies at
-/// 300k/s, so a busy receive thread never drops one.
-const RECV_BUFFER: usize = 64 << 20;
 /// Floor of the adaptive retry timeout.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// Pause when the ring had nothing new.
+const RECV_IDLE: Duration = Duration::from_micros(200);
 
 /// Everything the threads share.
 struct Shared {
@@ -93,7 +92,7 @@ impl SynEngine {
         let plan = net::plan(job.space.addresses(), &job.net)?;
         let (guard, src_port) = reserve_port()?;
         // Listen before the first probe leaves.
-        let receiver = Receiver::open(plan.recv_ifindex, src_port, RECV_BUFFER)?;
+        let receiver = Receiver::open(plan.recv_ifindex, src_port)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = job.send_threads.unwrap_or(job.rate.div_ceil(PER_THREAD_RATE) as usize).clamp(1, cores.max(1));
         let senders = (0..threads).map(|_| Sender::open(&plan, src_port)).collect::<Result<Vec<_>, _>>()?;
@@ -330,10 +329,7 @@ fn recv_loop(shared: &Shared, receiver: &mut Receiver, events: &mpsc::Sender<Eve
                 Mark::Duplicate | Mark::Unknown => {}
             }
         });
-        if let Err(e) = got {
-            shared.fail(format!("receive: {e}"));
-            return;
-        }
+
         let drops = receiver.take_drops();
         if drops > 0 {
             c.dropped.fetch_add(drops, Ordering::Relaxed);
@@ -350,6 +346,10 @@ fn recv_loop(shared: &Shared, receiver: &mut Receiver, events: &mpsc::Sender<Eve
         }
         if all_done || stopping {
             return;
+        }
+        if got == 0 {
+            // Let replies gather (see Receiver::recv).
+            std::thread::sleep(RECV_IDLE);
         }
     }
 }

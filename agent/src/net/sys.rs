@@ -18,7 +18,6 @@ use std::{
 const PACKET_STATISTICS: libc::c_int = 6;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-const SO_RCVBUFFORCE: libc::c_int = 33;
 const SO_SNDBUFFORCE: libc::c_int = 32;
 
 /// Most packets moved per `sendmmsg`/`recvmmsg` call.
@@ -130,32 +129,12 @@ impl PacketSocket {
         setsockopt(&self.fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1 as &libc::c_int)
     }
 
-    /// Drops packets this host sends, so a receiver sees only replies.
-    pub fn set_ignore_outgoing(&self) -> io::Result<()> {
-        setsockopt(&self.fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1 as &libc::c_int)
-    }
-
-    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<usize> {
-        set_buffer(&self.fd, SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
-    }
-
     pub fn set_send_buffer(&self, bytes: usize) -> io::Result<usize> {
         set_buffer(&self.fd, SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
     }
 
     pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
         set_timeout(&self.fd, libc::SO_RCVTIMEO, timeout)
-    }
-
-    /// Installs a classic BPF program; the kernel then queues only packets
-    /// it accepts.
-    pub fn attach_filter(&self, program: &[BpfInsn]) -> io::Result<()> {
-        let prog = libc::sock_fprog {
-            len: u16::try_from(program.len())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
-            filter: program.as_ptr().cast_mut(),
-        };
-        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
     }
 
     /// Sends whole frames (the socket is bound, so no address is needed).
@@ -211,20 +190,6 @@ impl PacketSocket {
             lens[i] = (msgs[i].msg_len as usize).min(RECV_SNAP);
         }
         Ok(got)
-    }
-
-    /// Packets received and dropped (buffer full) since the last call.
-    pub fn take_stats(&self) -> io::Result<(u64, u64)> {
-        #[derive(Clone, Copy)]
-        #[repr(C)]
-        struct TpacketStats {
-            packets: u32,
-            drops: u32,
-        }
-        let s: TpacketStats =
-            getsockopt(&self.fd, libc::SOL_PACKET, PACKET_STATISTICS, TpacketStats { packets: 0, drops: 0 })?;
-        // tp_packets counts drops too.
-        Ok((u64::from(s.packets.saturating_sub(s.drops)), u64::from(s.drops)))
     }
 }
 
@@ -367,40 +332,179 @@ impl RawIpSocket {
     }
 }
 
-/// The (interface, address) pairs of this host.
-pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    cvt(unsafe { libc::getifaddrs(&mut head) })?;
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-        // SAFETY: ifa_addr points at a sockaddr whose family says its type.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let ip = match family {
-            libc::AF_INET => {
-                // SAFETY: family AF_INET means a sockaddr_in.
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: family AF_INET6 means a sockaddr_in6.
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                IpAddr::from(sa.sin6_addr.s6_addr)
-            }
-            _ => continue,
+// <linux/if_packet.h>: TPACKET_V3 receive ring.
+const PACKET_RX_RING: libc::c_int = 5;
+const PACKET_VERSION: libc::c_int = 10;
+const TPACKET_V3: libc::c_int = 2;
+const TP_STATUS_USER: u32 = 1;
+const TP_STATUS_KERNEL: u32 = 0;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TpacketReq3 {
+    block_size: u32,
+    block_nr: u32,
+    frame_size: u32,
+    frame_nr: u32,
+    retire_blk_tov: u32,
+    sizeof_priv: u32,
+    feature_req_word: u32,
+}
+
+/// A TPACKET_V3 receive ring: the kernel copies each accepted packet
+/// straight into memory shared with us and hands over whole blocks, so
+/// there is no per-packet syscall, copy or wake-up.
+#[derive(Debug)]
+pub struct RxRing {
+    fd: OwnedFd,
+    map: *mut u8,
+    block_size: usize,
+    block_nr: usize,
+    next: usize,
+}
+
+// SAFETY: the ring is owned by one RxRing and only touched through &mut
+// self; the kernel side synchronises through each block's status word.
+unsafe impl Send for RxRing {}
+
+impl RxRing {
+    /// Opens a ring of `block_nr` blocks of `block_size` bytes (a multiple
+    /// of the page size), with `filter` attached before any packet can be
+    /// queued, receiving from `ifindex` (0: every interface).
+    pub fn open(ifindex: u32, filter: &[BpfInsn], block_size: usize, block_nr: usize) -> io::Result<Self> {
+        // Protocol 0: nothing is queued until bind below.
+        let fd = socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)?;
+        setsockopt(&fd, libc::SOL_PACKET, PACKET_VERSION, &TPACKET_V3)?;
+        let prog = libc::sock_fprog {
+            len: u16::try_from(filter.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
+            filter: filter.as_ptr().cast_mut(),
         };
-        out.push((name, ip));
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        let frame_size = 2048u32;
+        let req = TpacketReq3 {
+            block_size: block_size as u32,
+            block_nr: block_nr as u32,
+            frame_size,
+            frame_nr: (block_size * block_nr) as u32 / frame_size,
+            // Hand a partly filled block over after 1 ms.
+            retire_blk_tov: 1,
+            sizeof_priv: 0,
+            feature_req_word: 0,
+        };
+        setsockopt(&fd, libc::SOL_PACKET, PACKET_RX_RING, &req)?;
+        let len = block_size * block_nr;
+        // SAFETY: maps the ring the kernel just allocated for this socket;
+        // the mapping is released in Drop.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ring = Self { fd, map: map.cast(), block_size, block_nr, next: 0 };
+        let _ = setsockopt(&ring.fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1 as &libc::c_int);
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
+        cvt(unsafe {
+            libc::bind(
+                ring.fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?;
+        Ok(ring)
     }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
+
+    pub fn bytes(&self) -> usize {
+        self.block_size * self.block_nr
+    }
+
+    /// Calls `f` with every packet (from the network header) in the blocks
+    /// the kernel has handed over, then hands them back. Returns the number
+    /// of packets seen. Never blocks.
+    pub fn poll(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let mut seen = 0;
+        for _ in 0..self.block_nr {
+            // SAFETY: `next < block_nr`, so the block lies inside the map.
+            let block = unsafe { self.map.add(self.next * self.block_size) };
+            // SAFETY: offset 8 is the 4-aligned block_status word of the
+            // block descriptor, shared with the kernel: read atomically.
+            let status = unsafe { &*(block.add(8) as *const std::sync::atomic::AtomicU32) };
+            if status.load(std::sync::atomic::Ordering::Acquire) & TP_STATUS_USER == 0 {
+                break;
+            }
+            // SAFETY: the block is ours until its status is reset; the
+            // descriptor fields are within the block.
+            let (num_pkts, first) = unsafe {
+                (std::ptr::read(block.add(12) as *const u32), std::ptr::read(block.add(16) as *const u32) as usize)
+            };
+            let mut off = first;
+            for _ in 0..num_pkts {
+                if off + 28 > self.block_size {
+                    break;
+                }
+                // SAFETY: `off` points at a tpacket3_hdr inside the block
+                // (checked above); its fields are read unaligned-safe.
+                let (next, snaplen, net) = unsafe {
+                    let h = block.add(off);
+                    (
+                        std::ptr::read_unaligned(h as *const u32) as usize,
+                        std::ptr::read_unaligned(h.add(12) as *const u32) as usize,
+                        std::ptr::read_unaligned(h.add(26) as *const u16) as usize,
+                    )
+                };
+                if off + net + snaplen <= self.block_size {
+                    // SAFETY: the packet bytes lie inside the block (checked).
+                    let pkt = unsafe { std::slice::from_raw_parts(block.add(off + net), snaplen) };
+                    f(pkt);
+                    seen += 1;
+                }
+                if next == 0 {
+                    break;
+                }
+                off += next;
+            }
+            status.store(TP_STATUS_KERNEL, std::sync::atomic::Ordering::Release);
+            self.next = (self.next + 1) % self.block_nr;
+        }
+        seen
+    }
+
+    /// Packets dropped because the ring was full, since the last call.
+    pub fn take_drops(&self) -> u64 {
+        #[derive(Clone, Copy)]
+        #[repr(C)]
+        struct TpacketStatsV3 {
+            packets: u32,
+            drops: u32,
+            freeze_q_cnt: u32,
+        }
+        getsockopt(
+            &self.fd,
+            libc::SOL_PACKET,
+            PACKET_STATISTICS,
+            TpacketStatsV3 { packets: 0, drops: 0, freeze_q_cnt: 0 },
+        )
+        .map(|s| u64::from(s.drops))
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for RxRing {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `open`, once.
+        unsafe { libc::munmap(self.map.cast(), self.block_size * self.block_nr) };
+    }
 }
