@@ -175,6 +175,19 @@ fn link_egress(addrs: &AddressSet, src: Ipv4Addr, opts: &NetOptions) -> Result<E
         return Err(format!("{} is not Ethernet", route.iface));
     }
     let ifindex = sys::interface_index(&route.iface).map_err(|e| e.to_string())?;
+    // The main table is not the whole story (local addresses, policy
+    // rules): frames only go where the kernel itself would send them.
+    for range in addrs.ranges().iter().filter(|r| !r.is_ipv6()) {
+        for ip in [range.first(), range.last()] {
+            if ip.is_loopback() {
+                return Err(format!("{ip} is loopback"));
+            }
+            let k = sys::route_get(ip).map_err(|e| format!("kernel route to {ip}: {e}"))?;
+            if k.kind != sys::RTN_UNICAST || k.oif != ifindex || k.gateway != Some(IpAddr::V4(gateway)) {
+                return Err(format!("the kernel routes {ip} differently ({k:?})"));
+            }
+        }
+    }
     let dst_mac = arp::resolve(&route.iface, ifindex, src_mac, src, gateway, Duration::from_millis(300))
         .map_err(|e| e.to_string())?;
     Ok(Egress::Link { iface: route.iface.clone(), ifindex, header: LinkHeader { src_mac, dst_mac } })
@@ -378,5 +391,27 @@ impl Receiver {
     /// last call.
     pub fn take_drops(&self) -> u64 {
         self.ring.take_drops()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portfleet_core::AddrRange;
+
+    use super::*;
+
+    /// Loopback probes must never be framed for an Ethernet gateway, even
+    /// on a host whose main table sends 0.0.0.0/0 out of eth0.
+    #[test]
+    fn loopback_never_takes_the_link_path() {
+        let addrs = AddressSet::new([AddrRange::from_net("127.0.0.0/30".parse().unwrap())]);
+        let plan = plan(&addrs, &NetOptions::default()).unwrap();
+        assert_eq!(plan.v4, Some((Ipv4Addr::LOCALHOST, Egress::Ip { device: None })));
+    }
+
+    #[test]
+    fn the_kernel_says_loopback_is_local() {
+        let r = sys::route_get("127.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(r.kind, 2, "RTN_LOCAL");
     }
 }

@@ -508,3 +508,110 @@ impl Drop for RxRing {
         unsafe { libc::munmap(self.map.cast(), self.block_size * self.block_nr) };
     }
 }
+
+/// The kernel's answer to "how would you send to this address?" - what
+/// `ip route get` prints - covering local addresses, policy rules and every
+/// table, which /proc/net/route does not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRoute {
+    /// RTN_* type: 1 unicast, 2 local, 3 broadcast, others unreachable.
+    pub kind: u8,
+    pub oif: u32,
+    pub gateway: Option<IpAddr>,
+}
+
+pub const RTN_UNICAST: u8 = 1;
+
+/// Asks the kernel (rtnetlink RTM_GETROUTE) how it routes to `dst`.
+pub fn route_get(dst: IpAddr) -> io::Result<KernelRoute> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_GETROUTE: u16 = 26;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    const RTA_GATEWAY: u16 = 5;
+    let (family, bytes): (u8, Vec<u8>) = match dst {
+        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+    };
+    // nlmsghdr (16) + rtmsg (12) + rtattr (4) + address.
+    let len = 16 + 12 + 4 + bytes.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[family, (bytes.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&((4 + bytes.len()) as u16).to_ne_bytes());
+    req.extend_from_slice(&RTA_DST.to_ne_bytes());
+    req.extend_from_slice(&bytes);
+
+    let fd = socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
+    set_timeout(&fd, libc::SO_RCVTIMEO, Duration::from_secs(2))?;
+    // SAFETY: sockaddr_nl is plain data; zero (pid 0 = the kernel) is valid.
+    let mut kernel: libc::sockaddr_nl = unsafe { zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `req` and `kernel` are live for the call; lengths match.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: `buf` is a live, writable buffer of the length passed.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    parse_route_reply(&buf[..got as usize], RTM_NEWROUTE, NLMSG_ERROR, RTA_OIF, RTA_GATEWAY)
+}
+
+fn parse_route_reply(msg: &[u8], newroute: u16, error: u16, rta_oif: u16, rta_gateway: u16) -> io::Result<KernelRoute> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed rtnetlink reply");
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]])).ok_or_else(bad);
+    let u32_at =
+        |b: &[u8], i: usize| b.get(i..i + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]])).ok_or_else(bad);
+    let len = (u32_at(msg, 0)? as usize).min(msg.len());
+    let kind = u16_at(msg, 4)?;
+    if kind == error {
+        let errno = u32_at(msg, 16)? as i32;
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
+    if kind != newroute {
+        return Err(bad());
+    }
+    let rtm = msg.get(16..28).ok_or_else(bad)?;
+    let family = rtm[0];
+    let mut route = KernelRoute { kind: rtm[7], oif: 0, gateway: None };
+    let mut off = 28;
+    while off + 4 <= len {
+        let rta_len = u16_at(msg, off)? as usize;
+        let rta_type = u16_at(msg, off + 2)?;
+        if rta_len < 4 || off + rta_len > len {
+            break;
+        }
+        let data = &msg[off + 4..off + rta_len];
+        if rta_type == rta_oif && data.len() >= 4 {
+            route.oif = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+        } else if rta_type == rta_gateway {
+            route.gateway = match (family as i32, data.len()) {
+                (libc::AF_INET, 4) => Some(IpAddr::from([data[0], data[1], data[2], data[3]])),
+                (libc::AF_INET6, 16) => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
+                _ => None,
+            };
+        }
+        off += rta_len.div_ceil(4) * 4;
+    }
+    Ok(route)
+}

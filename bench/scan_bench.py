@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Scan benchmark: portfleet-agent against masscan and nmap, same work, same run.
+
+    sudo bench/scan_bench.py            # workloads (a) and (b), 3 runs each
+    sudo bench/scan_bench.py --full     # also (c): 254 hosts x 65535 ports
+    sudo bench/scan_bench.py --runs 5 --tools portfleet,masscan
+
+Builds two network namespaces joined by a veth pair (TSO/GSO off, static
+neighbours, no default route: nothing can leave them). The target namespace
+answers for all of 10.77.1.0/24 and listens on 8 ports, so every host has
+the same 8 open ports. Workloads:
+
+    (a) 1 host x ports 1-65535
+    (b) 254 hosts x ports 1-1000
+    (c) 254 hosts x ports 1-65535 (--full)
+
+For each tool it prints medians of wall time, probes per second (planned
+probes / wall time, end to end), CPU seconds, peak RSS and found/expected,
+then the ratios portfleet/masscan and portfleet/nmap. Needs root; installs
+masscan, nmap, ethtool and time from Debian's packages when missing.
+Probes only the addresses inside the namespaces it creates.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCANNER, TARGET = "pfbench-s", "pfbench-t"
+S_IF, T_IF = "pfbench0", "pfbench1"
+S_IP, T_IP = "10.76.0.1", "10.76.0.2"
+LIVE = "10.77.1.0/24"
+OPEN_PORTS = [21, 22, 80, 139, 443, 445, 631, 993]
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(list(args), check=check, text=True, capture_output=True, **kw)
+
+
+def ensure_tools():
+    missing = [pkg for tool, pkg in [("masscan", "masscan"), ("nmap", "nmap"), ("ethtool", "ethtool")]
+               if shutil.which(tool) is None]
+    if not Path("/usr/bin/time").exists():
+        missing.append("time")
+    if missing:
+        print(f"installing {' '.join(missing)} ...", file=sys.stderr)
+        sh("apt-get", "install", "-y", *missing)
+
+
+def build_agent():
+    print("building portfleet-agent (release) ...", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "-p", "portfleet-agent"], cwd=ROOT, check=True)
+    return ROOT / "target" / "release" / "portfleet-agent"
+
+
+def teardown():
+    for ns in (SCANNER, TARGET):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup():
+    teardown()
+    for ns in (SCANNER, TARGET):
+        sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", S_IF, "netns", SCANNER, "type", "veth", "peer", "name", T_IF, "netns", TARGET)
+    for ns, dev, addr in ((SCANNER, S_IF, S_IP), (TARGET, T_IF, T_IP)):
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # libpcap-based tools size their rings from the GSO size.
+        sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", check=False)
+    sh("ip", "-n", TARGET, "route", "add", "local", LIVE, "dev", "lo")
+    sh("ip", "-n", SCANNER, "route", "add", LIVE, "via", T_IP, "dev", S_IF)
+    mac = {ns: sh("ip", "-n", ns, "-br", "link", "show", dev).stdout.split()[2]
+           for ns, dev in ((SCANNER, S_IF), (TARGET, T_IF))}
+    sh("ip", "-n", SCANNER, "neigh", "replace", T_IP, "lladdr", mac[TARGET], "dev", S_IF, "nud", "permanent")
+    sh("ip", "-n", TARGET, "neigh", "replace", S_IP, "lladdr", mac[SCANNER], "dev", T_IF, "nud", "permanent")
+    return mac[TARGET]
+
+
+def start_target():
+    """Listeners on the open ports, and a packet toward the scanner every
+    100 ms: masscan 1.3.2 only notices its --wait is over when a packet
+    arrives."""
+    code = f"""
+import socket, time
+ls = []
+for p in {OPEN_PORTS!r}:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", p)); s.listen(4096); ls.append(s)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("ready", flush=True)
+while True:
+    u.sendto(b"x", ("{S_IP}", 9)); time.sleep(0.1)
+"""
+    p = subprocess.Popen(["ip", "netns", "exec", TARGET, sys.executable, "-c", code],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def timed(cmd):
+    """Runs cmd in the scanner namespace; returns (stdout, stderr, wall, cpu, rss_kb)."""
+    with tempfile.NamedTemporaryFile("r") as tf:
+        full = ["ip", "netns", "exec", SCANNER, "/usr/bin/time", "-o", tf.name, "-f", "%e %U %S %M"] + cmd
+        r = subprocess.run(full, text=True, capture_output=True)
+        fields = Path(tf.name).read_text().split()[-4:]
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}): {r.stderr[-500:]}")
+    wall, user, sys_, rss = float(fields[0]), float(fields[1]), float(fields[2]), int(fields[3])
+    return r.stdout, r.stderr, wall, user + sys_, rss
+
+
+def parse_portfleet(stdout, _):
+    return {tuple(line.rsplit(":", 1)) for line in stdout.split()}
+
+
+def parse_masscan(_, path):
+    found = set()
+    for line in Path(path).read_text().splitlines():
+        f = line.split()
+        if len(f) >= 4 and f[0] == "open":
+            found.add((f[3], f[2]))
+    return found
+
+
+def parse_nmap(stdout, _):
+    found = set()
+    for line in stdout.splitlines():
+        if not line.startswith("Host:") or "Ports:" not in line:
+            continue
+        ip = line.split()[1]
+        for entry in line.split("Ports:")[1].split(","):
+            parts = entry.strip().split("/")
+            if len(parts) > 2 and parts[1] == "open":
+                found.add((ip, parts[0]))
+    return found
+
+
+def tool_cmd(tool, agent, hosts, ports, rate, router_mac, out):
+    if tool == "portfleet":
+        return [str(agent), "scan", hosts, "-p", ports, "--rate", str(rate), "--scan-type", "syn"], parse_portfleet
+    if tool == "masscan":
+        return (["masscan", hosts, f"-p{ports}", "--rate", str(rate), "--wait", "1", "-e", S_IF,
+                 "--adapter-ip", S_IP, "--router-mac", router_mac, "-oL", out], parse_masscan)
+    if tool == "nmap":
+        # nmap spells a range 10.77.1.1-254.
+        hosts = hosts.replace("-10.77.1.", "-")
+        return ["nmap", "-sS", "-T4", "-n", "-Pn", "-p", ports, "-oG", "-", hosts], parse_nmap
+    raise ValueError(tool)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--full", action="store_true", help="also run (c): 254 x 65535")
+    ap.add_argument("--tools", default="portfleet,masscan,nmap")
+    ap.add_argument("--rate", type=int, default=1_000_000, help="portfleet probes/s (default: as fast as it goes)")
+    ap.add_argument("--masscan-rate", type=int, default=1_000_000)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark builds network namespaces")
+    ensure_tools()
+    agent = build_agent()
+    tools = args.tools.split(",")
+    workloads = [("a", "1 x 65535", "10.77.1.1", "1-65535", 1),
+                 ("b", "254 x 1000", "10.77.1.1-10.77.1.254", "1-1000", 254)]
+    if args.full:
+        workloads.append(("c", "254 x 65535", "10.77.1.1-10.77.1.254", "1-65535", 254))
+    router_mac = setup()
+    target = start_target()
+    results = {}
+    try:
+        print(f"machine: {os.cpu_count()} cpus, {sh('uname', '-r').stdout.strip()}; "
+              f"{sh('masscan', '--version', check=False).stdout.splitlines()[1:2]}, "
+              f"{sh('nmap', '--version').stdout.splitlines()[0]}")
+        for key, label, hosts, ports, nhosts in workloads:
+            lo, hi = (int(x) for x in ports.split("-"))
+            nports = hi - lo + 1
+            probes = nhosts * nports
+            expected = {(f"10.77.1.{h}", str(p)) for h in range(1, nhosts + 1) for p in OPEN_PORTS if lo <= p <= hi}
+            if nhosts == 1:
+                expected = {("10.77.1.1", str(p)) for p in OPEN_PORTS if lo <= p <= hi}
+            for tool in tools:
+                if tool == "nmap" and key == "c":
+                    continue  # minutes per run; (a) and (b) show its pace
+                runs = []
+                for _ in range(args.runs if key != "c" else max(1, args.runs // 3)):
+                    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+                        rate = args.rate if tool == "portfleet" else args.masscan_rate
+                        cmd, parse = tool_cmd(tool, agent, hosts, ports, rate, router_mac, out.name)
+                        stdout, stderr, wall, cpu, rss = timed(cmd)
+                        found = parse(stdout, out.name)
+                    runs.append((wall, cpu, rss, len(found & expected), len(found - expected)))
+                    print(f"  ({key}) {tool:9} {wall:6.2f}s cpu {cpu:5.2f}s rss {rss/1024:6.1f}MB "
+                          f"found {len(found & expected)}/{len(expected)} extra {len(found - expected)}",
+                          file=sys.stderr)
+                    if tool == "portfleet":
+                        print("      " + stderr.strip().splitlines()[-1], file=sys.stderr)
+                med = lambda i: statistics.median(r[i] for r in runs)
+                results[(key, tool)] = dict(wall=med(0), pps=probes / med(0), cpu=med(1), rss=med(2) / 1024,
+                                            found=min(r[3] for r in runs), extra=max(r[4] for r in runs),
+                                            expected=len(expected), label=label, runs=len(runs))
+    finally:
+        target.kill()
+        teardown()
+
+    print(f"\n| work | tool | wall s | probes/s | CPU s | peak RSS MB | found/expected | runs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (key, tool), r in results.items():
+        extra = f" (+{r['extra']} extra)" if r["extra"] else ""
+        print(f"| ({key}) {r['label']} | {tool} | {r['wall']:.2f} | {r['pps']:,.0f} | {r['cpu']:.2f} | "
+              f"{r['rss']:.1f} | {r['found']}/{r['expected']}{extra} | {r['runs']} |")
+    print()
+    for key in sorted({k for k, _ in results}):
+        pf = results.get((key, "portfleet"))
+        for peer in ("masscan", "nmap"):
+            other = results.get((key, peer))
+            if pf and other:
+                print(f"({key}) wall time portfleet/{peer}: {pf['wall'] / other['wall']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
