@@ -4,6 +4,7 @@
     sudo bench/scan_bench.py            # workloads (a) and (b), 3 runs each
     sudo bench/scan_bench.py --full     # also (c): 254 hosts x 65535 ports
     sudo bench/scan_bench.py --runs 5 --tools portfleet,masscan
+    sudo bench/scan_bench.py --tools portfleet --ring-sweep   # drops vs ring size
 
 Builds two network namespaces joined by a veth pair (TSO/GSO off, static
 neighbours, no default route: nothing can leave them). The target namespace
@@ -163,6 +164,8 @@ def main():
     ap.add_argument("--tools", default="portfleet,masscan,nmap")
     ap.add_argument("--rate", type=int, default=1_000_000, help="portfleet probes/s (default: as fast as it goes)")
     ap.add_argument("--masscan-rate", type=int, default=1_000_000)
+    ap.add_argument("--ring-sweep", action="store_true",
+                    help="also run (b) with receive rings from 64 KiB to 16 MiB and report dropped replies")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark builds network namespaces")
@@ -207,6 +210,20 @@ def main():
                 results[(key, tool)] = dict(wall=med(0), pps=probes / med(0), cpu=med(1), rss=med(2) / 1024,
                                             found=min(r[3] for r in runs), extra=max(r[4] for r in runs),
                                             expected=len(expected), label=label, runs=len(runs))
+        if args.ring_sweep and "portfleet" in tools:
+            sweep = []
+            expected = {(f"10.77.1.{h}", str(p)) for h in range(1, 255) for p in OPEN_PORTS}
+            for kb in (64, 256, 1024, 4096, 16384):
+                stdout, stderr, wall, cpu, rss = timed([str(agent), "scan", "10.77.1.1-10.77.1.254", "-p", "1-1000",
+                                                        "--rate", str(args.rate), "--recv-ring-kb", str(kb),
+                                                        "--retries", "0", "--wait", "300"])
+                summary = stderr.strip().splitlines()[-1]
+                dropped = int(summary.split(" replies dropped")[0].rsplit(" ", 1)[1])
+                closed = int(summary.split(" closed")[0].rsplit(" ", 1)[1])
+                found = len(parse_portfleet(stdout, None) & expected)
+                sweep.append((kb, dropped, closed, found, rss / 1024))
+                print(f"  ring {kb:6} KiB: {dropped} dropped, {closed} closed, {found}/{len(expected)} open found",
+                      file=sys.stderr)
     finally:
         target.kill()
         teardown()
@@ -217,6 +234,11 @@ def main():
         extra = f" (+{r['extra']} extra)" if r["extra"] else ""
         print(f"| ({key}) {r['label']} | {tool} | {r['wall']:.2f} | {r['pps']:,.0f} | {r['cpu']:.2f} | "
               f"{r['rss']:.1f} | {r['found']}/{r['expected']}{extra} | {r['runs']} |")
+    if args.ring_sweep and "portfleet" in tools:
+        print("\n| receive ring | replies dropped | closed seen (of 251,968) | open found (of 2032) | peak RSS MB |")
+        print("|---:|---:|---:|---:|---:|")
+        for kb, dropped, closed, found, rss in sweep:
+            print(f"| {kb} KiB | {dropped:,} | {closed:,} | {found} | {rss:.1f} |")
     print()
     for key in sorted({k for k, _ in results}):
         pf = results.get((key, "portfleet"))

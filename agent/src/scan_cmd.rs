@@ -67,6 +67,9 @@ pub struct ScanArgs {
     /// Connect scans: connections in flight at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub concurrency: u32,
+    /// SYN receive ring in KiB; replies beyond it are dropped and counted.
+    #[arg(long = "recv-ring-kb", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(4..=1_048_576))]
+    pub recv_ring_kb: u32,
     /// JSON Lines with naabu's field names.
     #[arg(long)]
     pub json: bool,
@@ -196,6 +199,7 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
     job.net = NetOptions { interface: args.interface.clone(), source_ip: args.source_ip };
     job.send_threads = args.send_threads.map(|n| n as usize);
     job.concurrency = args.concurrency as usize;
+    job.recv_ring_bytes = args.recv_ring_kb as usize * 1024;
 
     let mut file = match &args.output {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| usage(format!("-o {}: {e}", path.display())))?),

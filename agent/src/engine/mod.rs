@@ -49,6 +49,9 @@ pub struct ScanJob {
     pub send_threads: Option<usize>,
     /// Connect scans: connections in flight at once.
     pub concurrency: usize,
+    /// SYN scans: bytes of the receive ring. Too small and replies are
+    /// dropped at speed (counted in `Counts::dropped`).
+    pub recv_ring_bytes: usize,
     /// Addresses the engine refuses to probe whatever the job says: checked
     /// again for every probe, after the space was built.
     pub deny: Arc<AddressSet>,
@@ -67,6 +70,7 @@ impl ScanJob {
             net: NetOptions::default(),
             send_threads: None,
             concurrency: 512,
+            recv_ring_bytes: crate::net::DEFAULT_RING_BYTES,
             deny: Arc::new(AddressSet::default()),
         }
     }

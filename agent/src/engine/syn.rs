@@ -92,7 +92,7 @@ impl SynEngine {
         let plan = net::plan(job.space.addresses(), &job.net)?;
         let (guard, src_port) = reserve_port()?;
         // Listen before the first probe leaves.
-        let receiver = Receiver::open(plan.recv_ifindex, src_port)?;
+        let receiver = Receiver::open(plan.recv_ifindex, src_port, job.recv_ring_bytes)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = job.send_threads.unwrap_or(job.rate.div_ceil(PER_THREAD_RATE) as usize).clamp(1, cores.max(1));
         let senders = (0..threads).map(|_| Sender::open(&plan, src_port)).collect::<Result<Vec<_>, _>>()?;
@@ -299,34 +299,29 @@ fn recv_loop(shared: &Shared, receiver: &mut Receiver, events: &mpsc::Sender<Eve
             }
             let Some(pos) = space.position_of(reply.src, reply.src_port) else { return };
             let open = reply.is_syn_ack();
-            match w.mark(pos) {
-                Mark::New { .. } if open => {
-                    c.open.fetch_add(1, Ordering::Relaxed);
-                    emit(Event::Open(Finding {
-                        ip: reply.src,
-                        port: reply.src_port,
-                        position: pos,
-                        observed_at: SystemTime::now(),
-                    }));
-                }
-                Mark::New { .. } => {
-                    c.closed.fetch_add(1, Ordering::Relaxed);
-                }
+            let report = match w.mark(pos) {
+                Mark::New { .. } => true,
                 // A genuine open port answering after its window: still
                 // reported (a duplicate is harmless, a miss is not).
                 Mark::Late => {
                     c.late.fetch_add(1, Ordering::Relaxed);
-                    if open {
-                        c.open.fetch_add(1, Ordering::Relaxed);
-                        emit(Event::Open(Finding {
-                            ip: reply.src,
-                            port: reply.src_port,
-                            position: pos,
-                            observed_at: SystemTime::now(),
-                        }));
-                    }
+                    open
                 }
-                Mark::Duplicate | Mark::Unknown => {}
+                Mark::Duplicate | Mark::Unknown => false,
+            };
+            if !report {
+                return;
+            }
+            if open {
+                c.open.fetch_add(1, Ordering::Relaxed);
+                emit(Event::Open(Finding {
+                    ip: reply.src,
+                    port: reply.src_port,
+                    position: pos,
+                    observed_at: SystemTime::now(),
+                }));
+            } else {
+                c.closed.fetch_add(1, Ordering::Relaxed);
             }
         });
 

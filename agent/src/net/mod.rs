@@ -115,14 +115,7 @@ pub fn plan(addrs: &AddressSet, opts: &NetOptions) -> Result<NetPlan, NetError> 
     let v4 = match first_v4 {
         None => None,
         Some(dst) => {
-            let src = match opts.source_ip {
-                Some(IpAddr::V4(s)) => s,
-                _ => match route::source_address(dst) {
-                    Ok(IpAddr::V4(s)) => s,
-                    Ok(other) => return Err(NetError::NoRoute { addr: dst, reason: format!("source {other}") }),
-                    Err(e) => return Err(NetError::NoRoute { addr: dst, reason: e.to_string() }),
-                },
-            };
+            let IpAddr::V4(src) = source_for(dst, opts)? else { unreachable!("source of the target's family") };
             let egress = link_egress(addrs, src, opts).unwrap_or_else(|reason| {
                 tracing::debug!(%reason, "ipv4 probes use the kernel's IP path");
                 ip_egress.clone()
@@ -133,14 +126,7 @@ pub fn plan(addrs: &AddressSet, opts: &NetOptions) -> Result<NetPlan, NetError> 
     let v6 = match first_v6 {
         None => None,
         Some(dst) => {
-            let src = match opts.source_ip {
-                Some(IpAddr::V6(s)) => s,
-                _ => match route::source_address(dst) {
-                    Ok(IpAddr::V6(s)) => s,
-                    Ok(other) => return Err(NetError::NoRoute { addr: dst, reason: format!("source {other}") }),
-                    Err(e) => return Err(NetError::NoRoute { addr: dst, reason: e.to_string() }),
-                },
-            };
+            let IpAddr::V6(src) = source_for(dst, opts)? else { unreachable!("source of the target's family") };
             Some((src, ip_egress.clone()))
         }
     };
@@ -150,6 +136,19 @@ pub fn plan(addrs: &AddressSet, opts: &NetOptions) -> Result<NetPlan, NetError> 
         _ => 0,
     };
     Ok(NetPlan { v4, v6, recv_ifindex })
+}
+
+/// The source address for probes to `dst`'s family: the operator's, or
+/// the kernel's choice. Always of `dst`'s family.
+fn source_for(dst: IpAddr, opts: &NetOptions) -> Result<IpAddr, NetError> {
+    if let Some(src) = opts.source_ip.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
+        return Ok(src);
+    }
+    match route::source_address(dst) {
+        Ok(src) if src.is_ipv4() == dst.is_ipv4() => Ok(src),
+        Ok(other) => Err(NetError::NoRoute { addr: dst, reason: format!("source {other}") }),
+        Err(e) => Err(NetError::NoRoute { addr: dst, reason: e.to_string() }),
+    }
 }
 
 /// The link path for every IPv4 range, if one gateway route on an Ethernet
@@ -355,15 +354,21 @@ pub struct Receiver {
     ring: RxRing,
 }
 
-/// Ring blocks: 1 MiB each, 16 of them - about 85,000 replies, a quarter
+/// Default ring: 16 blocks of 1 MiB - about 85,000 replies, a quarter
 /// second at 300k/s, while keeping the agent's resident memory small.
-const RING_BLOCK: usize = 1 << 20;
-const RING_BLOCKS: usize = 16;
+pub const DEFAULT_RING_BYTES: usize = 16 << 20;
+const MAX_RING_BLOCK: usize = 1 << 20;
+const PAGE: usize = 4096;
 
 impl Receiver {
-    pub fn open(ifindex: u32, dst_port: u16) -> Result<Self, NetError> {
+    /// A ring of about `ring_bytes` (at least one page), in blocks of at
+    /// most 1 MiB.
+    pub fn open(ifindex: u32, dst_port: u16, ring_bytes: usize) -> Result<Self, NetError> {
         let filter = bpf::reply_filter(dst_port, RECV_SNAP as u32);
-        let ring = RxRing::open(ifindex, &filter, RING_BLOCK, RING_BLOCKS).map_err(io_err("receive ring"))?;
+        let bytes = ring_bytes.max(PAGE).div_ceil(PAGE) * PAGE;
+        let block = bytes.min(MAX_RING_BLOCK);
+        let blocks = (bytes / block).max(1);
+        let ring = RxRing::open(ifindex, &filter, block, blocks).map_err(io_err("receive ring"))?;
         Ok(Self { ring })
     }
 

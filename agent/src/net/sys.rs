@@ -84,6 +84,24 @@ fn set_buffer(fd: &OwnedFd, force: libc::c_int, plain: libc::c_int, bytes: usize
     Ok(got.max(0) as usize)
 }
 
+/// Binds an AF_PACKET socket to every protocol on `ifindex` (0: all).
+fn bind_packet(fd: &OwnedFd, ifindex: u32) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// How an AF_PACKET socket frames what it reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {
@@ -108,19 +126,7 @@ impl PacketSocket {
         };
         let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
         let fd = socket(libc::AF_PACKET, ty, proto)?;
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
-        cvt(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        })?;
+        bind_packet(&fd, ifindex)?;
         Ok(Self { fd })
     }
 
@@ -411,19 +417,7 @@ impl RxRing {
         }
         let ring = Self { fd, map: map.cast(), block_size, block_nr, next: 0 };
         let _ = setsockopt(&ring.fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1 as &libc::c_int);
-        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
-        cvt(unsafe {
-            libc::bind(
-                ring.fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        })?;
+        bind_packet(&ring.fd, ifindex)?;
         Ok(ring)
     }
 
