@@ -172,10 +172,10 @@ async fn interrupt_stops_probing_at_once_and_reports_what_was_found() {
     let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
     let target_pid = if pid.is_empty() { child.id().to_string() } else { pid };
     Command::new("kill").args(["-INT", &target_pid]).status().unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(100));
     let after = target_out_rsts(&topo);
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(target_out_rsts(&topo), after, "probes kept arriving more than 150 ms after the interrupt");
+    assert_eq!(target_out_rsts(&topo), after, "probes kept arriving more than 100 ms after the interrupt");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     let stderr = String::from_utf8_lossy(&out.stderr);
