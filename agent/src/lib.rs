@@ -9,4 +9,6 @@
 
 pub mod engine;
 pub mod net;
+pub mod run_cmd;
 pub mod scan_cmd;
+pub mod session;

@@ -1,7 +1,7 @@
 //! `portfleet-agent`: parses the command line and runs a subcommand.
 
 use clap::{Parser, Subcommand};
-use portfleet_agent::scan_cmd;
+use portfleet_agent::{run_cmd, scan_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "portfleet-agent", version, about = "The portfleet scanning agent.")]
@@ -14,11 +14,15 @@ struct Cli {
 enum Command {
     /// Scan targets from this host, with no controller (like naabu or masscan).
     Scan(scan_cmd::ScanArgs),
+    /// Run as a daemon that takes scan work from a controller.
+    Run(run_cmd::RunArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    // The standalone scanner is quiet; the daemon reports what it does.
+    let default = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -30,6 +34,7 @@ fn main() {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Scan(args) => scan_cmd::run(args).await,
+            Command::Run(args) => run_cmd::run(args).await,
         }
     });
     // The engine's threads hold nothing that needs a graceful drop here.

@@ -192,8 +192,7 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
     };
     let space = Arc::new(plan.space);
     let total = space.len();
-    let mut job = ScanJob::new(space, scan_type);
-    job.rate = args.rate;
+    let mut job = ScanJob::new(space, scan_type, args.rate);
     job.retries = args.retries;
     job.wait = Duration::from_millis(args.wait);
     job.net = NetOptions { interface: args.interface.clone(), source_ip: args.source_ip };

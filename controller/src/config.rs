@@ -70,6 +70,19 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "PORTFLEET_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Names this controller in leases (default: hostname and a random suffix).
+    #[arg(long, env = "PORTFLEET_CONTROLLER_ID")]
+    pub controller_id: Option<String>,
+    /// How often agents send heartbeats.
+    #[arg(long, env = "PORTFLEET_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A lease lapses this long after its agent's last heartbeat; the shard
+    /// then resumes from its checkpoint on another agent.
+    #[arg(long, env = "PORTFLEET_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// A shard may fail this many times before its scan fails.
+    #[arg(long, env = "PORTFLEET_MAX_SHARD_FAILURES", default_value_t = 3)]
+    pub max_shard_failures: i32,
 }
 
 fn parse_database_url(s: &str) -> Result<PgConnectOptions, String> {
@@ -84,11 +97,57 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 3s, 1m)"))
 }
 
+/// Agent sessions and scheduling.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// Names this process in leases and agent rows.
+    pub controller_id: String,
+    pub heartbeat_interval: Duration,
+    /// A lease lapses this long after its agent's last heartbeat.
+    pub lease_ttl: Duration,
+    pub hello_timeout: Duration,
+    /// How long a departed agent's leases wait for it to come back.
+    pub disconnect_grace: Duration,
+    pub max_batch_results: u32,
+    pub max_unacked_frames: u32,
+    /// A shard may fail this many times before its scan fails.
+    pub max_shard_failures: i32,
+    /// How often the scheduler looks for work without being woken.
+    pub tick: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            controller_id: default_controller_id(),
+            heartbeat_interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            disconnect_grace: Duration::from_secs(5),
+            max_batch_results: 5000,
+            max_unacked_frames: 64,
+            max_shard_failures: 3,
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// `<hostname>-<random>`: distinct for every process, readable in logs.
+pub fn default_controller_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "controller".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
 /// Everything the controller needs to run, whatever the source.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     pub database: DatabaseConfig,
     pub limits: ScanLimits,
+    pub fleet: FleetConfig,
     pub shutdown_timeout: Duration,
 }
 
@@ -98,8 +157,29 @@ impl ControllerConfig {
         Self {
             database: DatabaseConfig { options: database, pool_size: 10, acquire_timeout: Duration::from_secs(3) },
             limits: ScanLimits::default(),
+            fleet: FleetConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl ControllerConfig {
+    /// Cross-setting checks; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.fleet;
+        if f.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be above zero".into());
+        }
+        if f.lease_ttl < f.heartbeat_interval * 2 {
+            return Err(format!(
+                "--lease-ttl ({:?}) must be at least twice --heartbeat-interval ({:?})",
+                f.lease_ttl, f.heartbeat_interval
+            ));
+        }
+        if f.controller_id.is_empty() || f.controller_id.len() > 128 {
+            return Err("--controller-id must be 1 to 128 bytes".into());
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +198,14 @@ impl From<&ServeArgs> for ControllerConfig {
                 max_targets: a.max_scan_targets,
                 shards: ShardPolicy::default(),
                 ..ScanLimits::default()
+            },
+            fleet: FleetConfig {
+                controller_id: a.controller_id.clone().unwrap_or_else(default_controller_id),
+                heartbeat_interval: a.heartbeat_interval,
+                lease_ttl: a.lease_ttl,
+                disconnect_grace: a.lease_ttl.min(Duration::from_secs(5)),
+                max_shard_failures: a.max_shard_failures,
+                ..FleetConfig::default()
             },
             shutdown_timeout: a.shutdown_timeout,
         }

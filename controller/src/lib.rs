@@ -9,13 +9,18 @@
 
 pub mod api;
 pub mod config;
+pub mod notify;
 pub mod scans;
+pub mod scheduler;
+pub mod sessions;
 pub mod store;
 pub mod telemetry;
 
 use std::time::Duration;
 
-use portfleet_proto::v1::scan_service_server::ScanServiceServer;
+use std::sync::Arc;
+
+use portfleet_proto::v1::{agent_service_server::AgentServiceServer, scan_service_server::ScanServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,8 +58,23 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
+    health.set_serving::<AgentServiceServer<sessions::AgentApi>>().await;
     let tasks = TaskTracker::new();
-    tasks.spawn(watch_database(store.clone(), health.clone(), shutdown.child_token()));
+    // Background work stops before the pool closes.
+    let background = shutdown.child_token();
+    tasks.spawn(watch_database(store.clone(), health.clone(), background.clone()));
+    let notifier = notify::Notifier::start(store.pool().clone(), background.clone(), &tasks);
+    let fleet = Arc::new(sessions::Fleet {
+        store: store.clone(),
+        registry: sessions::Registry::default(),
+        config: config.fleet.clone(),
+        notifier: notifier.clone(),
+        wake: tokio::sync::Notify::new(),
+        shutdown: background.clone(),
+        tracker: tasks.clone(),
+    });
+    tasks.spawn(scheduler::run(fleet.clone()));
+    tracing::info!(controller_id = %config.fleet.controller_id, "fleet scheduler started");
 
     // Both reflection versions: grpcurl 1.8 and many tools speak only v1alpha.
     let reflection = || {
@@ -66,7 +86,8 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let scans = scans::ScanManager::new(store.clone(), config.limits.clone());
-    let scan_api = api::ScanApi::new(scans, store.clone());
+    let scan_api = api::ScanApi::new(scans, store.clone(), notifier, background.clone(), tasks.clone());
+    let agent_api = sessions::AgentApi::new(fleet);
 
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -77,6 +98,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ScanServiceServer::new(scan_api))
+        .add_service(AgentServiceServer::new(agent_api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
     let drain_deadline = async {
         shutdown.cancelled().await;

@@ -45,10 +45,15 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
+            let config = ControllerConfig::from(&args);
+            if let Err(e) = config.validate() {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
-            portfleet_controller::run(ControllerConfig::from(&args), listener, shutdown).await?;
+            portfleet_controller::run(config, listener, shutdown).await?;
             Ok(())
         }
     }

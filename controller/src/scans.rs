@@ -241,6 +241,7 @@ impl ScanManager {
             address_count: space.addresses().len() as i64,
             port_count: space.ports().len() as i32,
             probes_planned: space.len() as i64,
+            has_ipv6: space.addresses().has_ipv6(),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
         };

@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod db;
 pub mod netns;
+pub mod procs;
 pub mod proxy;
 
 use std::{future::Future, path::PathBuf, time::Duration};

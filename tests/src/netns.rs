@@ -32,6 +32,11 @@ pub struct NetTopology {
     pub target: String,
     pub scanner_if: String,
     pub target_if: String,
+    /// Root-namespace end of the management link, when there is one.
+    mgmt_if: Option<String>,
+    /// The controller side of the management link (in the root namespace),
+    /// which agents in the scanner namespace can reach.
+    pub controller_ip: Option<Ipv4Addr>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -47,7 +52,21 @@ impl NetTopology {
     /// Builds the topology, or explains why it cannot. Under `CI=true` a
     /// failure panics: end-to-end tests must not skip there.
     pub fn create() -> Option<Self> {
-        match Self::try_create() {
+        Self::checked(Self::try_create())
+    }
+
+    /// The topology plus a /30 link from the root namespace to the scanner
+    /// namespace, for agents there to reach a controller here. Scan
+    /// targets stay in the target namespace.
+    pub fn create_with_controller_link() -> Option<Self> {
+        Self::checked(Self::try_create().and_then(|mut t| {
+            t.add_mgmt()?;
+            Ok(t)
+        }))
+    }
+
+    fn checked(made: Result<Self, String>) -> Option<Self> {
+        match made {
             Ok(t) => Some(t),
             Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
                 panic!("CI=true and the test network cannot be built (needs root and iproute2): {e}")
@@ -59,6 +78,24 @@ impl NetTopology {
         }
     }
 
+    fn add_mgmt(&mut self) -> Result<(), String> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // A /30 in 10.75.0.0/16 per topology; distinct for concurrent tests.
+        let idx = (std::process::id().wrapping_mul(31).wrapping_add(n * 7919)) % 16_000;
+        let base = u32::from(Ipv4Addr::new(10, 75, 0, 0)) + idx * 4;
+        let (root_ip, ns_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let root_if = format!("pfm{}", &self.scanner_if[3..]);
+        let ns_if = format!("pfn{}", &self.scanner_if[3..]);
+        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", &ns_if, "netns", &self.scanner])?;
+        self.mgmt_if = Some(root_if.clone());
+        ip(&["addr", "add", &format!("{root_ip}/30"), "dev", &root_if])?;
+        ip(&["link", "set", &root_if, "up"])?;
+        ip(&["-n", &self.scanner, "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
+        ip(&["-n", &self.scanner, "link", "set", &ns_if, "up"])?;
+        self.controller_ip = Some(root_ip);
+        Ok(())
+    }
+
     fn try_create() -> Result<Self, String> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}{n}", std::process::id() % 100_000);
@@ -67,6 +104,8 @@ impl NetTopology {
             target: format!("pft-{id}-t"),
             scanner_if: format!("pfs{id}"),
             target_if: format!("pft{id}"),
+            mgmt_if: None,
+            controller_ip: None,
         };
         // From here on, Drop cleans up whatever was made.
         let (s, tg, si, ti) = (&t.scanner, &t.target, &t.scanner_if, &t.target_if);
@@ -120,6 +159,17 @@ impl NetTopology {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.scanner]).arg(program);
         cmd
+    }
+
+    /// Target-side count of RSTs sent: one per SYN that hit a closed port,
+    /// so it moves exactly when probes arrive.
+    pub fn target_out_rsts(&self) -> u64 {
+        let out = Command::new("ip").args(["netns", "exec", &self.target, "cat", "/proc/net/snmp"]).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
+        let i = names.split_whitespace().position(|n| n == "OutRsts").unwrap_or(0);
+        values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
     /// Packets the target side has received so far.
@@ -182,6 +232,9 @@ impl NetTopology {
 impl Drop for NetTopology {
     fn drop(&mut self) {
         // Deleting a namespace removes its veth end, and so the pair.
+        if let Some(m) = &self.mgmt_if {
+            let _ = ip(&["link", "del", m]);
+        }
         let _ = ip(&["netns", "del", &self.scanner]);
         let _ = ip(&["netns", "del", &self.target]);
     }

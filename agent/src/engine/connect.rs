@@ -77,7 +77,7 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let job = Arc::new(job);
-    let limiter = Arc::new(AsyncRateLimiter::new(job.rate));
+    let limiter = Arc::new(AsyncRateLimiter::new(job.control.clone()));
     let permits = Arc::new(Semaphore::new(job.concurrency.max(1)));
     // Positions still being probed: the checkpoint is the lowest of them.
     let in_flight = Arc::new(Mutex::new(BTreeSet::<u64>::new()));
@@ -96,6 +96,9 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
+        while job.control.is_paused() && !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,

@@ -19,7 +19,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -37,8 +37,9 @@ pub struct ScanJob {
     /// Positions to probe; the whole space for a standalone scan.
     pub range: ShardRange,
     pub scan_type: ScanType,
-    /// Probes per second, retries included.
-    pub rate: u32,
+    /// Rate (probes per second, retries included) and pause, adjustable
+    /// while the engine runs.
+    pub control: Arc<EngineControl>,
     /// Extra probes for a port that did not answer.
     pub retries: u32,
     /// Longest wait for a reply after a probe (connect: per-attempt
@@ -58,13 +59,13 @@ pub struct ScanJob {
 }
 
 impl ScanJob {
-    pub fn new(space: Arc<ScanSpace>, scan_type: ScanType) -> Self {
+    pub fn new(space: Arc<ScanSpace>, scan_type: ScanType, rate: u32) -> Self {
         let range = ShardRange { start: 0, end: space.len() };
         Self {
             space,
             range,
             scan_type,
-            rate: 1000,
+            control: Arc::new(EngineControl::new(rate)),
             retries: 1,
             wait: Duration::from_secs(1),
             net: NetOptions::default(),
@@ -73,6 +74,38 @@ impl ScanJob {
             recv_ring_bytes: crate::net::DEFAULT_RING_BYTES,
             deny: Arc::new(AddressSet::default()),
         }
+    }
+}
+
+/// Knobs a running engine reads between batches: the session lowers a
+/// lease's rate when its scan gains agents, and pauses probing while the
+/// controller is not taking results (so backpressure slows the scan rather
+/// than piling results up).
+#[derive(Debug)]
+pub struct EngineControl {
+    rate: AtomicU32,
+    paused: AtomicBool,
+}
+
+impl EngineControl {
+    pub fn new(rate: u32) -> Self {
+        Self { rate: AtomicU32::new(rate.max(1)), paused: AtomicBool::new(false) }
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    pub fn set_rate(&self, rate: u32) {
+        self.rate.store(rate.max(1), Ordering::Relaxed);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 }
 
@@ -195,9 +228,6 @@ pub async fn start(
             job.range.end,
             job.space.len()
         )));
-    }
-    if job.rate == 0 {
-        return Err(EngineError::InvalidJob("rate must be at least 1 probe per second".into()));
     }
     let counts = Arc::new(LiveCounts::default());
     let (tx, done) = tokio::sync::oneshot::channel();

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use super::EngineControl;
+
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
     rate: f64,
@@ -25,6 +27,14 @@ impl TokenBucket {
         self.rate
     }
 
+    /// Changes the rate from now on; tokens already saved stay, capped to
+    /// the new burst.
+    pub fn set_rate(&mut self, rate: u32) {
+        self.rate = f64::from(rate.max(1));
+        self.burst = (self.rate / 200.0).clamp(1.0, 64.0);
+        self.tokens = self.tokens.min(self.burst);
+    }
+
     /// Takes up to `want` tokens at time `now`. Returns how many were
     /// granted, or, when none are available, how long until one is.
     pub fn take(&mut self, now: Duration, want: u32) -> Result<u32, Duration> {
@@ -40,18 +50,21 @@ impl TokenBucket {
     }
 }
 
-/// The bucket for async code, on tokio's clock.
+/// The bucket for async code, on tokio's clock, following the rate of an
+/// [`EngineControl`].
 #[derive(Debug)]
 pub struct AsyncRateLimiter {
     bucket: tokio::sync::Mutex<TokenBucket>,
     epoch: tokio::time::Instant,
+    control: std::sync::Arc<EngineControl>,
 }
 
 impl AsyncRateLimiter {
-    pub fn new(rate: u32) -> Self {
+    pub fn new(control: std::sync::Arc<EngineControl>) -> Self {
         Self {
-            bucket: tokio::sync::Mutex::new(TokenBucket::new(rate, Duration::ZERO)),
+            bucket: tokio::sync::Mutex::new(TokenBucket::new(control.rate(), Duration::ZERO)),
             epoch: tokio::time::Instant::now(),
+            control,
         }
     }
 
@@ -60,6 +73,10 @@ impl AsyncRateLimiter {
         loop {
             let wait = {
                 let mut b = self.bucket.lock().await;
+                let rate = self.control.rate();
+                if f64::from(rate) != b.rate() {
+                    b.set_rate(rate);
+                }
                 match b.take(self.epoch.elapsed(), 1) {
                     Ok(_) => return,
                     Err(wait) => wait,
@@ -99,6 +116,21 @@ mod tests {
     }
 
     #[test]
+    fn a_new_rate_applies_at_once() {
+        let mut b = TokenBucket::new(1_000, Duration::ZERO);
+        b.set_rate(100_000);
+        let mut now = Duration::ZERO;
+        let mut sent = 0u64;
+        while now < Duration::from_secs(1) {
+            match b.take(now, 64) {
+                Ok(n) => sent += u64::from(n),
+                Err(wait) => now += wait.max(Duration::from_nanos(1)),
+            }
+        }
+        assert!((95_000..=105_000).contains(&sent), "{sent}");
+    }
+
+    #[test]
     fn a_stall_does_not_become_a_burst() {
         let mut b = TokenBucket::new(100_000, Duration::ZERO);
         let granted = b.take(Duration::from_secs(10), 10_000).unwrap();
@@ -107,7 +139,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn async_limiter_holds_the_rate_in_paused_time() {
-        let limiter = AsyncRateLimiter::new(2_000);
+        let limiter = AsyncRateLimiter::new(std::sync::Arc::new(EngineControl::new(2_000)));
         let start = tokio::time::Instant::now();
         for _ in 0..4_000 {
             limiter.acquire().await;

@@ -94,11 +94,12 @@ impl SynEngine {
         // Listen before the first probe leaves.
         let receiver = Receiver::open(plan.recv_ifindex, src_port, job.recv_ring_bytes)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = job.send_threads.unwrap_or(job.rate.div_ceil(PER_THREAD_RATE) as usize).clamp(1, cores.max(1));
+        let rate = job.control.rate();
+        let threads = job.send_threads.unwrap_or(rate.div_ceil(PER_THREAD_RATE) as usize).clamp(1, cores.max(1));
         let senders = (0..threads).map(|_| Sender::open(&plan, src_port)).collect::<Result<Vec<_>, _>>()?;
         // Blocks of ~20 ms of sending: fine-grained checkpoints at any rate.
-        let block_len = (u64::from(job.rate) / 50).clamp(16, MAX_BLOCK);
-        let window_probes = u64::from(job.rate) as f64 * job.wait.as_secs_f64() * f64::from(job.retries + 2);
+        let block_len = (u64::from(rate) / 50).clamp(16, MAX_BLOCK);
+        let window_probes = f64::from(rate) * job.wait.as_secs_f64() * f64::from(job.retries + 2);
         let capacity = ((window_probes / block_len as f64).ceil() as usize + 64).clamp(64, 16_384);
         let window = Window::new(job.range.start, job.range.end, block_len, capacity, MIN_TIMEOUT, job.wait);
         let shared = Arc::new(Shared {
@@ -133,14 +134,14 @@ impl SynEngine {
                 }
             });
         }
-        let per_thread = shared.job.rate.div_ceil(senders.len() as u32).max(1);
+        let threads = senders.len() as u32;
         let handles: Vec<_> = senders
             .into_iter()
             .enumerate()
             .map(|(i, mut sender)| {
                 let shared = shared.clone();
                 std::thread::Builder::new().name(format!("pf-send-{i}")).spawn(move || {
-                    if let Err(e) = send_loop(&shared, &mut sender, per_thread) {
+                    if let Err(e) = send_loop(&shared, &mut sender, threads) {
                         shared.fail(format!("send: {e}"));
                     }
                 })
@@ -176,10 +177,13 @@ impl SynEngine {
     }
 }
 
-fn send_loop(shared: &Shared, sender: &mut Sender, rate: u32) -> std::io::Result<()> {
+/// Each of `threads` send threads takes an equal part of the job's rate.
+fn send_loop(shared: &Shared, sender: &mut Sender, threads: u32) -> std::io::Result<()> {
     let w = &shared.window;
+    let control = &shared.job.control;
+    let share = || control.rate().div_ceil(threads).max(1);
     let epoch = Instant::now();
-    let mut bucket = TokenBucket::new(rate, Duration::ZERO);
+    let mut bucket = TokenBucket::new(share(), Duration::ZERO);
     let mut credit = 0u32;
     let mut fifo: VecDeque<u64> = VecDeque::new();
     let mut pending: Option<u64> = None;
@@ -192,6 +196,12 @@ fn send_loop(shared: &Shared, sender: &mut Sender, rate: u32) -> std::io::Result
                 return Ok(());
             }
             while *credit == 0 {
+                while control.is_paused() && !shared.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if f64::from(share()) != bucket.rate() {
+                    bucket.set_rate(share());
+                }
                 match bucket.take(epoch.elapsed(), MAX_BATCH as u32) {
                     Ok(n) => *credit = n,
                     Err(wait) => {

@@ -110,6 +110,7 @@ impl From<ScanRecord> for pb::Scan {
             update_time: Some(timestamp(s.updated_at)),
             error: s.error.unwrap_or_default(),
             eta,
+            waiting_reason: s.waiting_reason.unwrap_or_default(),
         }
     }
 }

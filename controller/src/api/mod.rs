@@ -4,6 +4,7 @@
 mod convert;
 mod page;
 mod status;
+mod watch;
 
 use std::{collections::HashMap, pin::Pin};
 
@@ -13,7 +14,10 @@ use portfleet_proto::v1::{self as pb, scan_service_server::ScanService};
 use tonic::{Request, Response, Status};
 
 pub use self::status::{store_status, to_status};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
 use crate::{
+    notify::Notifier,
     scans::{ScanManager, ScanRequestInput},
     store::{NewTarget, Page, Store, TargetFilter},
 };
@@ -25,11 +29,20 @@ const MAX_TARGETS_PER_CALL: usize = 10_000;
 pub struct ScanApi {
     scans: ScanManager,
     store: Store,
+    notifier: Notifier,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl ScanApi {
-    pub fn new(scans: ScanManager, store: Store) -> Self {
-        Self { scans, store }
+    pub fn new(
+        scans: ScanManager,
+        store: Store,
+        notifier: Notifier,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self { scans, store, notifier, shutdown, tracker }
     }
 }
 
@@ -156,8 +169,22 @@ impl ScanService for ScanApi {
 
     type WatchScanStream = WatchStream;
 
-    async fn watch_scan(&self, _request: Request<pb::WatchScanRequest>) -> Result<Response<WatchStream>, Status> {
-        Err(Status::unimplemented("WatchScan arrives with agent sessions"))
+    async fn watch_scan(&self, request: Request<pb::WatchScanRequest>) -> Result<Response<WatchStream>, Status> {
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        let scan = self.scans.get(id).await.map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        self.tracker.spawn(watch::stream(self.store.clone(), self.notifier.clone(), self.shutdown.clone(), scan, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn drain_agent(&self, request: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        let agent = self.store.drain_agent(id).await.map_err(store_status)?;
+        let agent = agent.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+        if agent.state == "gone" {
+            return Err(Status::failed_precondition(format!("agent {id} is not connected")));
+        }
+        Ok(Response::new(agent.into()))
     }
 
     async fn list_agents(

@@ -4,6 +4,7 @@
 
 mod agents;
 mod error;
+mod leases;
 mod results;
 mod scans;
 mod targets;
@@ -16,8 +17,12 @@ use sqlx::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub use agents::AgentRecord;
+pub use agents::{AgentIntro, AgentRecord, Beat};
 pub use error::StoreError;
+pub use leases::{
+    Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, PortRecord, ScanParams,
+    ShardProgress,
+};
 pub use results::{ResultKey, ResultRecord};
 pub use scans::{NewScan, NewShard, ScanRecord, ScanState};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};

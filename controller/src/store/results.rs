@@ -28,6 +28,32 @@ pub struct ResultKey {
 }
 
 impl Store {
+    /// How many result batches each shard of a scan has committed.
+    pub async fn result_heads(&self, scan_id: Uuid) -> Result<Vec<(i64, i32)>, StoreError> {
+        let rows = sqlx::query_as::<_, (i64, i32)>(
+            "SELECT id, result_batches FROM shards WHERE scan_id = $1 AND result_batches > 0",
+        )
+        .bind(scan_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// The results a shard's batches `(after, upto]` first wrote.
+    pub async fn shard_results(&self, shard_id: i64, after: i32, upto: i32) -> Result<Vec<ResultRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, ResultRecord>(
+            "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
+             FROM results WHERE shard_id = $1 AND shard_batch > $2 AND shard_batch <= $3
+             ORDER BY shard_batch, ip, port",
+        )
+        .bind(shard_id)
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
     /// Ordered by (ip, port, protocol), the primary key's order.
     pub async fn list_results(
         &self,

@@ -73,6 +73,8 @@ pub struct ScanRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    pub has_ipv6: bool,
+    pub waiting_reason: Option<String>,
 }
 
 impl ScanRecord {
@@ -90,7 +92,7 @@ macro_rules! with_scan_columns {
             " id, request_id, state, targets, target_group, ports, scan_type, rate, \
             retries, labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count, \
             port_count, probes_planned, shard_count, probes_done, open_ports, error, created_at, \
-            started_at, finished_at, updated_at ",
+            started_at, finished_at, updated_at, has_ipv6, waiting_reason ",
             $suffix
         )
     };
@@ -114,6 +116,7 @@ pub struct NewScan {
     pub address_count: i64,
     pub port_count: i32,
     pub probes_planned: i64,
+    pub has_ipv6: bool,
     pub shards: Vec<NewShard>,
     pub hostnames: Vec<(IpAddr, String)>,
 }
@@ -141,8 +144,8 @@ impl Store {
         let inserted = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
             "INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
                 labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
-                port_count, probes_planned, shard_count)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                port_count, probes_planned, shard_count, has_ipv6)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
              ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
              RETURNING",
             ""
@@ -164,6 +167,7 @@ impl Store {
         .bind(scan.port_count)
         .bind(scan.probes_planned)
         .bind(scan.shards.len() as i32)
+        .bind(scan.has_ipv6)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(record) = inserted else {
@@ -201,6 +205,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // Schedulers on every controller wake up for it.
+        sqlx::query("SELECT pg_notify('portfleet', 'c:' || $1::text)").bind(scan.id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -256,8 +262,41 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            // Controllers holding its leases tell their agents to stop.
+            super::leases::notify_scan(&mut tx, id).await?;
         }
         tx.commit().await?;
         Ok(row)
+    }
+
+    /// Records why pending scans wait (or clears it with `None`).
+    pub async fn set_waiting_reasons(&self, reasons: &[(Uuid, Option<String>)]) -> Result<(), StoreError> {
+        if reasons.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = reasons.iter().map(|r| r.0).collect();
+        let texts: Vec<Option<&str>> = reasons.iter().map(|r| r.1.as_deref()).collect();
+        sqlx::query(
+            "UPDATE scans s SET waiting_reason = r.reason
+             FROM UNNEST($1::uuid[], $2::text[]) AS r(id, reason)
+             WHERE s.id = r.id AND s.state = 'pending' AND s.waiting_reason IS DISTINCT FROM r.reason",
+        )
+        .bind(&ids)
+        .bind(&texts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Pending scans that still have pending shards (the oldest first).
+    pub async fn waiting_scans(&self, limit: i64) -> Result<Vec<ScanRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
+            "SELECT",
+            "FROM scans WHERE state = 'pending' ORDER BY id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 }

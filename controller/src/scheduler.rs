@@ -1,0 +1,363 @@
+//! Hands pending shards to this controller's agents, splits each scan's
+//! rate across the leases working on it, and keeps the fleet's shared state
+//! honest: expired leases go back to the queue, stale local leases are
+//! cancelled, finished scans are completed, waiting scans say why.
+//!
+//! Every controller runs one scheduler against the same database; claims
+//! are `FOR UPDATE SKIP LOCKED`, and the global chores are idempotent.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use portfleet_core::ScanType;
+use portfleet_proto::v1::{self as pb, controller_message::Frame as Out};
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use crate::{
+    notify::Notice,
+    sessions::{Fleet, LeaseInfo, registry::Candidate},
+    store::{AgentClass, Grant, ScanParams, StoreError},
+};
+
+/// Immutable scan parameters, cached: every Assign of a scan carries them.
+#[derive(Default)]
+struct ParamsCache {
+    map: HashMap<Uuid, Arc<ScanParams>>,
+}
+
+impl ParamsCache {
+    async fn get(&mut self, fleet: &Fleet, id: Uuid) -> Result<Option<Arc<ScanParams>>, StoreError> {
+        if let Some(p) = self.map.get(&id) {
+            return Ok(Some(p.clone()));
+        }
+        let Some(p) = fleet.store.scan_params(id).await? else { return Ok(None) };
+        if self.map.len() >= 1024 {
+            self.map.clear();
+        }
+        let p = Arc::new(p);
+        self.map.insert(id, p.clone());
+        Ok(Some(p))
+    }
+}
+
+fn frame(f: Out) -> pb::ControllerMessage {
+    pb::ControllerMessage { frame: Some(f) }
+}
+
+/// A lease's rate: its share of the scan's rate, within the agent's own
+/// limit spread over its shards.
+fn lease_rate(scan_rate: i32, leases_of_scan: i64, agent_max_rate: u32, agent_max_shards: u32) -> u32 {
+    let share = (scan_rate.max(1) as i64 / leases_of_scan.max(1)).max(1) as u32;
+    if agent_max_rate == 0 { share } else { share.min((agent_max_rate / agent_max_shards.max(1)).max(1)) }
+}
+
+pub async fn run(fleet: Arc<Fleet>) {
+    let mut notices = fleet.notifier.subscribe();
+    let mut cache = ParamsCache::default();
+    let mut tick = tokio::time::interval(fleet.config.tick);
+    let mut chores = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let result = tokio::select! {
+            _ = fleet.shutdown.cancelled() => return,
+            _ = fleet.wake.notified() => assign(&fleet, &mut cache).await,
+            _ = tick.tick() => assign(&fleet, &mut cache).await,
+            _ = chores.tick() => housekeeping(&fleet, &mut cache).await,
+            notice = notices.recv() => match notice {
+                Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut cache).await,
+                Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, &mut cache, id).await,
+                Ok(Notice::AgentDrain(id)) => {
+                    drain(&fleet, id).await;
+                    Ok(())
+                }
+                Ok(Notice::Results(_)) => Ok(()),
+                Ok(Notice::Resync) | Err(RecvError::Lagged(_)) => check_leases(&fleet).await,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "scheduler pass failed; retrying");
+        }
+    }
+}
+
+/// Claims work for every local agent with room, and delivers it.
+async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+    let cfg = &fleet.config;
+    let mut exhausted: HashSet<AgentClass> = HashSet::new();
+    let mut touched: HashSet<Uuid> = HashSet::new();
+    let mut granted: Vec<(Candidate, Grant)> = Vec::new();
+    for agent in fleet.registry.candidates() {
+        if exhausted.contains(&agent.class) {
+            continue;
+        }
+        let grants = fleet
+            .store
+            .claim_shards(agent.agent_id, &cfg.controller_id, &agent.class, agent.free, cfg.lease_ttl)
+            .await?;
+        if (grants.len() as u32) < agent.free {
+            exhausted.insert(agent.class.clone());
+        }
+        for g in grants {
+            touched.insert(g.scan_id);
+            granted.push((agent.clone(), g));
+        }
+    }
+    if granted.is_empty() {
+        return Ok(());
+    }
+    let scans: Vec<Uuid> = touched.into_iter().collect();
+    let counts: HashMap<Uuid, i64> = fleet.store.active_lease_counts(&scans).await?.into_iter().collect();
+    for (agent, g) in granted {
+        let leases_of_scan = counts.get(&g.scan_id).copied().unwrap_or(1);
+        deliver(fleet, cache, &agent, g, leases_of_scan).await?;
+    }
+    rebalance(fleet, cache, &scans).await
+}
+
+async fn deliver(
+    fleet: &Fleet,
+    cache: &mut ParamsCache,
+    agent: &Candidate,
+    g: Grant,
+    leases_of_scan: i64,
+) -> Result<(), StoreError> {
+    let params = cache.get(fleet, g.scan_id).await?;
+    let Some(params) = params.filter(|p| p.state == "pending" || p.state == "running") else {
+        fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
+        return Ok(());
+    };
+    // A SYN scan reaches a connect-only agent only when the scan allows the
+    // fallback (the claim checked): it then runs as a connect scan there.
+    let scan_type = match ScanType::parse(&params.scan_type) {
+        Some(ScanType::Syn) if agent.class.raw_socket => pb::ScanType::Syn,
+        _ => pb::ScanType::Connect,
+    };
+    let rate = lease_rate(params.rate, leases_of_scan, agent.max_rate, agent.max_shards);
+    let assign = pb::Assign {
+        shard_id: g.shard_id as u64,
+        lease_epoch: g.lease_epoch as u64,
+        scan: Some(pb::ScanParameters {
+            scan_id: params.id.to_string(),
+            scan_type: scan_type as i32,
+            ports: params.ports.clone(),
+            address_ranges: params.address_ranges.clone(),
+            retries: params.retries as u32,
+            seed: params.seed as u64,
+            total: params.probes_planned as u64,
+        }),
+        start_index: g.checkpoint as u64,
+        end_index: g.end_index as u64,
+        rate,
+    };
+    fleet.registry.add_lease(
+        agent.agent_id,
+        g.shard_id,
+        LeaseInfo { lease_epoch: g.lease_epoch, scan_id: g.scan_id, rate },
+    );
+    if agent.tx.try_send(Ok(frame(Out::Assign(assign)))).is_err() {
+        // The session is gone or not reading: the shard goes back at once.
+        fleet.registry.remove_lease(agent.agent_id, g.shard_id);
+        fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
+        return Ok(());
+    }
+    tracing::info!(agent_id = %agent.agent_id, shard_id = g.shard_id, scan_id = %g.scan_id,
+        start = g.checkpoint, end = g.end_index, rate, "shard assigned");
+    Ok(())
+}
+
+/// Re-splits the rate of `scans` over their leases, fleet-wide, and tells
+/// local agents whose share changed.
+async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache, scans: &[Uuid]) -> Result<(), StoreError> {
+    if scans.is_empty() {
+        return Ok(());
+    }
+    let counts: HashMap<Uuid, i64> = fleet.store.active_lease_counts(scans).await?.into_iter().collect();
+    for lease in fleet.registry.leases().into_iter().filter(|l| scans.contains(&l.info.scan_id)) {
+        let Some(params) = cache.get(fleet, lease.info.scan_id).await? else { continue };
+        let count = counts.get(&lease.info.scan_id).copied().unwrap_or(1);
+        let rate = lease_rate(params.rate, count, lease.max_rate, lease.max_shards);
+        if rate != lease.info.rate {
+            let update =
+                pb::RateUpdate { shard_id: lease.shard_id as u64, lease_epoch: lease.info.lease_epoch as u64, rate };
+            if lease.tx.try_send(Ok(frame(Out::Rate(update)))).is_ok() {
+                fleet.registry.set_lease_rate(lease.agent_id, lease.shard_id, rate);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tells local agents to stop the leases of a scan that is over.
+async fn stop_leases_of(fleet: &Fleet, cache: &mut ParamsCache, scan_id: Uuid) -> Result<(), StoreError> {
+    let local: Vec<_> = fleet.registry.leases().into_iter().filter(|l| l.info.scan_id == scan_id).collect();
+    if local.is_empty() {
+        return Ok(());
+    }
+    cache.map.remove(&scan_id);
+    let Some(params) = cache.get(fleet, scan_id).await? else { return Ok(()) };
+    if params.state == "running" || params.state == "pending" {
+        return Ok(());
+    }
+    for l in local {
+        cancel(fleet, &l.tx, l.agent_id, l.shard_id, l.info.lease_epoch, &format!("scan {}", params.state));
+    }
+    Ok(())
+}
+
+fn cancel(fleet: &Fleet, tx: &crate::sessions::registry::Outbound, agent: Uuid, shard: i64, epoch: i64, reason: &str) {
+    fleet.registry.remove_lease(agent, shard);
+    let msg = pb::Cancel { shard_id: shard as u64, lease_epoch: epoch as u64, reason: reason.to_string() };
+    if tx.try_send(Ok(frame(Out::Cancel(msg)))).is_err() {
+        // A session that cannot take a Cancel is stuck: close it.
+        fleet.registry.close(agent);
+    }
+    tracing::info!(agent_id = %agent, shard_id = shard, reason, "lease cancelled");
+}
+
+/// Compares local leases with the database and cancels those that are no
+/// longer held (cancelled scans, expired leases): the fallback for missed
+/// notifications.
+async fn check_leases(fleet: &Fleet) -> Result<(), StoreError> {
+    let local = fleet.registry.leases();
+    if local.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = local.iter().map(|l| l.shard_id).collect();
+    let states: HashMap<i64, _> = fleet.store.lease_states(&ids).await?.into_iter().map(|s| (s.id, s)).collect();
+    for l in local {
+        let held = states.get(&l.shard_id).is_some_and(|s| {
+            s.state == "leased" && s.lease_epoch == l.info.lease_epoch && s.agent_id == Some(l.agent_id)
+        });
+        if !held {
+            let why = states.get(&l.shard_id).map_or("gone".to_string(), |s| s.state.clone());
+            cancel(fleet, &l.tx, l.agent_id, l.shard_id, l.info.lease_epoch, &format!("lease no longer held ({why})"));
+        }
+    }
+    Ok(())
+}
+
+async fn drain(fleet: &Fleet, agent_id: Uuid) {
+    if let Some(tx) = fleet.registry.drain(agent_id) {
+        let _ = tx.try_send(Ok(frame(Out::Drain(pb::Drain {}))));
+        tracing::info!(%agent_id, "agent draining");
+    }
+}
+
+/// Once a second: heartbeats, lease upkeep, completion, progress, and why
+/// waiting scans wait.
+async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+    let cfg = &fleet.config;
+    let store = &fleet.store;
+    let (beats, agents) = fleet.registry.take_beats();
+    store.record_heartbeats(&beats).await?;
+    store.extend_leases(&cfg.controller_id, &agents, cfg.lease_ttl).await?;
+    if store.expire_leases().await? > 0 {
+        fleet.wake.notify_one();
+    }
+    store.expire_agents(cfg.lease_ttl * 3).await?;
+    check_leases(fleet).await?;
+    let local = fleet.registry.generations();
+    if !local.is_empty() {
+        let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();
+        let current: HashMap<Uuid, i64> = store.agent_generations(&ids).await?.into_iter().collect();
+        for (id, generation) in local {
+            if current.get(&id).is_some_and(|g| *g > generation) {
+                tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
+                fleet.registry.close(id);
+            }
+        }
+    }
+    store.complete_finished_scans().await?;
+    store.roll_up_progress().await?;
+    explain_waiting(fleet).await?;
+    let scans: Vec<Uuid> =
+        fleet.registry.leases().iter().map(|l| l.info.scan_id).collect::<HashSet<_>>().into_iter().collect();
+    rebalance(fleet, cache, &scans).await
+}
+
+/// Sets `waiting_reason` on pending scans no connected agent can run.
+async fn explain_waiting(fleet: &Fleet) -> Result<(), StoreError> {
+    let waiting = fleet.store.waiting_scans(100).await?;
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let classes = fleet.store.connected_agent_classes().await?;
+    let reasons: Vec<(Uuid, Option<String>)> = waiting
+        .iter()
+        .map(|s| {
+            let reason = waiting_reason(
+                &s.scan_type,
+                s.allow_connect_fallback,
+                s.has_ipv6,
+                &s.agent_selector.0,
+                &classes.iter().map(|(raw, v6, l)| (*raw, *v6, &l.0)).collect::<Vec<_>>(),
+            );
+            (s.id, reason)
+        })
+        .collect();
+    fleet.store.set_waiting_reasons(&reasons).await
+}
+
+/// Why no connected agent can run a scan, or `None` if one can.
+fn waiting_reason(
+    scan_type: &str,
+    fallback: bool,
+    ipv6: bool,
+    selector: &std::collections::BTreeMap<String, String>,
+    classes: &[(bool, bool, &std::collections::BTreeMap<String, String>)],
+) -> Option<String> {
+    if classes.is_empty() {
+        return Some("no agent is connected".into());
+    }
+    let labelled: Vec<_> =
+        classes.iter().filter(|(_, _, labels)| selector.iter().all(|(k, v)| labels.get(k) == Some(v))).collect();
+    if labelled.is_empty() {
+        return Some(format!("no connected agent has the labels {selector:?}"));
+    }
+    let reach: Vec<_> = labelled.iter().filter(|(_, v6, _)| !ipv6 || *v6).collect();
+    if reach.is_empty() {
+        return Some("no connected agent can reach IPv6 targets".into());
+    }
+    if scan_type == "syn" && !fallback && reach.iter().all(|(raw, _, _)| !raw) {
+        return Some(
+            "no connected agent can send raw SYN probes (all are connect-only); \
+             grant them CAP_NET_RAW, or create the scan with allow_connect_fallback"
+                .into(),
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn rate_is_split_and_capped() {
+        assert_eq!(lease_rate(1000, 1, 0, 2), 1000);
+        assert_eq!(lease_rate(1000, 3, 0, 2), 333);
+        assert_eq!(lease_rate(1000, 1, 600, 2), 300);
+        assert_eq!(lease_rate(1, 5, 0, 1), 1);
+    }
+
+    #[test]
+    fn explains_why_a_scan_waits() {
+        let none = BTreeMap::new();
+        let eu: BTreeMap<String, String> = [("region".to_string(), "eu".to_string())].into();
+        let connect_only = [(false, true, &none)];
+        assert_eq!(waiting_reason("syn", false, false, &none, &[]).unwrap(), "no agent is connected");
+        assert!(waiting_reason("syn", false, false, &none, &connect_only).unwrap().contains("connect-only"));
+        assert_eq!(waiting_reason("syn", true, false, &none, &connect_only), None);
+        assert_eq!(waiting_reason("connect", false, false, &none, &connect_only), None);
+        assert!(waiting_reason("connect", false, false, &eu, &connect_only).unwrap().contains("labels"));
+        assert!(waiting_reason("connect", false, true, &none, &[(true, false, &none)]).unwrap().contains("IPv6"));
+    }
+}

@@ -1,0 +1,220 @@
+//! The agents whose sessions live on this controller, with their leases as
+//! this controller last knew them. Postgres stays the authority (every
+//! frame is fenced there); the registry is for deciding whom to give work
+//! and whom to tell about changes. Short critical sections, no awaits
+//! under the lock.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use portfleet_proto::v1::ControllerMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::store::{AgentClass, Beat};
+
+pub type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+#[derive(Clone, Debug)]
+pub struct LeaseInfo {
+    pub lease_epoch: i64,
+    pub scan_id: Uuid,
+    pub rate: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    generation: i64,
+    tx: Outbound,
+    class: AgentClass,
+    max_shards: u32,
+    max_rate: u32,
+    draining: bool,
+    leases: HashMap<i64, LeaseInfo>,
+    beat: Option<Beat>,
+    closer: CancellationToken,
+}
+
+/// A connected agent as the scheduler sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub agent_id: Uuid,
+    pub class: AgentClass,
+    pub free: u32,
+    pub max_rate: u32,
+    pub max_shards: u32,
+    pub tx: Outbound,
+}
+
+/// A lease held by a local agent.
+#[derive(Clone, Debug)]
+pub struct HeldLease {
+    pub agent_id: Uuid,
+    pub shard_id: i64,
+    pub info: LeaseInfo,
+    pub max_rate: u32,
+    pub max_shards: u32,
+    pub tx: Outbound,
+}
+
+/// What a new session registers.
+pub struct NewSession {
+    pub agent_id: Uuid,
+    pub generation: i64,
+    pub tx: Outbound,
+    pub class: AgentClass,
+    pub max_shards: u32,
+    pub max_rate: u32,
+    pub leases: HashMap<i64, LeaseInfo>,
+    pub closer: CancellationToken,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<HashMap<Uuid, Entry>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session; an older session of the same agent is closed.
+    pub fn insert(&self, s: NewSession) {
+        let old = self.lock().insert(
+            s.agent_id,
+            Entry {
+                generation: s.generation,
+                tx: s.tx,
+                class: s.class,
+                max_shards: s.max_shards,
+                max_rate: s.max_rate,
+                draining: false,
+                leases: s.leases,
+                beat: None,
+                closer: s.closer,
+            },
+        );
+        if let Some(old) = old {
+            old.closer.cancel();
+        }
+    }
+
+    /// Removes the agent's entry if it still belongs to this session.
+    pub fn remove(&self, agent_id: Uuid, generation: i64) {
+        let mut map = self.lock();
+        if map.get(&agent_id).is_some_and(|e| e.generation == generation) {
+            map.remove(&agent_id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Agents with room for more shards, least loaded first.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let map = self.lock();
+        let mut out: Vec<Candidate> = map
+            .iter()
+            .filter(|(_, e)| !e.draining && (e.leases.len() as u32) < e.max_shards)
+            .map(|(id, e)| Candidate {
+                agent_id: *id,
+                class: e.class.clone(),
+                free: e.max_shards - e.leases.len() as u32,
+                max_rate: e.max_rate,
+                max_shards: e.max_shards,
+                tx: e.tx.clone(),
+            })
+            .collect();
+        out.sort_by_key(|c| std::cmp::Reverse(c.free));
+        out
+    }
+
+    pub fn add_lease(&self, agent_id: Uuid, shard_id: i64, info: LeaseInfo) {
+        if let Some(e) = self.lock().get_mut(&agent_id) {
+            e.leases.insert(shard_id, info);
+        }
+    }
+
+    pub fn remove_lease(&self, agent_id: Uuid, shard_id: i64) -> Option<LeaseInfo> {
+        self.lock().get_mut(&agent_id).and_then(|e| e.leases.remove(&shard_id))
+    }
+
+    pub fn set_lease_rate(&self, agent_id: Uuid, shard_id: i64, rate: u32) {
+        if let Some(l) = self.lock().get_mut(&agent_id).and_then(|e| e.leases.get_mut(&shard_id)) {
+            l.rate = rate;
+        }
+    }
+
+    pub fn holds(&self, agent_id: Uuid, shard_id: i64, epoch: i64) -> bool {
+        self.lock().get(&agent_id).and_then(|e| e.leases.get(&shard_id)).is_some_and(|l| l.lease_epoch == epoch)
+    }
+
+    /// Every lease held by local agents.
+    pub fn leases(&self) -> Vec<HeldLease> {
+        let map = self.lock();
+        map.iter()
+            .flat_map(|(id, e)| {
+                e.leases.iter().map(move |(shard, info)| HeldLease {
+                    agent_id: *id,
+                    shard_id: *shard,
+                    info: info.clone(),
+                    max_rate: e.max_rate,
+                    max_shards: e.max_shards,
+                    tx: e.tx.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn record_beat(&self, beat: Beat) {
+        if let Some(e) = self.lock().get_mut(&beat.agent_id) {
+            e.beat = Some(beat);
+        }
+    }
+
+    /// The heartbeats since the last call, and every local agent.
+    pub fn take_beats(&self) -> (Vec<Beat>, Vec<Uuid>) {
+        let mut map = self.lock();
+        let agents = map.keys().copied().collect();
+        let beats = map.values_mut().filter_map(|e| e.beat.take()).collect();
+        (beats, agents)
+    }
+
+    pub fn generations(&self) -> Vec<(Uuid, i64)> {
+        self.lock().iter().map(|(id, e)| (*id, e.generation)).collect()
+    }
+
+    /// The token that closes the agent's current session.
+    pub fn closer(&self, agent_id: Uuid) -> Option<CancellationToken> {
+        self.lock().get(&agent_id).map(|e| e.closer.clone())
+    }
+
+    /// Closes a session (superseded, revoked).
+    pub fn close(&self, agent_id: Uuid) {
+        if let Some(e) = self.lock().get(&agent_id) {
+            e.closer.cancel();
+        }
+    }
+
+    /// Marks an agent draining; returns its outbound channel to tell it.
+    pub fn drain(&self, agent_id: Uuid) -> Option<Outbound> {
+        let mut map = self.lock();
+        let e = map.get_mut(&agent_id)?;
+        e.draining = true;
+        Some(e.tx.clone())
+    }
+
+    pub fn is_draining(&self, agent_id: Uuid) -> bool {
+        self.lock().get(&agent_id).is_some_and(|e| e.draining)
+    }
+}

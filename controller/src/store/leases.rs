@@ -1,0 +1,641 @@
+//! Shard leases: claiming work for agents, applying their frames under the
+//! lease's fence, and returning lost work to the queue from its checkpoint.
+//!
+//! Every frame is applied with `... WHERE id = $shard AND lease_epoch =
+//! $epoch AND state = 'leased' AND agent_id = $agent AND acked_seq = $seq -
+//! 1`: a frame from a lost lease, from another agent, or out of order
+//! changes nothing. Several controllers can share one database: claims use
+//! `FOR UPDATE SKIP LOCKED`, so no shard is ever leased twice at once.
+
+use std::{net::IpAddr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction, types::Json};
+use uuid::Uuid;
+
+use super::{Store, StoreError, scans::Labels};
+
+/// What an agent can run, for matching it to scans.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AgentClass {
+    pub raw_socket: bool,
+    pub ipv6: bool,
+    pub labels: Labels,
+}
+
+/// A freshly granted lease.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Grant {
+    pub shard_id: i64,
+    pub scan_id: Uuid,
+    pub lease_epoch: i64,
+    pub checkpoint: i64,
+    pub end_index: i64,
+}
+
+/// What an agent needs to rebuild a scan's index space.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ScanParams {
+    pub id: Uuid,
+    pub scan_type: String,
+    pub ports: String,
+    pub address_ranges: Vec<String>,
+    pub retries: i32,
+    pub seed: i64,
+    pub probes_planned: i64,
+    pub rate: i32,
+    pub state: String,
+}
+
+/// One open port reported by an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRecord {
+    pub ip: IpAddr,
+    pub port: i32,
+    pub observed_at: DateTime<Utc>,
+}
+
+/// The fence a frame must pass.
+#[derive(Clone, Copy, Debug)]
+pub struct Fence {
+    pub shard_id: i64,
+    pub lease_epoch: i64,
+    pub agent_id: Uuid,
+    pub seq: i64,
+}
+
+/// The result of applying a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Committed now.
+    Done,
+    /// Already committed earlier (a resend): ack it again.
+    Duplicate,
+    /// The lease is gone (expired, cancelled, finished, or re-leased).
+    Stale,
+    /// Not a lease of this agent at all.
+    NotHeld,
+    /// A sequence number was skipped.
+    OutOfOrder,
+}
+
+/// Progress an agent reports for a lease.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardProgress {
+    pub checkpoint: i64,
+    pub sent: i64,
+    pub open: i64,
+    pub closed: i64,
+    pub filtered: i64,
+}
+
+/// What happened to a scan when one of its shards failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Back in the queue from its checkpoint.
+    Requeued,
+    /// Failed too often: the scan failed.
+    ScanFailed(Uuid),
+    Stale,
+}
+
+/// A lease as the registry sees it now.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LeaseState {
+    pub id: i64,
+    pub lease_epoch: i64,
+    pub state: String,
+    pub agent_id: Option<Uuid>,
+}
+
+/// A lease an agent resumes after reconnecting.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Adopted {
+    pub id: i64,
+    pub lease_epoch: i64,
+    pub scan_id: Uuid,
+    pub acked_seq: i64,
+}
+
+/// A lease from the history table.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LeaseRecord {
+    pub shard_id: i64,
+    pub lease_epoch: i64,
+    pub agent_id: Uuid,
+    pub controller_id: String,
+    pub start_index: i64,
+    pub leased_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl Store {
+    /// Leases up to `n` pending shards that an agent of `class` may run,
+    /// oldest scan first, and marks their scans running.
+    pub async fn claim_shards(
+        &self,
+        agent_id: Uuid,
+        controller_id: &str,
+        class: &AgentClass,
+        n: u32,
+        ttl: Duration,
+    ) -> Result<Vec<Grant>, StoreError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let grants = sqlx::query_as::<_, Grant>(
+            "WITH picked AS (
+                SELECT sh.id FROM shards sh JOIN scans s ON s.id = sh.scan_id
+                WHERE sh.state = 'pending'
+                  AND s.state IN ('pending', 'running')
+                  AND (s.scan_type = 'connect' OR $3 OR s.allow_connect_fallback)
+                  AND (NOT s.has_ipv6 OR $4)
+                  AND s.agent_selector <@ $5
+                ORDER BY s.id, sh.shard_no
+                LIMIT $6
+                FOR UPDATE OF sh SKIP LOCKED
+             ), leased AS (
+                UPDATE shards sh
+                SET state = 'leased', lease_epoch = sh.lease_epoch + 1, agent_id = $1, controller_id = $2,
+                    lease_expires_at = now() + $7 * interval '1 millisecond', acked_seq = 0, updated_at = now()
+                FROM picked WHERE sh.id = picked.id
+                RETURNING sh.id, sh.scan_id, sh.lease_epoch, sh.checkpoint, sh.end_index
+             ), history AS (
+                INSERT INTO shard_leases (shard_id, lease_epoch, agent_id, controller_id, start_index)
+                SELECT id, lease_epoch, $1, $2, checkpoint FROM leased
+             )
+             SELECT id AS shard_id, scan_id, lease_epoch, checkpoint, end_index FROM leased",
+        )
+        .bind(agent_id)
+        .bind(controller_id)
+        .bind(class.raw_socket)
+        .bind(class.ipv6)
+        .bind(Json(&class.labels))
+        .bind(i64::from(n))
+        .bind(millis(ttl))
+        .fetch_all(&self.pool)
+        .await?;
+        if !grants.is_empty() {
+            let mut scans: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
+            scans.sort_unstable();
+            scans.dedup();
+            // A separate statement: claims lock shards, cancels lock the scan
+            // first; holding both in one statement could deadlock.
+            sqlx::query(
+                "WITH started AS (
+                    UPDATE scans SET state = 'running', started_at = coalesce(started_at, now()),
+                        waiting_reason = NULL, updated_at = now()
+                    WHERE id = ANY($1) AND state = 'pending'
+                    RETURNING id
+                 )
+                 SELECT pg_notify('portfleet', 's:' || id) FROM started",
+            )
+            .bind(&scans)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(grants)
+    }
+
+    pub async fn scan_params(&self, id: Uuid) -> Result<Option<ScanParams>, StoreError> {
+        let row = sqlx::query_as::<_, ScanParams>(
+            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, state
+             FROM scans WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Leases of a scan in force now, across every controller.
+    pub async fn active_lease_counts(&self, scans: &[Uuid]) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        let rows = sqlx::query_as::<_, (Uuid, i64)>(
+            "SELECT scan_id, count(*) FROM shards WHERE state = 'leased' AND scan_id = ANY($1) GROUP BY scan_id",
+        )
+        .bind(scans)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Takes the fence for a frame inside `tx`: passes only for the next
+    /// frame of a live lease held by the agent, and then returns the scan
+    /// and the shard's result-batch number (bumped when `batch` is set).
+    async fn fence(
+        tx: &mut Transaction<'_, Postgres>,
+        f: &Fence,
+        batch: bool,
+    ) -> Result<Result<(Uuid, i32), Applied>, StoreError> {
+        let passed = sqlx::query_as::<_, (Uuid, i32)>(
+            "UPDATE shards SET acked_seq = $4, updated_at = now(), result_batches = result_batches + $5
+             WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased' AND acked_seq = $4 - 1
+             RETURNING scan_id, result_batches",
+        )
+        .bind(f.shard_id)
+        .bind(f.lease_epoch)
+        .bind(f.agent_id)
+        .bind(f.seq)
+        .bind(i32::from(batch))
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(passed) = passed {
+            return Ok(Ok(passed));
+        }
+        let row = sqlx::query_as::<_, (i64, String, Option<Uuid>, i64)>(
+            "SELECT lease_epoch, state, agent_id, acked_seq FROM shards WHERE id = $1",
+        )
+        .bind(f.shard_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(Err(match row {
+            None => Applied::NotHeld,
+            Some((epoch, ..)) if epoch > f.lease_epoch => Applied::Stale,
+            Some((epoch, ..)) if epoch < f.lease_epoch => Applied::NotHeld,
+            Some((_, state, agent, acked)) => match state.as_str() {
+                _ if agent != Some(f.agent_id) && state == "leased" => Applied::NotHeld,
+                "leased" if acked >= f.seq => Applied::Duplicate,
+                "leased" => Applied::OutOfOrder,
+                "done" if acked >= f.seq && agent == Some(f.agent_id) => Applied::Duplicate,
+                _ => Applied::Stale,
+            },
+        }))
+    }
+
+    /// Writes a batch of open ports in one statement, idempotently, and
+    /// moves the lease's sequence on: both or neither.
+    pub async fn apply_results(&self, f: &Fence, results: &[PortRecord]) -> Result<Applied, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (scan_id, batch) = match Self::fence(&mut tx, f, !results.is_empty()).await? {
+            Ok(passed) => passed,
+            Err(outcome) => {
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
+        };
+        if !results.is_empty() {
+            let ips: Vec<IpAddr> = results.iter().map(|r| r.ip).collect();
+            let ports: Vec<i32> = results.iter().map(|r| r.port).collect();
+            let seen: Vec<DateTime<Utc>> = results.iter().map(|r| r.observed_at).collect();
+            sqlx::query(
+                "WITH ins AS (
+                    INSERT INTO results (scan_id, ip, port, protocol, state, hostname, first_seen_at, last_seen_at,
+                                         shard_id, shard_batch)
+                    SELECT $1, u.ip, u.port, 'tcp', 'open', h.hostname, u.seen, u.seen, $5, $6
+                    FROM UNNEST($2::inet[], $3::int4[], $4::timestamptz[]) AS u(ip, port, seen)
+                    LEFT JOIN scan_hosts h ON h.scan_id = $1 AND h.ip = u.ip
+                    ON CONFLICT (scan_id, ip, port, protocol)
+                    DO UPDATE SET last_seen_at = greatest(results.last_seen_at, EXCLUDED.last_seen_at)
+                    RETURNING (xmax = 0) AS fresh
+                 ), counted AS (
+                    UPDATE shards SET open_count = open_count + (SELECT count(*) FROM ins WHERE fresh)
+                    WHERE id = $5
+                    RETURNING (SELECT count(*) FROM ins WHERE fresh) AS fresh
+                 )
+                 SELECT pg_notify('portfleet', 'r:' || $1::text) FROM counted WHERE fresh > 0",
+            )
+            .bind(scan_id)
+            .bind(&ips)
+            .bind(&ports)
+            .bind(&seen)
+            .bind(f.shard_id)
+            .bind(batch)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Done)
+    }
+
+    /// Records a checkpoint: every position below it is final and its
+    /// results are in earlier, committed frames.
+    pub async fn apply_progress(&self, f: &Fence, p: &ShardProgress) -> Result<Applied, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
+            tx.rollback().await?;
+            return Ok(outcome);
+        }
+        sqlx::query(
+            "UPDATE shards SET checkpoint = greatest(checkpoint, least($2, end_index)),
+                probes_sent = $3, closed_count = $4, filtered_count = $5
+             WHERE id = $1",
+        )
+        .bind(f.shard_id)
+        .bind(p.checkpoint)
+        .bind(p.sent)
+        .bind(p.closed)
+        .bind(p.filtered)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Applied::Done)
+    }
+
+    /// Finishes a shard, and its scan when it was the last one.
+    pub async fn apply_complete(&self, f: &Fence, p: &ShardProgress) -> Result<(Applied, Option<Uuid>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The scan row first: two last shards finishing at once must not
+        // each see the other still running.
+        let scan_id = sqlx::query_scalar::<_, Uuid>(
+            "SELECT s.id FROM scans s JOIN shards sh ON sh.scan_id = s.id WHERE sh.id = $1 FOR UPDATE OF s",
+        )
+        .bind(f.shard_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if scan_id.is_none() {
+            tx.rollback().await?;
+            return Ok((Applied::NotHeld, None));
+        }
+        if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
+            tx.rollback().await?;
+            return Ok((outcome, None));
+        }
+        sqlx::query(
+            "WITH done AS (
+                UPDATE shards SET state = 'done', checkpoint = end_index, probes_sent = $3, closed_count = $4,
+                    filtered_count = $5, lease_expires_at = NULL
+                WHERE id = $1
+                RETURNING id
+             )
+             UPDATE shard_leases SET ended_at = now(), outcome = 'done'
+             WHERE shard_id = $1 AND lease_epoch = $2",
+        )
+        .bind(f.shard_id)
+        .bind(f.lease_epoch)
+        .bind(p.sent)
+        .bind(p.closed)
+        .bind(p.filtered)
+        .execute(&mut *tx)
+        .await?;
+        let completed = sqlx::query_scalar::<_, Uuid>(
+            "UPDATE scans s SET state = 'completed', finished_at = now(), updated_at = now(),
+                probes_done = s.probes_planned,
+                open_ports = (SELECT coalesce(sum(open_count), 0) FROM shards WHERE scan_id = s.id)
+             WHERE s.id = (SELECT scan_id FROM shards WHERE id = $1) AND s.state = 'running'
+               AND NOT EXISTS (SELECT 1 FROM shards WHERE scan_id = s.id AND state <> 'done')
+             RETURNING s.id",
+        )
+        .bind(f.shard_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = completed {
+            notify_scan(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok((Applied::Done, completed))
+    }
+
+    /// Hands a lease back: the shard resumes from its checkpoint.
+    pub async fn release_lease(&self, shard_id: i64, lease_epoch: i64, agent_id: Uuid) -> Result<bool, StoreError> {
+        self.end_lease(shard_id, lease_epoch, Some(agent_id), "released").await
+    }
+
+    async fn end_lease(
+        &self,
+        shard_id: i64,
+        lease_epoch: i64,
+        agent_id: Option<Uuid>,
+        outcome: &str,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "WITH back AS (
+                UPDATE shards SET state = 'pending', agent_id = NULL, controller_id = NULL,
+                    lease_expires_at = NULL, updated_at = now()
+                WHERE id = $1 AND lease_epoch = $2 AND state = 'leased' AND ($3::uuid IS NULL OR agent_id = $3)
+                RETURNING id
+             )
+             UPDATE shard_leases SET ended_at = now(), outcome = $4
+             WHERE shard_id = $1 AND lease_epoch = $2 AND EXISTS (SELECT 1 FROM back)",
+        )
+        .bind(shard_id)
+        .bind(lease_epoch)
+        .bind(agent_id)
+        .bind(outcome)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// A lease that could not be delivered goes straight back.
+    pub async fn return_undelivered(&self, shard_id: i64, lease_epoch: i64) -> Result<(), StoreError> {
+        self.end_lease(shard_id, lease_epoch, None, "undelivered").await?;
+        Ok(())
+    }
+
+    /// Counts a failure; past `max_failures` the whole scan fails with
+    /// `reason`, and its other shards are cancelled.
+    pub async fn fail_shard(
+        &self,
+        shard_id: i64,
+        lease_epoch: i64,
+        agent_id: Uuid,
+        reason: &str,
+        max_failures: i32,
+    ) -> Result<FailOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Scan before shard, as everywhere: no lock-order deadlocks.
+        sqlx::query("SELECT 1 FROM scans WHERE id = (SELECT scan_id FROM shards WHERE id = $1) FOR UPDATE")
+            .bind(shard_id)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query_as::<_, (Uuid, i32)>(
+            "UPDATE shards SET failures = failures + 1, last_error = $4, state = 'pending', agent_id = NULL,
+                controller_id = NULL, lease_expires_at = NULL, updated_at = now()
+             WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased'
+             RETURNING scan_id, failures",
+        )
+        .bind(shard_id)
+        .bind(lease_epoch)
+        .bind(agent_id)
+        .bind(reason)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((scan_id, failures)) = row else {
+            tx.rollback().await?;
+            return Ok(FailOutcome::Stale);
+        };
+        sqlx::query(
+            "UPDATE shard_leases SET ended_at = now(), outcome = 'failed' WHERE shard_id = $1 AND lease_epoch = $2",
+        )
+        .bind(shard_id)
+        .bind(lease_epoch)
+        .execute(&mut *tx)
+        .await?;
+        if failures <= max_failures {
+            tx.commit().await?;
+            return Ok(FailOutcome::Requeued);
+        }
+        let message = format!("shard {shard_id} failed {failures} times; last: {reason}");
+        let failed = sqlx::query_scalar::<_, Uuid>(
+            "UPDATE scans SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND state IN ('pending', 'running') RETURNING id",
+        )
+        .bind(scan_id)
+        .bind(&message)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if failed.is_some() {
+            sqlx::query(
+                "UPDATE shards SET state = CASE WHEN id = $2 THEN 'failed' ELSE 'cancelled' END, updated_at = now()
+                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
+            )
+            .bind(scan_id)
+            .bind(shard_id)
+            .execute(&mut *tx)
+            .await?;
+            notify_scan(&mut tx, scan_id).await?;
+        }
+        tx.commit().await?;
+        Ok(FailOutcome::ScanFailed(scan_id))
+    }
+
+    /// Returns every lease past its expiry to the queue (from its
+    /// checkpoint). Safe to run on every controller at once.
+    pub async fn expire_leases(&self) -> Result<u64, StoreError> {
+        let n = sqlx::query(
+            "WITH expired AS (
+                UPDATE shards SET state = 'pending', agent_id = NULL, controller_id = NULL,
+                    lease_expires_at = NULL, updated_at = now()
+                WHERE state = 'leased' AND lease_expires_at < now()
+                RETURNING id, lease_epoch
+             )
+             UPDATE shard_leases l SET ended_at = now(), outcome = 'expired'
+             FROM expired e WHERE l.shard_id = e.id AND l.lease_epoch = e.lease_epoch",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    /// Keeps the leases of agents whose sessions live on this controller.
+    pub async fn extend_leases(&self, controller_id: &str, agents: &[Uuid], ttl: Duration) -> Result<(), StoreError> {
+        if agents.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond'
+             WHERE state = 'leased' AND controller_id = $1 AND agent_id = ANY($2)",
+        )
+        .bind(controller_id)
+        .bind(agents)
+        .bind(millis(ttl))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes over the leases an agent still holds after reconnecting (to
+    /// this or another controller). Returns those that are still valid.
+    pub async fn adopt_leases(
+        &self,
+        agent_id: Uuid,
+        controller_id: &str,
+        held: &[(i64, i64)],
+        ttl: Duration,
+    ) -> Result<Vec<Adopted>, StoreError> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+        let rows = sqlx::query_as::<_, Adopted>(
+            "UPDATE shards sh SET controller_id = $2, lease_expires_at = now() + $5 * interval '1 millisecond'
+             FROM UNNEST($3::int8[], $4::int8[]) AS h(id, epoch)
+             WHERE sh.id = h.id AND sh.lease_epoch = h.epoch AND sh.agent_id = $1 AND sh.state = 'leased'
+             RETURNING sh.id, sh.lease_epoch, sh.scan_id, sh.acked_seq",
+        )
+        .bind(agent_id)
+        .bind(controller_id)
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(millis(ttl))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// After a session ends: its leases lapse after `grace` unless the
+    /// agent comes back to resume them.
+    pub async fn shorten_leases(&self, agent_id: Uuid, grace: Duration) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE shards SET lease_expires_at = least(lease_expires_at, now() + $2 * interval '1 millisecond')
+             WHERE state = 'leased' AND agent_id = $1",
+        )
+        .bind(agent_id)
+        .bind(millis(grace))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn lease_states(&self, shard_ids: &[i64]) -> Result<Vec<LeaseState>, StoreError> {
+        let rows =
+            sqlx::query_as::<_, LeaseState>("SELECT id, lease_epoch, state, agent_id FROM shards WHERE id = ANY($1)")
+                .bind(shard_ids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
+    /// Completes running scans whose shards are all done (a safety net for
+    /// a completion that raced a controller crash).
+    pub async fn complete_finished_scans(&self) -> Result<u64, StoreError> {
+        let n = sqlx::query(
+            "WITH completed AS (
+                UPDATE scans s SET state = 'completed', finished_at = now(), updated_at = now(),
+                    probes_done = s.probes_planned,
+                    open_ports = (SELECT coalesce(sum(open_count), 0) FROM shards WHERE scan_id = s.id)
+                WHERE s.state = 'running' AND NOT EXISTS (SELECT 1 FROM shards WHERE scan_id = s.id AND state <> 'done')
+                RETURNING s.id
+             )
+             SELECT pg_notify('portfleet', 's:' || id) FROM completed",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    /// Refreshes the progress counters of running scans from their shards.
+    pub async fn roll_up_progress(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE scans s SET probes_done = a.done, open_ports = a.open, updated_at = now()
+             FROM (
+                SELECT sh.scan_id, sum(sh.checkpoint - sh.start_index)::bigint AS done,
+                       sum(sh.open_count)::bigint AS open
+                FROM shards sh JOIN scans r ON r.id = sh.scan_id AND r.state = 'running'
+                GROUP BY sh.scan_id
+             ) a
+             WHERE s.id = a.scan_id AND (s.probes_done, s.open_ports) IS DISTINCT FROM (a.done, a.open)",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The lease history of a scan, oldest first.
+    pub async fn lease_history(&self, scan_id: Uuid) -> Result<Vec<LeaseRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, LeaseRecord>(
+            "SELECT l.shard_id, l.lease_epoch, l.agent_id, l.controller_id, l.start_index, l.leased_at,
+                    l.ended_at, l.outcome
+             FROM shard_leases l JOIN shards sh ON sh.id = l.shard_id
+             WHERE sh.scan_id = $1 ORDER BY l.leased_at, l.shard_id",
+        )
+        .bind(scan_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+}
+
+pub(super) async fn notify_scan(tx: &mut Transaction<'_, Postgres>, scan_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify('portfleet', 's:' || $1::text)").bind(scan_id).execute(&mut **tx).await?;
+    Ok(())
+}

@@ -1,0 +1,33 @@
+-- Agent sessions: lease history, watch cursors, scheduling hints.
+
+-- Every lease ever granted, for audits and for proving that no shard was
+-- leased twice at once.
+CREATE TABLE shard_leases (
+    shard_id       bigint NOT NULL REFERENCES shards (id) ON DELETE CASCADE,
+    lease_epoch    bigint NOT NULL,
+    agent_id       uuid NOT NULL,
+    controller_id  text NOT NULL,
+    -- The checkpoint the lease started from.
+    start_index    bigint NOT NULL,
+    leased_at      timestamptz NOT NULL DEFAULT now(),
+    ended_at       timestamptz,
+    -- done, failed, released, expired, cancelled
+    outcome        text,
+    PRIMARY KEY (shard_id, lease_epoch)
+);
+
+ALTER TABLE scans
+    ADD COLUMN has_ipv6 boolean NOT NULL DEFAULT false,
+    ADD COLUMN waiting_reason text;
+
+-- Which committed batch of which shard first wrote a result. A shard's
+-- batches commit one after another under its row lock, so a watcher that
+-- remembers the last batch it saw per shard never misses a row - unlike a
+-- global sequence, whose values commit out of order.
+ALTER TABLE results
+    ADD COLUMN shard_id bigint NOT NULL DEFAULT 0,
+    ADD COLUMN shard_batch integer NOT NULL DEFAULT 0;
+CREATE INDEX results_shard_batch_idx ON results (shard_id, shard_batch);
+ALTER TABLE shards ADD COLUMN result_batches integer NOT NULL DEFAULT 0;
+
+CREATE INDEX shards_agent_idx ON shards (agent_id) WHERE state = 'leased';

@@ -1,0 +1,440 @@
+//! Controller and agents as real processes: agents in a scanner namespace
+//! scan listeners in a target namespace, the controller runs here against
+//! a fresh database. Each scan must end with exactly the open set, each
+//! result written once, whatever dies on the way.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use portfleet_proto::v1::{self as pb, scan_service_client::ScanServiceClient, watch_scan_response::Event};
+use portfleet_tests::{
+    TestDb,
+    netns::{LIVE_V4, NetTopology, random_open_set},
+    procs::{self, Proc, free_port},
+};
+use sqlx::Row;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// Short leases so failover is quick.
+const CTL_ARGS: &[&str] = &["--lease-ttl", "2s", "--heartbeat-interval", "500ms"];
+
+/// Fields drop in order: processes (printing their logs on failure)
+/// before the log directory, the network and the database.
+struct Setup {
+    controllers: Vec<(Proc, String)>,
+    agents: Vec<Proc>,
+    _listeners: portfleet_tests::netns::Listeners,
+    open: BTreeSet<SocketAddr>,
+    topo: NetTopology,
+    db: TestDb,
+    logs: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Option<Self> {
+        portfleet_tests::init_tracing();
+        let topo = NetTopology::create_with_controller_link()?;
+        let db = TestDb::create().await;
+        let logs = tempfile::tempdir().unwrap();
+        let mut ports = BTreeSet::new();
+        while ports.len() < 6 {
+            ports.insert(rand::random_range(1..=1000u16));
+        }
+        let open = random_open_set(30, false, &ports.into_iter().collect::<Vec<_>>());
+        let listeners = topo.listen(&open.iter().copied().collect::<Vec<_>>());
+        Some(Self { topo, db, logs, controllers: Vec::new(), agents: Vec::new(), open, _listeners: listeners })
+    }
+
+    fn controller_ip(&self) -> IpAddr {
+        IpAddr::V4(self.topo.controller_ip.expect("management link"))
+    }
+
+    /// Starts a controller; returns its URL.
+    fn start_controller(&mut self, name: &str, port: Option<u16>) -> String {
+        let ip = self.controller_ip();
+        let port = port.unwrap_or_else(|| free_port(ip));
+        let url = format!("http://{ip}:{port}");
+        let p = procs::controller(name, self.db.url(), &format!("{ip}:{port}"), CTL_ARGS, &self.logs);
+        self.controllers.push((p, url.clone()));
+        url
+    }
+
+    fn start_agent(&mut self, name: &str, controller_url: &str, extra: &[&str]) {
+        let p = procs::agent(&self.topo, name, controller_url, extra, &self.logs);
+        self.agents.push(p);
+    }
+
+    async fn client(&self, url: &str) -> ScanServiceClient<Channel> {
+        let url = url.to_string();
+        let channel = portfleet_tests::eventually("the controller to answer", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+        })
+        .await;
+        ScanServiceClient::new(channel)
+    }
+}
+
+fn scan_request(rate: u32, ports: &str) -> pb::CreateScanRequest {
+    pb::CreateScanRequest {
+        targets: vec![LIVE_V4.into()],
+        ports: ports.into(),
+        rate,
+        scan_type: pb::ScanType::Syn as i32,
+        ..Default::default()
+    }
+}
+
+async fn wait_until(
+    client: &mut ScanServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    f: impl Fn(&pb::Scan) -> bool,
+) -> pb::Scan {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(scan) = client.get_scan(pb::GetScanRequest { id: id.into() }).await {
+            let scan = scan.into_inner();
+            if f(&scan) {
+                return scan;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; scan is {scan:?}");
+        } else {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn completed(client: &mut ScanServiceClient<Channel>, id: &str) -> pb::Scan {
+    wait_until(client, id, Duration::from_secs(90), "completion", |s| {
+        assert_ne!(s.state, pb::ScanState::Failed as i32, "scan failed: {}", s.error);
+        s.state == pb::ScanState::Completed as i32
+    })
+    .await
+}
+
+async fn results(client: &mut ScanServiceClient<Channel>, id: &str) -> BTreeSet<SocketAddr> {
+    let mut out = BTreeSet::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_results(pb::ListResultsRequest { scan_id: id.into(), page_size: 1000, page_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in page.results {
+            let addr = SocketAddr::new(r.ip.parse().unwrap(), r.port as u16);
+            assert!(out.insert(addr), "{addr} listed twice");
+        }
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[track_caller]
+fn assert_exact(found: &BTreeSet<SocketAddr>, open: &BTreeSet<SocketAddr>) {
+    let missed: Vec<_> = open.difference(found).collect();
+    let extra: Vec<_> = found.difference(open).collect();
+    assert!(missed.is_empty() && extra.is_empty(), "missed {missed:?}, extra {extra:?}");
+}
+
+/// Rows per (ip, port): each result is written exactly once.
+async fn assert_written_once(db: &TestDb, scan_id: &str, expected: usize) {
+    let mut conn = db.connect().await;
+    let row =
+        sqlx::query("SELECT count(*) AS n, count(DISTINCT (ip, port)) AS d FROM results WHERE scan_id = $1::uuid")
+            .bind(scan_id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(row.get::<i64, _>("n"), expected as i64);
+    assert_eq!(row.get::<i64, _>("d"), expected as i64);
+}
+
+async fn agent_ids(client: &mut ScanServiceClient<Channel>) -> HashMap<String, String> {
+    let agents = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+    agents.into_iter().map(|a| (a.name, a.id)).collect()
+}
+
+/// No shard was ever leased to two holders at once: per shard, each lease
+/// ended before the next began.
+async fn assert_no_overlapping_leases(db: &TestDb, scan_id: &str) -> Vec<(i64, i64, String, String, i64)> {
+    let mut conn = db.connect().await;
+    let rows = sqlx::query(
+        "SELECT l.shard_id, l.lease_epoch, l.agent_id::text AS agent, l.controller_id, l.start_index,
+                l.leased_at, l.ended_at
+         FROM shard_leases l JOIN shards s ON s.id = l.shard_id
+         WHERE s.scan_id = $1::uuid ORDER BY l.shard_id, l.lease_epoch",
+    )
+    .bind(scan_id)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut prev: Option<(i64, Option<chrono::DateTime<chrono::Utc>>)> = None;
+    let mut out = Vec::new();
+    for r in &rows {
+        let shard: i64 = r.get("shard_id");
+        let leased: chrono::DateTime<chrono::Utc> = r.get("leased_at");
+        let ended: Option<chrono::DateTime<chrono::Utc>> = r.get("ended_at");
+        if let Some((p_shard, p_end)) = prev
+            && p_shard == shard
+        {
+            let p_end = p_end.unwrap_or_else(|| panic!("shard {shard}: a lease never ended before the next began"));
+            assert!(p_end <= leased, "shard {shard}: leases overlap ({p_end} > {leased})");
+        }
+        prev = Some((shard, ended));
+        out.push((shard, r.get("lease_epoch"), r.get("agent"), r.get("controller_id"), r.get("start_index")));
+    }
+    out
+}
+
+/// Waits for `agent` to hold a lease whose checkpoint is past its start but
+/// not at its end, and returns the shard.
+async fn mid_shard_lease(db: &TestDb, agent: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let agent = agent.to_string();
+    portfleet_tests::eventually("a checkpoint in the middle of a shard", Duration::from_secs(60), || {
+        let (pool, agent) = (pool.clone(), agent.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM shards WHERE agent_id = $1::uuid AND state = 'leased'
+                   AND checkpoint > start_index AND checkpoint < end_index LIMIT 1",
+            )
+            .bind(agent)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn two_agents_scan_a_slash_24_exactly_and_watch_sees_it_all() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("agent-a", &url, &[]);
+    s.start_agent("agent-b", &url, &[]);
+    let mut client = s.client(&url).await;
+    portfleet_tests::eventually("both agents connected", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { (agent_ids(&mut c).await.len() == 2).then_some(()) }
+    })
+    .await;
+    let scan = client.create_scan(scan_request(60_000, "1-1000")).await.unwrap().into_inner();
+    let mut watch = client.watch_scan(pb::WatchScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
+    let watched = tokio::spawn(async move {
+        let mut seen = BTreeSet::new();
+        let mut last_state = 0;
+        while let Some(Ok(event)) = watch.next().await {
+            match event.event {
+                Some(Event::Results(r)) => {
+                    for r in r.results {
+                        seen.insert(SocketAddr::new(r.ip.parse().unwrap(), r.port as u16));
+                    }
+                }
+                Some(Event::Scan(s)) => last_state = s.state,
+                None => {}
+            }
+        }
+        (seen, last_state)
+    });
+    let done = completed(&mut client, &scan.id).await;
+    assert_eq!(done.probes_done, done.probes_planned);
+    assert_eq!(done.open_ports as usize, s.open.len());
+    let found = results(&mut client, &scan.id).await;
+    assert_exact(&found, &s.open);
+    assert_written_once(&s.db, &scan.id, s.open.len()).await;
+    let leases = assert_no_overlapping_leases(&s.db, &scan.id).await;
+    let agents: BTreeSet<&String> = leases.iter().map(|l| &l.2).collect();
+    assert_eq!(agents.len(), 2, "both agents worked on the scan");
+    let (seen, last_state) = tokio::time::timeout(Duration::from_secs(10), watched).await.unwrap().unwrap();
+    assert_exact(&seen, &s.open);
+    assert_eq!(last_state, pb::ScanState::Completed as i32);
+    let listed = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+    assert!(
+        listed
+            .iter()
+            .all(|a| a.state == pb::AgentState::Connected as i32 && a.raw_socket && !a.controller_id.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn a_killed_agent_s_shard_resumes_from_its_checkpoint() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("victim", &url, &["--max-shards", "1"]);
+    s.start_agent("survivor", &url, &["--max-shards", "1"]);
+    let mut client = s.client(&url).await;
+    let ids = portfleet_tests::eventually("both agents connected", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { Some(agent_ids(&mut c).await).filter(|m| m.len() == 2) }
+    })
+    .await;
+    let victim = ids["victim"].clone();
+    // Slow enough that a shard takes seconds.
+    let scan = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    let shard = mid_shard_lease(&s.db, &victim).await;
+    let mut conn = s.db.connect().await;
+    let victim_proc = s.agents.iter_mut().find(|p| p.name == "victim").unwrap();
+    victim_proc.kill9();
+    let done = completed(&mut client, &scan.id).await;
+    assert_eq!(done.probes_done, done.probes_planned);
+    assert_exact(&results(&mut client, &scan.id).await, &s.open);
+    assert_written_once(&s.db, &scan.id, s.open.len()).await;
+    let leases = assert_no_overlapping_leases(&s.db, &scan.id).await;
+    let start: i64 = sqlx::query_scalar("SELECT start_index FROM shards WHERE id = $1")
+        .bind(shard)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let of_shard: Vec<_> = leases.iter().filter(|l| l.0 == shard).collect();
+    assert!(of_shard.len() >= 2, "the victim's shard was leased again: {of_shard:?}");
+    let resumed = of_shard.last().unwrap();
+    assert!(resumed.4 > start, "the shard resumed from its checkpoint {}, not from its start {start}", resumed.4);
+    assert_ne!(resumed.2, victim);
+}
+
+#[tokio::test]
+async fn a_controller_restart_midway_loses_and_doubles_nothing() {
+    let Some(mut s) = Setup::new().await else { return };
+    let ip = s.controller_ip();
+    let port = free_port(ip);
+    let url = s.start_controller("controller", Some(port));
+    s.start_agent("agent-a", &url, &[]);
+    s.start_agent("agent-b", &url, &[]);
+    let mut client = s.client(&url).await;
+    let scan = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    wait_until(&mut client, &scan.id, Duration::from_secs(30), "progress", |s| s.probes_done > 0).await;
+    s.controllers[0].0.kill9();
+    let url2 = s.start_controller("controller-restarted", Some(port));
+    assert_eq!(url, url2);
+    let mut client = s.client(&url).await;
+    completed(&mut client, &scan.id).await;
+    assert_exact(&results(&mut client, &scan.id).await, &s.open);
+    assert_written_once(&s.db, &scan.id, s.open.len()).await;
+    assert_no_overlapping_leases(&s.db, &scan.id).await;
+}
+
+#[tokio::test]
+async fn two_controllers_share_one_database_without_double_leases() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url_a = s.start_controller("controller-a", None);
+    let url_b = s.start_controller("controller-b", None);
+    s.start_agent("agent-a", &url_a, &[]);
+    s.start_agent("agent-b", &url_b, &[]);
+    let mut client = s.client(&url_a).await;
+    portfleet_tests::eventually("both agents connected", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { (agent_ids(&mut c).await.len() == 2).then_some(()) }
+    })
+    .await;
+    let scan = client.create_scan(scan_request(40_000, "1-1000")).await.unwrap().into_inner();
+    completed(&mut client, &scan.id).await;
+    let mut client_b = s.client(&url_b).await;
+    assert_exact(&results(&mut client_b, &scan.id).await, &s.open);
+    assert_written_once(&s.db, &scan.id, s.open.len()).await;
+    let leases = assert_no_overlapping_leases(&s.db, &scan.id).await;
+    let controllers: BTreeSet<&String> = leases.iter().map(|l| &l.3).collect();
+    assert_eq!(controllers.len(), 2, "both controllers leased shards: {controllers:?}");
+}
+
+#[tokio::test]
+async fn cancel_mid_scan_stops_probing_within_a_second() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("agent-a", &url, &[]);
+    s.start_agent("agent-b", &url, &[]);
+    let mut client = s.client(&url).await;
+    let scan = client.create_scan(scan_request(20_000, "full")).await.unwrap().into_inner();
+    let before = s.topo.target_out_rsts();
+    portfleet_tests::eventually("probes arriving", Duration::from_secs(30), || {
+        let n = s.topo.target_out_rsts();
+        async move { (n > before + 10_000).then_some(()) }
+    })
+    .await;
+    let cancelled = client.cancel_scan(pb::CancelScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(cancelled.state, pb::ScanState::Cancelled as i32);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_one_second = s.topo.target_out_rsts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.topo.target_out_rsts(), at_one_second, "SYNs still arrived more than 1 s after the cancel");
+    let scan = client.get_scan(pb::GetScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(scan.state, pb::ScanState::Cancelled as i32);
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_shard_back_and_another_agent_finishes_it() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("leaver", &url, &["--max-shards", "1"]);
+    let mut client = s.client(&url).await;
+    let ids = portfleet_tests::eventually("the agent connected", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { Some(agent_ids(&mut c).await).filter(|m| m.len() == 1) }
+    })
+    .await;
+    let scan = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    let shard = mid_shard_lease(&s.db, &ids["leaver"]).await;
+    let mut conn = s.db.connect().await;
+    let status = s.agents[0].terminate(Duration::from_secs(15)).expect("the agent exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let (outcome, released_at): (Option<String>, i64) = sqlx::query_as(
+        "SELECT l.outcome, s.checkpoint FROM shard_leases l JOIN shards s ON s.id = l.shard_id
+         WHERE l.shard_id = $1 ORDER BY l.lease_epoch DESC LIMIT 1",
+    )
+    .bind(shard)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(outcome.as_deref(), Some("released"));
+    s.start_agent("finisher", &url, &[]);
+    completed(&mut client, &scan.id).await;
+    assert_exact(&results(&mut client, &scan.id).await, &s.open);
+    assert_written_once(&s.db, &scan.id, s.open.len()).await;
+    let leases = assert_no_overlapping_leases(&s.db, &scan.id).await;
+    let next = leases.iter().rfind(|l| l.0 == shard).unwrap();
+    assert_eq!(next.4, released_at, "the shard resumed where the leaver handed it back");
+}
+
+#[tokio::test]
+async fn connect_only_agents_say_so_for_syn_scans_and_run_them_when_allowed() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    // An agent without CAP_NET_RAW: run it as nobody.
+    let state = s.logs.path().join("nobody");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut cmd = s.topo.in_scanner("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(portfleet_tests::binary("portfleet-agent"))
+        .args(["run", "--controller", &url, "--name", "unprivileged", "--state-dir"])
+        .arg(&state);
+    let log = std::fs::File::create(s.logs.path().join("unprivileged.log")).unwrap();
+    let mut child = cmd.stderr(log).spawn().unwrap();
+    let mut client = s.client(&url).await;
+    let syn = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    let waiting =
+        wait_until(&mut client, &syn.id, Duration::from_secs(30), "a waiting reason", |s| !s.waiting_reason.is_empty())
+            .await;
+    assert_eq!(waiting.state, pb::ScanState::Pending as i32);
+    assert!(waiting.waiting_reason.contains("connect-only"), "{}", waiting.waiting_reason);
+    client.cancel_scan(pb::CancelScanRequest { id: syn.id }).await.unwrap();
+
+    let mut allowed = scan_request(20_000, "1-1000");
+    allowed.allow_connect_fallback = true;
+    let scan = client.create_scan(allowed).await.unwrap().into_inner();
+    completed(&mut client, &scan.id).await;
+    assert_exact(&results(&mut client, &scan.id).await, &s.open);
+    let _ = child.kill();
+    let _ = child.wait();
+}
