@@ -105,12 +105,17 @@ CREATE TABLE agents (
 );
 CREATE INDEX agents_state_id_idx ON agents (state, id);
 
--- Open ports. Idempotent on (scan, ip, port, protocol): a resent batch
--- refreshes last_seen_at and never adds a row. No foreign key to scans: the
--- check would cost an index lookup per row on the hottest insert path, and
--- rows are only written under a live lease of an existing scan's shard.
+-- Open ports, keyed by the probe's position in the scan's permuted index
+-- space. Positions and (ip, port) pairs of a scan are in bijection (TCP
+-- only), so the key is idempotent on (scan, ip, port, protocol): a resent
+-- batch never adds a row. It is also what makes ingest fast: each shard
+-- reports positions in nearly increasing order, so inserts land at a few
+-- points of the index rather than all over it, as an (ip, port) key would.
+-- No foreign key to scans: the check would cost an index lookup per row on
+-- the hottest insert path, and rows are only written under a live lease.
 CREATE TABLE results (
     scan_id        uuid NOT NULL,
+    position       bigint NOT NULL,
     ip             inet NOT NULL,
     port           integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
     protocol       text NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp')),
@@ -118,5 +123,12 @@ CREATE TABLE results (
     hostname       text,
     first_seen_at  timestamptz NOT NULL,
     last_seen_at   timestamptz NOT NULL,
-    PRIMARY KEY (scan_id, ip, port, protocol)
+    -- Which committed batch of which shard first wrote the row. A shard's
+    -- batches commit one after another under its row lock, so a watcher
+    -- that remembers the last batch it saw per shard never misses a row -
+    -- unlike a global sequence, whose values commit out of order.
+    shard_id       bigint NOT NULL DEFAULT 0,
+    shard_batch    integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (scan_id, position)
 );
+CREATE INDEX results_shard_batch_idx ON results (shard_id, shard_batch);

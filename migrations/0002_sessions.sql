@@ -20,14 +20,7 @@ ALTER TABLE scans
     ADD COLUMN has_ipv6 boolean NOT NULL DEFAULT false,
     ADD COLUMN waiting_reason text;
 
--- Which committed batch of which shard first wrote a result. A shard's
--- batches commit one after another under its row lock, so a watcher that
--- remembers the last batch it saw per shard never misses a row - unlike a
--- global sequence, whose values commit out of order.
-ALTER TABLE results
-    ADD COLUMN shard_id bigint NOT NULL DEFAULT 0,
-    ADD COLUMN shard_batch integer NOT NULL DEFAULT 0;
-CREATE INDEX results_shard_batch_idx ON results (shard_id, shard_batch);
+-- Result batches each shard has committed (see results.shard_batch).
 ALTER TABLE shards ADD COLUMN result_batches integer NOT NULL DEFAULT 0;
 
 CREATE INDEX shards_agent_idx ON shards (agent_id) WHERE state = 'leased';

@@ -248,7 +248,12 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
             let mut token = String::new();
             loop {
                 let page = c
-                    .list_targets(pb::ListTargetsRequest { group: group.clone(), enabled_only: false, page_size: 1000, page_token: token })
+                    .list_targets(pb::ListTargetsRequest {
+                        group: group.clone(),
+                        enabled_only: false,
+                        page_size: 1000,
+                        page_token: token,
+                    })
                     .await
                     .map_err(status)?
                     .into_inner();

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use portfleet_proto::v1::{agent_service_server::AgentServiceServer, scan_service_server::ScanServiceServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 pub use config::ControllerConfig;
@@ -68,6 +68,7 @@ pub async fn run(
     let fleet = Arc::new(sessions::Fleet {
         store: store.clone(),
         registry: sessions::Registry::default(),
+        spaces: Default::default(),
         config: config.fleet.clone(),
         notifier: notifier.clone(),
         wake: tokio::sync::Notify::new(),
@@ -100,7 +101,13 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(ScanServiceServer::new(scan_api))
         .add_service(AgentServiceServer::new(agent_api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        // Small frames (Welcome, Ack) must not wait for Nagle and a delayed
+        // ACK: 40 ms per handshake otherwise. The builder's tcp_nodelay only
+        // applies to listeners tonic binds itself.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.clone().cancelled_owned(),
+        );
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_timeout).await;

@@ -55,19 +55,22 @@ fn lease_rate(scan_rate: i32, leases_of_scan: i64, agent_max_rate: u32, agent_ma
     if agent_max_rate == 0 { share } else { share.min((agent_max_rate / agent_max_shards.max(1)).max(1)) }
 }
 
+/// Runs the scheduler until shutdown: assignment and upkeep in two loops,
+/// so a slow upkeep pass (a large fleet) never delays handing out work.
 pub async fn run(fleet: Arc<Fleet>) {
+    tokio::join!(assign_loop(fleet.clone()), upkeep_loop(fleet));
+}
+
+async fn assign_loop(fleet: Arc<Fleet>) {
     let mut notices = fleet.notifier.subscribe();
     let mut cache = ParamsCache::default();
     let mut tick = tokio::time::interval(fleet.config.tick);
-    let mut chores = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let result = tokio::select! {
             _ = fleet.shutdown.cancelled() => return,
             _ = fleet.wake.notified() => assign(&fleet, &mut cache).await,
             _ = tick.tick() => assign(&fleet, &mut cache).await,
-            _ = chores.tick() => housekeeping(&fleet, &mut cache).await,
             notice = notices.recv() => match notice {
                 Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut cache).await,
                 Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, &mut cache, id).await,
@@ -82,6 +85,21 @@ pub async fn run(fleet: Arc<Fleet>) {
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "scheduler pass failed; retrying");
+        }
+    }
+}
+
+async fn upkeep_loop(fleet: Arc<Fleet>) {
+    let mut cache = ParamsCache::default();
+    let mut chores = tokio::time::interval(Duration::from_secs(1));
+    chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = fleet.shutdown.cancelled() => return,
+            _ = chores.tick() => {}
+        }
+        if let Err(e) = housekeeping(&fleet, &mut cache).await {
+            tracing::warn!(error = %e, "scheduler upkeep failed; retrying");
         }
     }
 }

@@ -383,18 +383,19 @@ async fn bad_input_gets_the_exact_code_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn results_page_in_key_order_with_hostnames() {
+async fn results_page_in_scan_order_with_hostnames() {
     let (db, _c, mut client) = setup().await;
     let scan = client.create_scan(scan_req(&["localhost", "192.0.2.0/30"], "22,80,443")).await.unwrap().into_inner();
-    // Ingest arrives with agent sessions; write rows the way it will.
+    // Ingest arrives with agent sessions; write rows the way it does.
     let mut conn = db.connect().await;
     sqlx::query(
-        "INSERT INTO results (scan_id, ip, port, hostname, first_seen_at, last_seen_at)
-         SELECT $1::uuid, u.ip::inet, u.port, h.hostname, now(), now()
-         FROM UNNEST($2::text[], $3::int4[]) AS u(ip, port)
+        "INSERT INTO results (scan_id, position, ip, port, hostname, first_seen_at, last_seen_at)
+         SELECT $1::uuid, u.pos, u.ip::inet, u.port, h.hostname, now(), now()
+         FROM UNNEST($2::int8[], $3::text[], $4::int4[]) AS u(pos, ip, port)
          LEFT JOIN scan_hosts h ON h.scan_id = $1::uuid AND h.ip = u.ip::inet",
     )
     .bind(&scan.id)
+    .bind(vec![9i64, 2, 14, 5, 0])
     .bind(vec!["192.0.2.2", "192.0.2.1", "127.0.0.1", "192.0.2.1", "192.0.2.3"])
     .bind(vec![80, 443, 22, 22, 80])
     .execute(&mut conn)
@@ -419,15 +420,15 @@ async fn results_page_in_key_order_with_hostnames() {
     assert_eq!(
         keys,
         [
-            ("127.0.0.1".to_string(), 22),
-            ("192.0.2.1".to_string(), 22),
-            ("192.0.2.1".to_string(), 443),
-            ("192.0.2.2".to_string(), 80),
             ("192.0.2.3".to_string(), 80),
+            ("192.0.2.1".to_string(), 443),
+            ("192.0.2.1".to_string(), 22),
+            ("192.0.2.2".to_string(), 80),
+            ("127.0.0.1".to_string(), 22),
         ]
     );
-    assert_eq!(all[0].hostname, "localhost");
-    assert_eq!(all[1].hostname, "");
+    assert_eq!(all[4].hostname, "localhost");
+    assert_eq!(all[0].hostname, "");
     assert!(all.iter().all(|r| r.protocol == pb::Protocol::Tcp as i32 && r.state == pb::PortState::Open as i32));
 }
 

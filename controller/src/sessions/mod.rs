@@ -10,6 +10,7 @@ use std::{collections::HashMap, net::IpAddr, pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
+use portfleet_core::{AddressSet, PortSet, ScanSpace, permutation::Permutation};
 use portfleet_proto::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
     v1::{
@@ -35,6 +36,10 @@ use crate::{
 pub struct Fleet {
     pub store: Store,
     pub registry: Registry,
+    /// Index spaces of scans with results coming in: the controller maps
+    /// every reported (ip, port) to its position (and so proves it belongs
+    /// to the scan).
+    pub spaces: std::sync::Mutex<HashMap<Uuid, Arc<ScanSpace>>>,
     pub config: FleetConfig,
     pub notifier: Notifier,
     /// Wakes the scheduler (capacity freed, agent connected).
@@ -51,6 +56,26 @@ pub struct AgentApi {
 impl AgentApi {
     pub fn new(fleet: Arc<Fleet>) -> Self {
         Self { fleet }
+    }
+}
+
+impl Fleet {
+    /// The index space of a scan, built once from its stored plan.
+    pub async fn space(&self, scan_id: Uuid) -> Result<Option<Arc<ScanSpace>>, StoreError> {
+        if let Some(s) = self.spaces.lock().unwrap_or_else(|p| p.into_inner()).get(&scan_id) {
+            return Ok(Some(s.clone()));
+        }
+        let Some(p) = self.store.scan_params(scan_id).await? else { return Ok(None) };
+        let corrupt = |e: portfleet_core::SpecError| StoreError::Corrupt(format!("scan {scan_id}: {e}"));
+        let addrs = AddressSet::parse_ranges(&p.address_ranges).map_err(corrupt)?;
+        let ports = PortSet::parse(&p.ports).map_err(corrupt)?;
+        let space = Arc::new(ScanSpace::new(addrs, ports, p.seed as u64, Permutation::MAX_LEN).map_err(corrupt)?);
+        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        if spaces.len() >= 256 {
+            spaces.clear();
+        }
+        spaces.insert(scan_id, space.clone());
+        Ok(Some(space))
     }
 }
 
@@ -343,7 +368,19 @@ impl Session {
                     let msg = format!("{} results exceed the maximum of {max} per batch", b.results.len());
                     return self.refuse(b.shard_id, b.lease_epoch, b.seq, pb::RefusalReason::BatchTooLarge, msg).await;
                 }
-                let mut rows = match b.results.into_iter().map(port_record).collect::<Result<Vec<_>, String>>() {
+                let scan = match self.fleet.registry.lease_scan(self.agent_id, fence.shard_id) {
+                    Some(scan) => Some(scan),
+                    None => store.shard_scan(fence.shard_id).await.map_err(unavailable)?,
+                };
+                let space = match scan {
+                    Some(scan) => self.fleet.space(scan).await.map_err(unavailable)?,
+                    None => None,
+                };
+                let Some(space) = space else {
+                    return self.answer(&fence, Applied::NotHeld).await;
+                };
+                let parsed = b.results.into_iter().map(|r| port_record(r, &space)).collect::<Result<Vec<_>, String>>();
+                let mut rows = match parsed {
                     Ok(rows) => rows,
                     Err(msg) => {
                         return self.refuse(b.shard_id, b.lease_epoch, b.seq, pb::RefusalReason::Invalid, msg).await;
@@ -351,7 +388,7 @@ impl Session {
                 };
                 // One statement may not touch a row twice.
                 rows.sort_unstable();
-                rows.dedup_by_key(|r| (r.ip, r.port));
+                rows.dedup_by_key(|r| r.position);
                 let outcome = store.apply_results(&fence, &rows).await.map_err(unavailable)?;
                 self.answer(&fence, outcome).await
             }
@@ -427,8 +464,8 @@ fn progress(checkpoint: u64, counts: Option<pb::ShardCounts>) -> ShardProgress {
     }
 }
 
-/// Converts one wire result, validating it.
-fn port_record(r: pb::PortResult) -> Result<PortRecord, String> {
+/// Converts one wire result, validating it against the scan's space.
+fn port_record(r: pb::PortResult, space: &ScanSpace) -> Result<PortRecord, String> {
     let ip = match r.ip.len() {
         4 => IpAddr::from(<[u8; 4]>::try_from(&r.ip[..]).map_err(|_| "bad ip")?),
         16 => IpAddr::from(<[u8; 16]>::try_from(&r.ip[..]).map_err(|_| "bad ip")?),
@@ -440,9 +477,11 @@ fn port_record(r: pb::PortResult) -> Result<PortRecord, String> {
     if r.state != pb::PortState::Open as i32 {
         return Err("only open ports are reported".into());
     }
+    let position =
+        space.position_of(ip, r.port as u16).ok_or_else(|| format!("{ip} port {} is not part of this scan", r.port))?;
     let observed_at = r
         .observed_at
         .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .unwrap_or_else(Utc::now);
-    Ok(PortRecord { ip, port: r.port as i32, observed_at })
+    Ok(PortRecord { position: position as i64, ip, port: r.port as i32, observed_at })
 }

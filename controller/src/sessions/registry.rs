@@ -155,6 +155,11 @@ impl Registry {
         }
     }
 
+    /// The scan a local lease belongs to.
+    pub fn lease_scan(&self, agent_id: Uuid, shard_id: i64) -> Option<Uuid> {
+        self.lock().get(&agent_id).and_then(|e| e.leases.get(&shard_id)).map(|l| l.scan_id)
+    }
+
     pub fn holds(&self, agent_id: Uuid, shard_id: i64, epoch: i64) -> bool {
         self.lock().get(&agent_id).and_then(|e| e.leases.get(&shard_id)).is_some_and(|l| l.lease_epoch == epoch)
     }

@@ -19,12 +19,11 @@ pub struct ResultRecord {
     pub last_seen_at: DateTime<Utc>,
 }
 
-/// Keyset position in a scan's results.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Keyset position in a scan's results: the probe's position in the
+/// scan's index space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultKey {
-    pub ip: IpAddr,
-    pub port: i32,
-    pub protocol: String,
+    pub position: i64,
 }
 
 impl Store {
@@ -44,7 +43,7 @@ impl Store {
         let rows = sqlx::query_as::<_, ResultRecord>(
             "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
              FROM results WHERE shard_id = $1 AND shard_batch > $2 AND shard_batch <= $3
-             ORDER BY shard_batch, ip, port",
+             ORDER BY shard_batch, position",
         )
         .bind(shard_id)
         .bind(after)
@@ -54,33 +53,30 @@ impl Store {
         Ok(rows)
     }
 
-    /// Ordered by (ip, port, protocol), the primary key's order.
+    /// In scan order (by position in the scan's index space).
     pub async fn list_results(
         &self,
         scan_id: Uuid,
         page: Page<ResultKey>,
     ) -> Result<Paged<ResultRecord, ResultKey>, StoreError> {
-        let limit = i64::from(page.limit) + 1;
-        let query = match &page.after {
-            None => sqlx::query_as::<_, ResultRecord>(
-                "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
-                 FROM results WHERE scan_id = $1
-                 ORDER BY ip, port, protocol LIMIT $2",
+        let rows =
+            sqlx::query_as::<_, (i64, IpAddr, i32, String, String, Option<String>, DateTime<Utc>, DateTime<Utc>)>(
+                "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at
+             FROM results WHERE scan_id = $1 AND position > $2
+             ORDER BY position LIMIT $3",
             )
             .bind(scan_id)
-            .bind(limit),
-            Some(after) => sqlx::query_as::<_, ResultRecord>(
-                "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
-                 FROM results WHERE scan_id = $1 AND (ip, port, protocol) > ($3, $4, $5)
-                 ORDER BY ip, port, protocol LIMIT $2",
-            )
-            .bind(scan_id)
-            .bind(limit)
-            .bind(after.ip)
-            .bind(after.port)
-            .bind(&after.protocol),
-        };
-        let rows = query.fetch_all(&self.pool).await?;
-        Ok(Paged::from_rows(rows, page.limit, |r| ResultKey { ip: r.ip, port: r.port, protocol: r.protocol.clone() }))
+            .bind(page.after.map_or(-1, |k| k.position))
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let rows: Vec<(i64, ResultRecord)> = rows
+            .into_iter()
+            .map(|(position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at)| {
+                (position, ResultRecord { ip, port, protocol, state, hostname, first_seen_at, last_seen_at })
+            })
+            .collect();
+        let paged = Paged::from_rows(rows, page.limit, |(position, _)| ResultKey { position: *position });
+        Ok(Paged { items: paged.items.into_iter().map(|(_, r)| r).collect(), next: paged.next })
     }
 }

@@ -1,0 +1,375 @@
+//! Controller benchmarks with simulated agents (in this process, real gRPC
+//! over TCP) against the real controller binary and a real Postgres:
+//!
+//!   cargo run --release -p portfleet-tests --bin session-bench -- ingest [--results 10000000] [--agents 16]
+//!   cargo run --release -p portfleet-tests --bin session-bench -- fleet [--agents 1000] [--scans 100]
+//!
+//! `ingest`: agents stream result batches (1000 results each, up to 64
+//! unacked per lease, as the real agent does); reports results committed
+//! per second and the controller's RSS before and after.
+//! `fleet`: many idle agents heartbeating; reports the controller's RSS and
+//! CPU, then the time from CreateScan to the first Assign, p50 and p99.
+//! Needs `cargo build --release -p portfleet-controller` first.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use portfleet_core::{AddressSet, PortSet, ScanSpace, permutation::Permutation};
+use portfleet_proto::v1::{
+    self as pb, agent_message::Frame as Out, agent_service_client::AgentServiceClient, controller_message::Frame as In,
+    scan_service_client::ScanServiceClient,
+};
+use portfleet_tests::TestDb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const BATCH: usize = 1000;
+const WINDOW: u64 = 64;
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+struct Controller {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_controller(db: &TestDb) -> Controller {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().join("portfleet-controller");
+    assert!(bin.exists(), "build it first: cargo build --release -p portfleet-controller");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new(bin)
+        .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}"), "--db-pool-size", "16"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    portfleet_tests::eventually("controller up", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+    })
+    .await;
+    Controller { child, url }
+}
+
+struct Sim {
+    id: String,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    rx: tonic::Streaming<pb::ControllerMessage>,
+}
+
+async fn connect(url: &str, name: &str, max_shards: u32) -> Sim {
+    let channel = Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+    let (tx, rx) = mpsc::channel(256);
+    let id = uuid::Uuid::new_v4().to_string();
+    tx.send(pb::AgentMessage {
+        frame: Some(Out::Hello(pb::Hello {
+            agent_id: id.clone(),
+            name: name.into(),
+            version: "bench".into(),
+            min_protocol_version: 1,
+            max_protocol_version: 1,
+            capabilities: Some(pb::Capabilities { raw_socket: true, ipv6: true }),
+            max_shards,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut rx = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    match rx.message().await.unwrap().and_then(|m| m.frame) {
+        Some(In::Welcome(_)) => {}
+        other => panic!("no Welcome: {other:?}"),
+    }
+    Sim { id, tx, rx }
+}
+
+fn heartbeat() -> pb::AgentMessage {
+    pb::AgentMessage { frame: Some(Out::Heartbeat(pb::Heartbeat::default())) }
+}
+
+async fn ingest(args: &[String]) {
+    let target = arg(args, "--results", 10_000_000);
+    let agents = arg(args, "--agents", 16) as usize;
+    let db = TestDb::create().await;
+    let ctl = start_controller(&db).await;
+    let pid = ctl.child.id();
+    let mut api = ScanServiceClient::new(Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap());
+    // 2^24 addresses x 256 ports: 4096 shards of ~1M positions, more than
+    // enough distinct (ip, port) pairs. Nothing is probed: the agents are
+    // simulated and only report.
+    let _scan = api
+        .create_scan(pb::CreateScanRequest {
+            targets: vec!["10.0.0.0/8".into()],
+            ports: "1-256".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let committed = Arc::new(AtomicU64::new(0));
+    let rss_before = rss_mb(pid);
+    let cpu_before = cpu_secs(pid);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..agents {
+        let sim = connect(&ctl.url, &format!("ingest-{i}"), 1).await;
+        let committed = committed.clone();
+        tasks.push(tokio::spawn(ingest_agent(sim, committed, target)));
+    }
+    let mut peak = rss_before;
+    let mut last_report = Instant::now();
+    while committed.load(Ordering::Relaxed) < target {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(rss_mb(pid));
+        if last_report.elapsed() > Duration::from_secs(5) {
+            let n = committed.load(Ordering::Relaxed);
+            eprintln!(
+                "  {n} results committed, {:.0}/s, controller RSS {:.1} MB",
+                n as f64 / start.elapsed().as_secs_f64(),
+                rss_mb(pid)
+            );
+            last_report = Instant::now();
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = committed.load(Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results").fetch_one(&mut db.connect().await).await.unwrap();
+    println!("ingest: {agents} agents, batches of {BATCH}, up to {WINDOW} unacked per lease");
+    println!("  results committed (acked): {n}, rows in Postgres: {rows}");
+    println!("  elapsed: {elapsed:.1} s, {:.0} results/s", n as f64 / elapsed);
+    println!("  controller RSS: {rss_before:.1} MB before, {peak:.1} MB peak, change {:.1} MB", peak - rss_before);
+    println!(
+        "  controller CPU: {:.1} s ({:.0}% of one core)",
+        cpu_secs(pid) - cpu_before,
+        (cpu_secs(pid) - cpu_before) / elapsed * 100.0
+    );
+    let rate = n as f64 / elapsed;
+    println!(
+        "  vs goal >= 100000 results/s: {:.2}x; RSS change vs goal < 50 MB: {:.2}x of the budget",
+        rate / 100_000.0,
+        (peak - rss_before) / 50.0
+    );
+}
+
+/// Reports every position of each leased shard as an open port, in scan
+/// order, as a real agent would for a target where everything is open.
+async fn ingest_agent(mut sim: Sim, committed: Arc<AtomicU64>, target: u64) {
+    let acked: Arc<std::sync::Mutex<HashMap<u64, u64>>> = Default::default();
+    let (assign_tx, mut assign_rx) = mpsc::channel::<pb::Assign>(16);
+    let notify = Arc::new(tokio::sync::Notify::new());
+    {
+        let (acked, notify, committed) = (acked.clone(), notify.clone(), committed.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = sim.rx.message().await {
+                match m.frame {
+                    Some(In::Assign(a)) => {
+                        let _ = assign_tx.send(a).await;
+                    }
+                    Some(In::Ack(a)) => {
+                        let mut map = acked.lock().unwrap();
+                        let prev = map.insert(a.shard_id, a.seq).unwrap_or(0);
+                        committed.fetch_add((a.seq.saturating_sub(prev)) * BATCH as u64, Ordering::Relaxed);
+                        notify.notify_waiters();
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let tx = sim.tx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if tx.send(heartbeat()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let _ = &sim.id;
+    while let Some(a) = assign_rx.recv().await {
+        let (shard, epoch) = (a.shard_id, a.lease_epoch);
+        // The scan's own space, rebuilt from the Assign like a real agent.
+        let p = a.scan.clone().unwrap();
+        let space = ScanSpace::new(
+            AddressSet::parse_ranges(&p.address_ranges).unwrap(),
+            PortSet::parse(&p.ports).unwrap(),
+            p.seed,
+            Permutation::MAX_LEN,
+        )
+        .unwrap();
+        let mut pos = a.start_index;
+        let mut seq = 0u64;
+        while pos + BATCH as u64 <= a.end_index && committed.load(Ordering::Relaxed) < target {
+            loop {
+                let wait = notify.notified();
+                let done = acked.lock().unwrap().get(&shard).copied().unwrap_or(0);
+                if seq < done + WINDOW {
+                    break;
+                }
+                wait.await;
+            }
+            seq += 1;
+            let results = (pos..pos + BATCH as u64)
+                .map(|p| {
+                    let (ip, port) = space.probe_at(p);
+                    let ip = match ip {
+                        IpAddr::V4(v4) => v4.octets().to_vec(),
+                        IpAddr::V6(v6) => v6.octets().to_vec(),
+                    };
+                    pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, observed_at: None }
+                })
+                .collect();
+            pos += BATCH as u64;
+            let frame = Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results });
+            if sim.tx.send(pb::AgentMessage { frame: Some(frame) }).await.is_err() {
+                return;
+            }
+        }
+        if committed.load(Ordering::Relaxed) >= target {
+            return;
+        }
+    }
+}
+
+async fn fleet(args: &[String]) {
+    let agents = arg(args, "--agents", 1000) as usize;
+    let scans = arg(args, "--scans", 100) as usize;
+    let db = TestDb::create().await;
+    let ctl = start_controller(&db).await;
+    let pid = ctl.child.id();
+    let rss_empty = rss_mb(pid);
+    let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let connect_start = Instant::now();
+    for i in 0..agents {
+        let mut sim = connect(&ctl.url, &format!("fleet-{i}"), 1).await;
+        let assigned = assigned_tx.clone();
+        let tx = sim.tx.clone();
+        tokio::spawn(async move {
+            // Heartbeats at the controller's default interval (2 s), spread.
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..2000))).await;
+            loop {
+                if tx.send(heartbeat()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        let tx = sim.tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = sim.rx.message().await {
+                if let Some(In::Assign(a)) = m.frame {
+                    let scan_id = a.scan.as_ref().map(|s| s.scan_id.clone()).unwrap_or_default();
+                    let _ = assigned.send((scan_id, Instant::now()));
+                    // Finish at once, freeing the slot.
+                    let done = Out::Complete(pb::ShardComplete {
+                        shard_id: a.shard_id,
+                        lease_epoch: a.lease_epoch,
+                        seq: 1,
+                        counts: None,
+                    });
+                    let _ = tx.send(pb::AgentMessage { frame: Some(done) }).await;
+                }
+            }
+        });
+    }
+    eprintln!("  {agents} agents connected in {:.1} s", connect_start.elapsed().as_secs_f64());
+    // Idle: heartbeats only.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, t0) = (cpu_secs(pid), Instant::now());
+    let mut rss_idle = 0f64;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss_idle = rss_idle.max(rss_mb(pid));
+    }
+    let idle_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let mut api = ScanServiceClient::new(Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap());
+    let mut latencies = Vec::new();
+    for i in 0..scans {
+        let start = Instant::now();
+        let scan = api
+            .create_scan(pb::CreateScanRequest {
+                targets: vec![format!("192.0.2.{}", i % 250 + 1)],
+                ports: "80".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            let (id, at) = tokio::time::timeout(Duration::from_secs(10), assigned_rx.recv()).await.unwrap().unwrap();
+            if id == scan.id {
+                latencies.push(at.duration_since(start).as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!("fleet: {agents} simulated agents on one controller, heartbeats every 2 s");
+    println!("  controller RSS: {rss_empty:.1} MB with no agents, {rss_idle:.1} MB with {agents} idle agents");
+    println!("  controller CPU while idle: {idle_cpu:.1}% of one core");
+    println!(
+        "  CreateScan -> first Assign over {} scans: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        latencies.len(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().unwrap()
+    );
+    println!("  vs goals: RSS {:.2}x of 300 MB, p99 {:.2}x of 100 ms", rss_idle / 300.0, pct(0.99) / 100.0);
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("ingest") => ingest(&args).await,
+        Some("fleet") => fleet(&args).await,
+        _ => {
+            eprintln!("usage: session-bench ingest|fleet [options] (see the file's header)");
+            std::process::exit(2);
+        }
+    }
+}
