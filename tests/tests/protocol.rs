@@ -216,3 +216,158 @@ async fn a_silent_agent_loses_its_session_and_its_lease() {
     })
     .await;
 }
+
+fn hello_with(id: &str, labels: &[(&str, &str)], raw_socket: bool) -> pb::AgentMessage {
+    let mut m = hello(id, 1, 1);
+    if let Some(Out::Hello(h)) = &mut m.frame {
+        h.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        h.capabilities = Some(pb::Capabilities { raw_socket, ipv6: true });
+    }
+    m
+}
+
+/// No Assign arrives within `wait`.
+async fn no_assign(agent: &mut FakeAgent, wait: Duration) {
+    let got = tokio::time::timeout(wait, async {
+        loop {
+            match agent.rx.message().await {
+                Ok(Some(pb::ControllerMessage { frame: Some(In::Assign(a)) })) => return a,
+                Ok(Some(_)) => {}
+                other => panic!("stream ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "unexpected Assign: {got:?}");
+}
+
+#[tokio::test]
+async fn a_scan_s_rate_is_split_across_its_leases() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut a = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let mut api = c.client().await;
+    // Two shards (the minimum shard is 16384 probes).
+    api.create_scan(pb::CreateScanRequest {
+        targets: vec!["192.0.2.0/24".into()],
+        ports: "1-200".into(),
+        rate: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let In::Assign(first) = a.next().await else { panic!("expected Assign") };
+    assert_eq!(first.rate, 1000, "alone on the scan: all of its rate");
+    let mut b = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let In::Assign(second) = b.next().await else { panic!("expected Assign") };
+    assert_eq!(second.rate, 500);
+    match a.next().await {
+        In::Rate(r) => assert_eq!((r.shard_id, r.rate), (first.shard_id, 500)),
+        other => panic!("expected RateUpdate, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn labels_and_capabilities_decide_placement() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut eu =
+        open(&c, Some(hello_with(&uuid::Uuid::new_v4().to_string(), &[("region", "eu")], false))).await.unwrap();
+    let mut api = c.client().await;
+    let us_only = api
+        .create_scan(pb::CreateScanRequest {
+            targets: vec!["192.0.2.1".into()],
+            ports: "80".into(),
+            scan_type: pb::ScanType::Connect as i32,
+            agent_selector: [("region".to_string(), "us".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    no_assign(&mut eu, Duration::from_secs(1)).await;
+    let waiting = portfleet_tests::eventually("a waiting reason", Duration::from_secs(10), || {
+        let mut api = api.clone();
+        let id = us_only.id.clone();
+        async move {
+            let s = api.get_scan(pb::GetScanRequest { id }).await.ok()?.into_inner();
+            (!s.waiting_reason.is_empty()).then_some(s.waiting_reason)
+        }
+    })
+    .await;
+    assert!(waiting.contains("labels"), "{waiting}");
+    // A SYN scan that allows the fallback runs as a connect scan here.
+    api.create_scan(pb::CreateScanRequest {
+        targets: vec!["192.0.2.2".into()],
+        ports: "80".into(),
+        allow_connect_fallback: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let In::Assign(a) = eu.next().await else { panic!("expected Assign") };
+    assert_eq!(a.scan.unwrap().scan_type, pb::ScanType::Connect as i32);
+}
+
+#[tokio::test]
+async fn a_drained_agent_gets_no_new_work() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
+    let mut api = c.client().await;
+    let drained = api.drain_agent(pb::DrainAgentRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(drained.state, pb::AgentState::Draining as i32);
+    assert!(matches!(agent.next().await, In::Drain(_)));
+    api.create_scan(pb::CreateScanRequest {
+        targets: vec!["192.0.2.1".into()],
+        ports: "80".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    agent.beat().await;
+    no_assign(&mut agent, Duration::from_secs(1)).await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let err = api.drain_agent(pb::DrainAgentRequest { id: unknown }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_shard_that_keeps_failing_fails_its_scan() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut agent = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let mut api = c.client().await;
+    let scan = api
+        .create_scan(pb::CreateScanRequest {
+            targets: vec!["192.0.2.1".into()],
+            ports: "80".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Three failures are retried; the fourth fails the scan.
+    for _ in 0..4 {
+        let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
+        agent
+            .send(Out::Failed(pb::ShardFailed {
+                shard_id: a.shard_id,
+                lease_epoch: a.lease_epoch,
+                reason: "interface went away".into(),
+            }))
+            .await;
+    }
+    let failed = portfleet_tests::eventually("the scan to fail", Duration::from_secs(10), || {
+        let mut api = api.clone();
+        let id = scan.id.clone();
+        async move {
+            let s = api.get_scan(pb::GetScanRequest { id }).await.ok()?.into_inner();
+            (s.state == pb::ScanState::Failed as i32).then_some(s)
+        }
+    })
+    .await;
+    assert!(failed.error.contains("interface went away"), "{}", failed.error);
+    assert!(failed.error.contains("4 times"), "{}", failed.error);
+}
