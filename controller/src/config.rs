@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use portfleet_core::ShardPolicy;
 use sqlx::postgres::PgConnectOptions;
 
-use crate::{scans::ScanLimits, store::DatabaseConfig};
+use crate::{
+    ingress::{IngressConfig, NaabuDefaults, NaabuM8Config},
+    scans::ScanLimits,
+    store::DatabaseConfig,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -83,6 +87,77 @@ pub struct ServeArgs {
     /// A shard may fail this many times before its scan fails.
     #[arg(long, env = "PORTFLEET_MAX_SHARD_FAILURES", default_value_t = 3)]
     pub max_shard_failures: i32,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+}
+
+/// The RabbitMQ ingress (docs/amqp.md); off unless --amqp-url is given.
+#[derive(Args, Debug, Clone)]
+pub struct AmqpArgs {
+    /// Consume scan requests from RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long = "amqp-url", env = "AMQP_URL", hide_env_values = true)]
+    pub url: Option<String>,
+    #[arg(long = "amqp-exchange", env = "PORTFLEET_AMQP_EXCHANGE", default_value = "portfleet")]
+    pub exchange: String,
+    #[arg(long = "amqp-routing-key", env = "PORTFLEET_AMQP_ROUTING_KEY", default_value = "scan.request")]
+    pub routing_key: String,
+    #[arg(long = "amqp-queue", env = "PORTFLEET_AMQP_QUEUE", default_value = "portfleet.scan.requests")]
+    pub queue: String,
+    #[arg(long = "amqp-dead-letter-exchange", env = "PORTFLEET_AMQP_DLX", default_value = "portfleet.dlx")]
+    pub dead_letter_exchange: String,
+    #[arg(long = "amqp-events-exchange", env = "PORTFLEET_AMQP_EVENTS_EXCHANGE", default_value = "portfleet.events")]
+    pub events_exchange: String,
+    /// Unacked requests in hand at once, per queue.
+    #[arg(long = "amqp-prefetch", env = "PORTFLEET_AMQP_PREFETCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// Attempts before a request that keeps failing is dead-lettered.
+    #[arg(long = "amqp-delivery-limit", env = "PORTFLEET_AMQP_DELIVERY_LIMIT", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub delivery_limit: u32,
+    /// Also consume NaabuM8's queue and envelopes, and publish its
+    /// completion message.
+    #[arg(long, env = "PORTFLEET_NAABUM8")]
+    pub naabum8: bool,
+    #[arg(long = "naabum8-exchange", env = "PORTFLEET_NAABUM8_EXCHANGE", default_value = "cptm8")]
+    pub naabum8_exchange: String,
+    #[arg(long = "naabum8-queue", env = "PORTFLEET_NAABUM8_QUEUE", default_value = "qnaabum8")]
+    pub naabum8_queue: String,
+    #[arg(long = "naabum8-binding", env = "PORTFLEET_NAABUM8_BINDING", default_value = "cptm8.naabum8.#")]
+    pub naabum8_binding: String,
+    #[arg(long = "naabum8-completion-key", env = "PORTFLEET_NAABUM8_COMPLETION_KEY",
+          default_value = "cptm8.katanam8.get.scan")]
+    pub naabum8_completion_key: String,
+    /// Ports of NaabuM8-requested scans (its messages carry none).
+    #[arg(long = "naabum8-ports", env = "PORTFLEET_NAABUM8_PORTS", default_value = "top-100")]
+    pub naabum8_ports: String,
+    /// Rate of NaabuM8-requested scans, probes per second.
+    #[arg(long = "naabum8-rate", env = "PORTFLEET_NAABUM8_RATE", default_value_t = 1000)]
+    pub naabum8_rate: u32,
+}
+
+impl AmqpArgs {
+    pub fn config(&self) -> Option<IngressConfig> {
+        let url = self.url.clone()?;
+        Some(IngressConfig {
+            url,
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            queue: self.queue.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            events_exchange: self.events_exchange.clone(),
+            prefetch: self.prefetch,
+            delivery_limit: self.delivery_limit,
+            naabum8: self.naabum8.then(|| NaabuM8Config {
+                exchange: self.naabum8_exchange.clone(),
+                queue: self.naabum8_queue.clone(),
+                binding: self.naabum8_binding.clone(),
+                completion_key: self.naabum8_completion_key.clone(),
+                defaults: NaabuDefaults { ports: self.naabum8_ports.clone(), rate: self.naabum8_rate },
+            }),
+            connection_name: "portfleet-controller".into(),
+        })
+    }
 }
 
 fn parse_database_url(s: &str) -> Result<PgConnectOptions, String> {
@@ -148,6 +223,8 @@ pub struct ControllerConfig {
     pub database: DatabaseConfig,
     pub limits: ScanLimits,
     pub fleet: FleetConfig,
+    /// The RabbitMQ ingress, when configured.
+    pub ingress: Option<IngressConfig>,
     pub shutdown_timeout: Duration,
 }
 
@@ -158,6 +235,7 @@ impl ControllerConfig {
             database: DatabaseConfig { options: database, pool_size: 10, acquire_timeout: Duration::from_secs(3) },
             limits: ScanLimits::default(),
             fleet: FleetConfig::default(),
+            ingress: None,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -178,6 +256,14 @@ impl ControllerConfig {
         }
         if f.controller_id.is_empty() || f.controller_id.len() > 128 {
             return Err("--controller-id must be 1 to 128 bytes".into());
+        }
+        if let Some(i) = &self.ingress {
+            if !(i.url.starts_with("amqp://") || i.url.starts_with("amqps://")) {
+                return Err("--amqp-url: expected an amqp:// or amqps:// URL".into());
+            }
+            if let Some(n) = &i.naabum8 {
+                portfleet_core::PortSet::parse(&n.defaults.ports).map_err(|e| format!("--naabum8-ports: {e}"))?;
+            }
         }
         Ok(())
     }
@@ -207,6 +293,7 @@ impl From<&ServeArgs> for ControllerConfig {
                 max_shard_failures: a.max_shard_failures,
                 ..FleetConfig::default()
             },
+            ingress: a.amqp.config(),
             shutdown_timeout: a.shutdown_timeout,
         }
     }

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod ingress;
 pub mod notify;
 pub mod scans;
 pub mod scheduler;
@@ -88,6 +89,10 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let scans = scans::ScanManager::new(store.clone(), config.limits.clone());
+    if let Some(mut ingress) = config.ingress.clone() {
+        ingress.connection_name = format!("{} {}", ingress.connection_name, config.fleet.controller_id);
+        tasks.spawn(ingress::run(ingress, scans.clone(), store.clone(), notifier.clone(), background.clone()));
+    }
     let scan_api = api::ScanApi::new(scans, store.clone(), notifier, background.clone(), tasks.clone());
     let agent_api = sessions::AgentApi::new(fleet);
 

@@ -56,6 +56,28 @@ pub struct ScanRequestInput {
     pub labels: BTreeMap<String, String>,
     pub agent_selector: BTreeMap<String, String>,
     pub allow_connect_fallback: bool,
+    /// Where the request came from, and where to reply (AMQP).
+    pub origin: Origin,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    #[default]
+    Api,
+    Amqp,
+    NaabuM8,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Amqp => "amqp",
+            Self::NaabuM8 => "naabum8",
+        }
+    }
 }
 
 /// A validated scan request with defaults filled in.
@@ -71,6 +93,9 @@ pub struct ScanRequest {
     pub labels: BTreeMap<String, String>,
     pub agent_selector: BTreeMap<String, String>,
     pub allow_connect_fallback: bool,
+    pub origin: Origin,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +166,9 @@ impl ScanRequestInput {
             labels: self.labels,
             agent_selector: self.agent_selector,
             allow_connect_fallback: self.allow_connect_fallback,
+            origin: self.origin,
+            reply_to: self.reply_to.filter(|r| !r.is_empty()),
+            correlation_id: self.correlation_id.filter(|c| !c.is_empty()),
         })
     }
 }
@@ -165,6 +193,13 @@ fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(),
     Ok(())
 }
 
+/// A request after planning: a new scan to store, or the one its key
+/// already names.
+enum Prepared {
+    New(Box<NewScan>),
+    Existing(ScanRecord),
+}
+
 /// Creates, reads and cancels scans.
 #[derive(Clone, Debug)]
 pub struct ScanManager {
@@ -182,14 +217,71 @@ impl ScanManager {
     }
 
     /// Validates, resolves, plans and stores a scan. The same request id
-    /// returns the scan it first created, whatever else the request says.
-    pub async fn create(&self, input: ScanRequestInput) -> Result<ScanRecord, ScanError> {
-        let req = input.validate(&self.limits)?;
-        if let Some(request_id) = &req.request_id
-            && let Some(existing) = self.store.scan_by_request_id(request_id).await?
-        {
-            return Ok(existing);
-        }
+    /// returns the scan it first created, whatever else the request says;
+    /// the flag says whether this call created it.
+    pub async fn create(&self, input: ScanRequestInput) -> Result<(ScanRecord, bool), ScanError> {
+        let mut outcomes = self.create_many(vec![input]).await?;
+        outcomes.pop().unwrap_or_else(|| Err(StoreError::Corrupt("no outcome for a scan request".into()).into()))
+    }
+
+    /// [`ScanManager::create`] for many requests at once (the AMQP ingress
+    /// takes them in batches): each is validated, resolved and planned on
+    /// its own, and all that pass are stored in one statement. An `Err` of
+    /// the whole call means nothing was stored; per-request errors are in
+    /// the list, in input order.
+    pub async fn create_many(
+        &self,
+        inputs: Vec<ScanRequestInput>,
+    ) -> Result<Vec<Result<(ScanRecord, bool), ScanError>>, StoreError> {
+        let requests: Vec<Result<ScanRequest, ScanError>> =
+            inputs.into_iter().map(|i| i.validate(&self.limits)).collect();
+        // Known keys come back as they are, without planning anything.
+        let keys: Vec<String> = requests.iter().filter_map(|r| r.as_ref().ok()?.request_id.clone()).collect();
+        let known: std::collections::HashMap<String, ScanRecord> = self
+            .store
+            .scans_by_request_ids(&keys)
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.request_id.clone()?, r)))
+            .collect();
+        let prepared: Vec<Result<Prepared, ScanError>> = stream::iter(requests)
+            .map(|req| async {
+                let req = req?;
+                match req.request_id.as_ref().and_then(|id| known.get(id)) {
+                    Some(existing) => Ok(Prepared::Existing(existing.clone())),
+                    None => self.prepare(&req).await.map(|new| Prepared::New(Box::new(new))),
+                }
+            })
+            .buffered(32)
+            .collect()
+            .await;
+        let new: Vec<NewScan> = prepared
+            .iter()
+            .filter_map(|p| match p {
+                Ok(Prepared::New(n)) => Some((**n).clone()),
+                _ => None,
+            })
+            .collect();
+        let mut stored = self.store.insert_scans(&new).await?.into_iter();
+        let outcomes = prepared
+            .into_iter()
+            .map(|p| match p? {
+                Prepared::Existing(r) => Ok((r, false)),
+                Prepared::New(n) => {
+                    let (record, created) = stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;
+                    if created {
+                        tracing::info!(scan_id = %record.id, probes = record.probes_planned,
+                            shards = record.shard_count, origin = n.origin, "scan created");
+                    }
+                    Ok((record, created))
+                }
+            })
+            .collect();
+        Ok(outcomes)
+    }
+
+    /// Expands the group, resolves names and plans: everything but storing.
+    async fn prepare(&self, req: &ScanRequest) -> Result<NewScan, ScanError> {
         let mut specs: Vec<(TargetSpec, String)> =
             req.targets.iter().enumerate().map(|(i, t)| (t.clone(), format!("targets[{i}]"))).collect();
         if let Some(group) = &req.target_group {
@@ -222,7 +314,7 @@ impl ScanManager {
         })
         .map_err(|e| invalid("targets", e))?;
         let space = &plan.space;
-        let new = NewScan {
+        Ok(NewScan {
             id: Uuid::now_v7(),
             request_id: req.request_id.clone(),
             targets: req.targets.iter().map(ToString::to_string).collect(),
@@ -242,17 +334,12 @@ impl ScanManager {
             port_count: space.ports().len() as i32,
             probes_planned: space.len() as i64,
             has_ipv6: space.addresses().has_ipv6(),
+            origin: req.origin.as_str(),
+            reply_to: req.reply_to.clone(),
+            correlation_id: req.correlation_id.clone(),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
-        };
-        let record = self.store.insert_scan(&new).await?;
-        tracing::info!(
-            scan_id = %record.id,
-            probes = record.probes_planned,
-            shards = record.shard_count,
-            "scan created"
-        );
-        Ok(record)
+        })
     }
 
     pub async fn get(&self, id: Uuid) -> Result<ScanRecord, ScanError> {

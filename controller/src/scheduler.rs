@@ -93,6 +93,7 @@ async fn upkeep_loop(fleet: Arc<Fleet>) {
     let mut cache = ParamsCache::default();
     let mut chores = tokio::time::interval(Duration::from_secs(1));
     chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds = 0u64;
     loop {
         tokio::select! {
             _ = fleet.shutdown.cancelled() => return,
@@ -100,6 +101,13 @@ async fn upkeep_loop(fleet: Arc<Fleet>) {
         }
         if let Err(e) = housekeeping(&fleet, &mut cache).await {
             tracing::warn!(error = %e, "scheduler upkeep failed; retrying");
+        }
+        rounds += 1;
+        // Events no ingress published within a day (none configured).
+        if rounds % 60 == 0
+            && let Err(e) = fleet.store.expire_events().await
+        {
+            tracing::warn!(error = %e, "cannot expire old events");
         }
     }
 }

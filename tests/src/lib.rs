@@ -6,6 +6,7 @@
 //! 127.0.0.1:5672); `scripts/test.sh` starts them when they are installed
 //! but stopped. Nothing here fakes a component.
 
+pub mod amqp;
 pub mod controller;
 pub mod db;
 pub mod netns;

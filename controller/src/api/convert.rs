@@ -76,6 +76,7 @@ impl TryFrom<pb::CreateScanRequest> for ScanRequestInput {
             labels: r.labels.into_iter().collect(),
             agent_selector: r.agent_selector.into_iter().collect(),
             allow_connect_fallback: r.allow_connect_fallback,
+            ..Default::default()
         })
     }
 }

@@ -120,7 +120,7 @@ impl ScanService for ScanApi {
 
     async fn create_scan(&self, request: Request<pb::CreateScanRequest>) -> Result<Response<pb::Scan>, Status> {
         let input = ScanRequestInput::try_from(request.into_inner())?;
-        let scan = self.scans.create(input).await.map_err(to_status)?;
+        let (scan, _) = self.scans.create(input).await.map_err(to_status)?;
         Ok(Response::new(scan.into()))
     }
 

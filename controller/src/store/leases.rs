@@ -434,6 +434,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(id) = completed {
+            super::events::record(&mut tx, id, "completed").await?;
             notify_scan(&mut tx, id).await?;
         }
         tx.commit().await?;
@@ -539,6 +540,7 @@ impl Store {
             .bind(shard_id)
             .execute(&mut *tx)
             .await?;
+            super::events::record(&mut tx, scan_id, "failed").await?;
             notify_scan(&mut tx, scan_id).await?;
         }
         tx.commit().await?;
@@ -644,6 +646,8 @@ impl Store {
                     open_ports = (SELECT coalesce(sum(open_count), 0) FROM shards WHERE scan_id = s.id)
                 WHERE s.state = 'running' AND NOT EXISTS (SELECT 1 FROM shards WHERE scan_id = s.id AND state <> 'done')
                 RETURNING s.id
+             ), events AS (
+                INSERT INTO scan_events (scan_id, event) SELECT id, 'completed' FROM completed
              )
              SELECT pg_notify('portfleet', 's:' || id) FROM completed",
         )

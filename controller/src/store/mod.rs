@@ -4,6 +4,7 @@
 
 mod agents;
 mod error;
+mod events;
 mod leases;
 mod results;
 mod scans;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use agents::{AgentIntro, AgentRecord, Beat};
 pub use error::StoreError;
+pub use events::{PendingEvent, PendingEvents};
 pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, PortRecord, ScanParams,
     ShardProgress,

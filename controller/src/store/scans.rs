@@ -75,6 +75,9 @@ pub struct ScanRecord {
     pub updated_at: DateTime<Utc>,
     pub has_ipv6: bool,
     pub waiting_reason: Option<String>,
+    pub origin: String,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
 }
 
 impl ScanRecord {
@@ -92,7 +95,7 @@ macro_rules! with_scan_columns {
             " id, request_id, state, targets, target_group, ports, scan_type, rate, \
             retries, labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count, \
             port_count, probes_planned, shard_count, probes_done, open_ports, error, created_at, \
-            started_at, finished_at, updated_at, has_ipv6, waiting_reason ",
+            started_at, finished_at, updated_at, has_ipv6, waiting_reason, origin, reply_to, correlation_id ",
             $suffix
         )
     };
@@ -117,6 +120,10 @@ pub struct NewScan {
     pub port_count: i32,
     pub probes_planned: i64,
     pub has_ipv6: bool,
+    /// api, amqp or naabum8.
+    pub origin: &'static str,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
     pub shards: Vec<NewShard>,
     pub hostnames: Vec<(IpAddr, String)>,
 }
@@ -128,87 +135,126 @@ pub struct NewShard {
 }
 
 impl Store {
-    pub async fn scan_by_request_id(&self, request_id: &str) -> Result<Option<ScanRecord>, StoreError> {
-        let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = $1"))
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row)
-    }
-
-    /// Stores a planned scan with its shards and hostnames in one
-    /// transaction. When another scan already holds the request id, nothing
-    /// is written and that scan is returned instead.
-    pub async fn insert_scan(&self, scan: &NewScan) -> Result<ScanRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+    /// Stores planned scans with their shards and hostnames in one
+    /// statement (so one transaction, one commit, one notification for the
+    /// whole batch). A scan whose request id another scan already holds is
+    /// not written; that scan comes back instead, flagged `false`. Results
+    /// are in input order.
+    pub async fn insert_scans(&self, scans: &[NewScan]) -> Result<Vec<(ScanRecord, bool)>, StoreError> {
+        if scans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<serde_json::Value> = scans
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id, "request_id": s.request_id, "targets": s.targets, "target_group": s.target_group,
+                    "ports": s.ports, "scan_type": s.scan_type, "rate": s.rate, "retries": s.retries,
+                    "labels": s.labels, "agent_selector": s.agent_selector,
+                    "allow_connect_fallback": s.allow_connect_fallback, "seed": s.seed,
+                    "address_ranges": s.address_ranges, "address_count": s.address_count,
+                    "port_count": s.port_count, "probes_planned": s.probes_planned,
+                    "shard_count": s.shards.len(), "has_ipv6": s.has_ipv6, "origin": s.origin,
+                    "reply_to": s.reply_to, "correlation_id": s.correlation_id,
+                })
+            })
+            .collect();
+        let (mut shard_scan, mut shard_no, mut starts, mut ends) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut host_scan, mut host_ip, mut host_name) = (Vec::new(), Vec::new(), Vec::new());
+        for s in scans {
+            for (i, sh) in s.shards.iter().enumerate() {
+                shard_scan.push(s.id);
+                shard_no.push(i as i32);
+                starts.push(sh.start);
+                ends.push(sh.end);
+            }
+            for (ip, name) in &s.hostnames {
+                host_scan.push(s.id);
+                host_ip.push(*ip);
+                host_name.push(name.as_str());
+            }
+        }
         let inserted = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
-            "INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
-                labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
-                port_count, probes_planned, shard_count, has_ipv6)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
-             ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
-             RETURNING",
-            ""
+            "WITH ins AS (
+                INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
+                    labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
+                    port_count, probes_planned, shard_count, has_ipv6, origin, reply_to, correlation_id)
+                SELECT r.id, r.request_id, ARRAY(SELECT jsonb_array_elements_text(r.targets)), r.target_group,
+                    r.ports, r.scan_type, r.rate, r.retries, r.labels, r.agent_selector, r.allow_connect_fallback,
+                    r.seed, ARRAY(SELECT jsonb_array_elements_text(r.address_ranges)), r.address_count,
+                    r.port_count, r.probes_planned, r.shard_count, r.has_ipv6, r.origin, r.reply_to,
+                    r.correlation_id
+                FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, request_id text, targets jsonb,
+                    target_group text, ports text, scan_type text, rate int, retries int, labels jsonb,
+                    agent_selector jsonb, allow_connect_fallback bool, seed bigint, address_ranges jsonb,
+                    address_count bigint, port_count int, probes_planned bigint, shard_count int,
+                    has_ipv6 bool, origin text, reply_to text, correlation_id text)
+                ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
+                RETURNING *
+             ), sh AS (
+                INSERT INTO shards (scan_id, shard_no, start_index, end_index, checkpoint)
+                SELECT u.scan, u.n, u.s, u.e, u.s FROM UNNEST($2::uuid[], $3::int4[], $4::int8[], $5::int8[])
+                    AS u(scan, n, s, e)
+                WHERE u.scan IN (SELECT id FROM ins)
+             ), hosts AS (
+                INSERT INTO scan_hosts (scan_id, ip, hostname)
+                SELECT u.scan, u.ip, u.name FROM UNNEST($6::uuid[], $7::inet[], $8::text[]) AS u(scan, ip, name)
+                WHERE u.scan IN (SELECT id FROM ins)
+             ), events AS (
+                INSERT INTO scan_events (scan_id, event) SELECT id, 'created' FROM ins
+             ), woke AS (
+                -- Schedulers on every controller wake up for new work.
+                SELECT pg_notify('portfleet', 'c:' || (SELECT min(id::text) FROM ins)) WHERE EXISTS (SELECT 1 FROM ins)
+             )
+             SELECT",
+            "FROM ins, (SELECT count(*) FROM woke) AS w"
         ))
-        .bind(scan.id)
-        .bind(scan.request_id.as_deref())
-        .bind(&scan.targets)
-        .bind(&scan.target_group)
-        .bind(&scan.ports)
-        .bind(scan.scan_type)
-        .bind(scan.rate)
-        .bind(scan.retries)
-        .bind(Json(&scan.labels))
-        .bind(Json(&scan.agent_selector))
-        .bind(scan.allow_connect_fallback)
-        .bind(scan.seed)
-        .bind(&scan.address_ranges)
-        .bind(scan.address_count)
-        .bind(scan.port_count)
-        .bind(scan.probes_planned)
-        .bind(scan.shards.len() as i32)
-        .bind(scan.has_ipv6)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(record) = inserted else {
-            // Lost a race on the idempotency key: the winner is committed.
-            tx.rollback().await?;
-            let request_id = scan.request_id.as_deref().unwrap_or_default();
-            return self
-                .scan_by_request_id(request_id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("scan with request id {request_id:?} vanished")));
-        };
-        let numbers: Vec<i32> = (0..scan.shards.len() as i32).collect();
-        let starts: Vec<i64> = scan.shards.iter().map(|s| s.start).collect();
-        let ends: Vec<i64> = scan.shards.iter().map(|s| s.end).collect();
-        sqlx::query(
-            "INSERT INTO shards (scan_id, shard_no, start_index, end_index, checkpoint)
-             SELECT $1, n, s, e, s FROM UNNEST($2::int4[], $3::int8[], $4::int8[]) AS u(n, s, e)",
-        )
-        .bind(scan.id)
-        .bind(&numbers)
+        .bind(serde_json::Value::Array(rows))
+        .bind(&shard_scan)
+        .bind(&shard_no)
         .bind(&starts)
         .bind(&ends)
-        .execute(&mut *tx)
+        .bind(&host_scan)
+        .bind(&host_ip)
+        .bind(&host_name)
+        .fetch_all(&self.pool)
         .await?;
-        if !scan.hostnames.is_empty() {
-            let ips: Vec<IpAddr> = scan.hostnames.iter().map(|(ip, _)| *ip).collect();
-            let names: Vec<&str> = scan.hostnames.iter().map(|(_, n)| n.as_str()).collect();
-            sqlx::query(
-                "INSERT INTO scan_hosts (scan_id, ip, hostname)
-                 SELECT $1, ip, name FROM UNNEST($2::inet[], $3::text[]) AS u(ip, name)",
-            )
-            .bind(scan.id)
-            .bind(&ips)
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?;
+        let mut by_id: std::collections::HashMap<Uuid, ScanRecord> = inserted.into_iter().map(|r| (r.id, r)).collect();
+        // Lost races on idempotency keys: the holders are committed.
+        let missing: Vec<String> =
+            scans.iter().filter(|s| !by_id.contains_key(&s.id)).filter_map(|s| s.request_id.clone()).collect();
+        let mut existing: std::collections::HashMap<String, ScanRecord> = std::collections::HashMap::new();
+        if !missing.is_empty() {
+            let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
+                .bind(&missing)
+                .fetch_all(&self.pool)
+                .await?;
+            existing = rows.into_iter().filter_map(|r| Some((r.request_id.clone()?, r))).collect();
         }
-        // Schedulers on every controller wake up for it.
-        sqlx::query("SELECT pg_notify('portfleet', 'c:' || $1::text)").bind(scan.id).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(record)
+        scans
+            .iter()
+            .map(|s| match by_id.remove(&s.id) {
+                Some(r) => Ok((r, true)),
+                None => s
+                    .request_id
+                    .as_ref()
+                    .and_then(|id| existing.get(id).cloned())
+                    .map(|r| (r, false))
+                    .ok_or_else(|| StoreError::Corrupt(format!("scan {} was neither written nor found", s.id))),
+            })
+            .collect()
+    }
+
+    /// Scans holding any of these idempotency keys.
+    pub async fn scans_by_request_ids(&self, ids: &[String]) -> Result<Vec<ScanRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
     }
 
     pub async fn get_scan(&self, id: Uuid) -> Result<Option<ScanRecord>, StoreError> {
@@ -262,6 +308,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            super::events::record(&mut tx, id, "cancelled").await?;
             // Controllers holding its leases tell their agents to stop.
             super::leases::notify_scan(&mut tx, id).await?;
         }

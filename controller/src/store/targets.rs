@@ -83,10 +83,13 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// The values of a group's enabled targets, at most `limit` of them.
+    /// The values of a group's enabled targets (every group's for `*`), at
+    /// most `limit` of them.
     pub async fn enabled_targets_of_group(&self, group: &str, limit: u32) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query_scalar::<_, String>(
-            "SELECT value FROM targets WHERE group_name = $1 AND enabled ORDER BY id LIMIT $2",
+            "SELECT DISTINCT ON (value) value FROM (
+                SELECT value, id FROM targets WHERE ($1 = '*' OR group_name = $1) AND enabled ORDER BY id LIMIT $2
+             ) t",
         )
         .bind(group)
         .bind(i64::from(limit))

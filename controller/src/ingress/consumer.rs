@@ -1,0 +1,315 @@
+//! Consuming scan requests: manual acks on the delivery's own channel, and
+//! an ack only after the scan row is committed.
+//!
+//! - A message that can never become a scan (not JSON, wrong schema,
+//!   invalid targets or ports, too large) is published to the dead-letter
+//!   queue with the reason in the `x-portfleet-error` header - confirmed by
+//!   the broker - and then acked: logged once, never redelivered.
+//! - A transient failure (database down) is nacked with requeue after a
+//!   backoff, until the delivery limit; then it is dead-lettered the same
+//!   way, with the last error.
+//! - Prefetch bounds how many messages are in hand at once.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    IngressConfig, IngressError, Ingress,
+    messages::{self, BadMessage, Properties},
+    topology::{QueueKind, RequestQueue},
+};
+use crate::{scans::ScanError, store::StoreError};
+
+/// Publishes rejected messages to the dead-letter exchange, with confirms.
+pub struct DeadLetters {
+    channel: Channel,
+    exchange: String,
+}
+
+impl DeadLetters {
+    pub async fn open(conn: &Connection, cfg: &IngressConfig) -> Result<Self, IngressError> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(Default::default()).await?;
+        Ok(Self { channel, exchange: cfg.dead_letter_exchange.clone() })
+    }
+
+    /// Copies the delivery to `<queue>.dlq` with the reason; returns once
+    /// the broker has confirmed it.
+    async fn publish(&self, queue: &str, d: &Delivery, reason: &str, attempts: u32) -> Result<(), IngressError> {
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        headers.insert("x-portfleet-error".into(), text(reason));
+        headers.insert("x-portfleet-queue".into(), text(queue));
+        headers.insert("x-portfleet-exchange".into(), text(d.exchange.as_str()));
+        headers.insert("x-portfleet-routing-key".into(), text(d.routing_key.as_str()));
+        headers.insert("x-portfleet-attempts".into(), AMQPValue::LongUInt(attempts));
+        let props = d.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(self.exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), &d.data, props)
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            return Err(IngressError::Nacked(format!("dead-lettering to {queue}.dlq")));
+        }
+        Ok(())
+    }
+}
+
+/// Deliveries seen per message, for queues whose broker does not count
+/// them (classic queues). Bounded: cleared when large.
+#[derive(Default)]
+pub struct Attempts {
+    seen: Mutex<HashMap<String, u32>>,
+}
+
+impl Attempts {
+    fn bump(&self, key: &str) -> u32 {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        let n = seen.entry(key.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn forget(&self, key: &str) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// The attempt this delivery is: the broker's count (quorum queues) or
+/// our own.
+fn attempt(d: &Delivery, key: &str, attempts: &Attempts) -> u32 {
+    let broker = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => Some(n),
+            _ => None,
+        })
+        .map(|prior| prior + 1);
+    let ours = attempts.bump(key);
+    broker.unwrap_or(0).max(ours)
+}
+
+fn text(v: &Option<ShortString>) -> Option<&str> {
+    v.as_ref().map(ShortString::as_str)
+}
+
+/// Deliveries are taken in batches: whatever is ready, up to this many,
+/// waiting at most [`BATCH_WINDOW`] after the first. One batch is one
+/// database statement, one commit and one multiple-ack. Batches of a queue
+/// run one after another, so a multiple-ack never covers a delivery of a
+/// later batch; the next batch fills while one is stored.
+const MAX_BATCH: usize = 500;
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// Consumes one queue until `cancel` or a connection error.
+pub async fn run(
+    conn: &Connection,
+    queue: RequestQueue,
+    ingress: Arc<Ingress>,
+    dead: Arc<DeadLetters>,
+    cancel: CancellationToken,
+) -> Result<(), IngressError> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(ingress.config.prefetch, BasicQosOptions::default()).await?;
+    let tag = format!("portfleet-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(queue.name.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    tracing::info!(queue = %queue.name, managed = queue.managed, "consuming scan requests");
+    let result = loop {
+        // Wait for the first delivery, then take what follows within the window.
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        let mut batch = match first {
+            Some(Ok(d)) => vec![d],
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(IngressError::ConsumerEnded(queue.name.clone())),
+        };
+        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        let mut failed = None;
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                next = consumer.next() => match next {
+                    Some(Ok(d)) => batch.push(d),
+                    Some(Err(e)) => { failed = Some(e.into()); break }
+                    None => { failed = Some(IngressError::ConsumerEnded(queue.name.clone())); break }
+                },
+            }
+        }
+        // Even when the stream failed, settle what is in hand (or it goes
+        // back unacked with the channel).
+        let (n, t0) = (batch.len(), std::time::Instant::now());
+        let handled = handle(&ingress, &dead, &queue, &channel, batch, &cancel).await;
+        tracing::debug!(requests = n, elapsed = ?t0.elapsed(), "batch settled");
+        if let Err(e) = handled {
+            break Err(e);
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+    };
+    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = channel.close(200, ShortString::from("consumer stopping")).await;
+    result
+}
+
+fn parse(ingress: &Ingress, queue: &RequestQueue, d: &Delivery) -> Result<crate::scans::ScanRequestInput, BadMessage> {
+    let props = Properties {
+        message_id: text(d.properties.message_id()),
+        correlation_id: text(d.properties.correlation_id()),
+        reply_to: text(d.properties.reply_to()),
+    };
+    match queue.kind {
+        QueueKind::Native => messages::parse_native(d.routing_key.as_str(), &d.data, &props),
+        QueueKind::NaabuM8 => {
+            let defaults = ingress
+                .config
+                .naabum8
+                .as_ref()
+                .map(|n| n.defaults.clone())
+                .unwrap_or_else(|| messages::NaabuDefaults { ports: "top-100".into(), rate: 1000 });
+            messages::parse_naabum8(d.routing_key.as_str(), &d.data, &props, &defaults)
+        }
+    }
+}
+
+/// What became of one request of a batch.
+enum Outcome {
+    /// The scan is committed (or existed): ack.
+    Stored,
+    /// It can never become a scan: dead-letter.
+    Refused(String),
+    /// Try again later: nack with requeue, up to the delivery limit.
+    Transient(String),
+}
+
+/// Handles a batch to the end: every delivery acked, dead-lettered, or
+/// nacked.
+async fn handle(
+    ingress: &Ingress,
+    dead: &DeadLetters,
+    queue: &RequestQueue,
+    channel: &Channel,
+    batch: Vec<Delivery>,
+    cancel: &CancellationToken,
+) -> Result<(), IngressError> {
+    let mut valid = Vec::with_capacity(batch.len());
+    for d in batch {
+        match parse(ingress, queue, &d) {
+            Ok(input) => valid.push((d, input)),
+            Err(BadMessage(reason)) => reject(dead, queue, &d, &reason, 1).await?,
+        }
+    }
+    if valid.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = valid.iter().map(|(_, i)| i.request_id.clone()).collect();
+    let inputs = valid.iter().map(|(_, i)| i.clone()).collect();
+    let t0 = std::time::Instant::now();
+    let created = ingress.scans.create_many(inputs).await;
+    tracing::debug!(requests = keys.len(), store = ?t0.elapsed(), "batch stored");
+    let outcomes: Vec<Outcome> = match created {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(_) => Outcome::Stored,
+                Err(ScanError::Store(e)) => Outcome::Transient(e.to_string()),
+                Err(e) => Outcome::Refused(e.to_string()),
+            })
+            .collect(),
+        Err(e) => {
+            let why = e.to_string();
+            if matches!(e, StoreError::Unavailable(_)) {
+                tracing::warn!(error = %why, requests = keys.len(), "database unavailable; the requests go back");
+            } else {
+                tracing::error!(error = %why, requests = keys.len(), "storing scans failed; the requests go back");
+            }
+            keys.iter().map(|_| Outcome::Transient(why.clone())).collect()
+        }
+    };
+    let mut retry = Vec::new();
+    let mut stored = Vec::new();
+    for ((d, _), (key, outcome)) in valid.into_iter().zip(keys.into_iter().zip(outcomes)) {
+        match outcome {
+            Outcome::Stored => {
+                ingress.attempts.forget(&key);
+                stored.push(d);
+            }
+            Outcome::Refused(reason) => {
+                ingress.attempts.forget(&key);
+                reject(dead, queue, &d, &reason, 1).await?;
+            }
+            Outcome::Transient(e) => {
+                let n = attempt(&d, &key, &ingress.attempts);
+                if n >= ingress.config.delivery_limit {
+                    ingress.attempts.forget(&key);
+                    reject(dead, queue, &d, &format!("gave up after {n} attempts: {e}"), n).await?;
+                } else {
+                    retry.push((d, n));
+                }
+            }
+        }
+    }
+    if let Some(n) = retry.iter().map(|(_, n)| *n).max() {
+        // Back off before handing them back, so an outage is not a hot loop.
+        let backoff = Duration::from_millis(200 * u64::from(n)).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        for (d, _) in retry {
+            d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        }
+    }
+    // Everything else is settled, and earlier batches were: one ack with
+    // `multiple` covers exactly the stored deliveries of this batch.
+    if let Some(last) = stored.iter().map(|d| d.delivery_tag).max() {
+        channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
+    }
+    Ok(())
+}
+
+async fn reject(dead: &DeadLetters, queue: &RequestQueue, d: &Delivery, reason: &str, attempts: u32) -> Result<(), IngressError> {
+    let id = text(d.properties.message_id()).unwrap_or("(no message id)");
+    tracing::warn!(queue = %queue.name, message_id = id, %reason, "request dead-lettered");
+    if let Err(e) = dead.publish(&queue.name, d, reason, attempts).await {
+        // Not safely dead-lettered: leave it to be redelivered.
+        d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        return Err(e);
+    }
+    d.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+/// A reply or event publication's properties: JSON, persistent.
+pub fn json_properties(message_id: String) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+}

@@ -1,0 +1,265 @@
+//! What arrives over AMQP, turned into a [`ScanRequestInput`]: the native
+//! request schema v1 (docs/amqp.md, docs/amqp-request.schema.json) and the
+//! NaabuM8 envelopes that existing publishers send. Pure functions: the
+//! consumer decides what to do with a message that does not parse.
+
+use std::collections::BTreeMap;
+
+use portfleet_core::ScanType;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::scans::{Origin, ScanRequestInput};
+
+/// Why a message can never become a scan (it goes to the dead-letter
+/// queue with this reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadMessage(pub String);
+
+/// The AMQP properties a request may carry.
+#[derive(Debug, Default, Clone)]
+pub struct Properties<'a> {
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+}
+
+/// The idempotency key of a message: its `request_id` field, else its
+/// message id, else its correlation id, else a digest of what it says, so
+/// a redelivered message always maps to the scan it created first.
+fn request_id(explicit: Option<String>, props: &Properties<'_>, routing_key: &str, body: &[u8]) -> String {
+    explicit
+        .filter(|r| !r.is_empty())
+        .or_else(|| props.message_id.filter(|m| !m.is_empty()).map(str::to_string))
+        .or_else(|| props.correlation_id.filter(|c| !c.is_empty()).map(str::to_string))
+        .unwrap_or_else(|| {
+            let mut h = Sha256::new();
+            h.update(routing_key.as_bytes());
+            h.update([0]);
+            h.update(body);
+            let digest = h.finalize();
+            let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            format!("amqp-sha256:{hex}")
+        })
+}
+
+/// Request schema v1: the fields of CreateScanRequest, plus reply routing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeV1 {
+    #[serde(default = "v1")]
+    version: u32,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default)]
+    target_group: String,
+    #[serde(default)]
+    ports: String,
+    #[serde(default)]
+    scan_type: Option<String>,
+    #[serde(default)]
+    rate: u32,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    agent_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    allow_connect_fallback: bool,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+fn v1() -> u32 {
+    1
+}
+
+fn scan_type(s: Option<&str>) -> Result<Option<ScanType>, BadMessage> {
+    match s.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") => Ok(None),
+        Some("syn" | "scan_type_syn") => Ok(Some(ScanType::Syn)),
+        Some("connect" | "scan_type_connect") => Ok(Some(ScanType::Connect)),
+        Some(other) => Err(BadMessage(format!("scan_type: {other:?} is not syn or connect"))),
+    }
+}
+
+pub fn parse_native(routing_key: &str, body: &[u8], props: &Properties<'_>) -> Result<ScanRequestInput, BadMessage> {
+    let msg: NativeV1 = serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a valid v1 request: {e}")))?;
+    if msg.version != 1 {
+        return Err(BadMessage(format!("version {} is not supported (1 is)", msg.version)));
+    }
+    Ok(ScanRequestInput {
+        scan_type: scan_type(msg.scan_type.as_deref())?,
+        request_id: request_id(msg.request_id, props, routing_key, body),
+        targets: msg.targets,
+        target_group: msg.target_group,
+        ports: msg.ports,
+        rate: msg.rate,
+        retries: msg.retries,
+        labels: msg.labels,
+        agent_selector: msg.agent_selector,
+        allow_connect_fallback: msg.allow_connect_fallback,
+        origin: Origin::Amqp,
+        // The AMQP properties win over the body.
+        reply_to: props.reply_to.map(str::to_string).or(msg.reply_to),
+        correlation_id: props.correlation_id.map(str::to_string).or(msg.correlation_id),
+    })
+}
+
+/// NaabuM8's message envelope.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PostScan {
+    target: Vec<NamedTarget>,
+}
+
+#[derive(Deserialize)]
+struct NamedTarget {
+    name: String,
+}
+
+/// How NaabuM8-format scans run: NaabuM8 carried no ports or rate.
+#[derive(Clone, Debug)]
+pub struct NaabuDefaults {
+    pub ports: String,
+    pub rate: u32,
+}
+
+/// The routing key is the command:
+/// - `cptm8.naabum8.get.scan`: every enabled target;
+/// - `cptm8.naabum8.get.scan/domain/<id>`: the enabled targets of group `<id>`;
+/// - `cptm8.naabum8.post.scan` with `{"target":[{"id":..,"name":..}]}`: those names.
+pub fn parse_naabum8(
+    routing_key: &str,
+    body: &[u8],
+    props: &Properties<'_>,
+    defaults: &NaabuDefaults,
+) -> Result<ScanRequestInput, BadMessage> {
+    let env: Envelope =
+        serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a NaabuM8 envelope: {e}")))?;
+    // The delivery's routing key is the command; the envelope repeats it.
+    let command = if routing_key.starts_with("cptm8.naabum8.") {
+        routing_key
+    } else {
+        env.channel.as_deref().unwrap_or(routing_key)
+    };
+    let mut input = ScanRequestInput {
+        ports: defaults.ports.clone(),
+        rate: defaults.rate,
+        origin: Origin::NaabuM8,
+        request_id: request_id(None, props, routing_key, body),
+        reply_to: props.reply_to.map(str::to_string),
+        correlation_id: props.correlation_id.map(str::to_string),
+        ..Default::default()
+    };
+    input.labels.insert("naabum8.command".into(), command.chars().take(255).collect());
+    if let Some(source) = env.source.filter(|s| !s.is_empty()) {
+        input.labels.insert("naabum8.source".into(), source.chars().take(255).collect());
+    }
+    if command == "cptm8.naabum8.get.scan" {
+        input.target_group = "*".into();
+    } else if let Some(group) = command.strip_prefix("cptm8.naabum8.get.scan/domain/") {
+        if group.is_empty() {
+            return Err(BadMessage(format!("{command}: no domain id")));
+        }
+        input.target_group = group.to_string();
+    } else if command == "cptm8.naabum8.post.scan" {
+        let post: PostScan = serde_json::from_value(env.payload)
+            .map_err(|e| BadMessage(format!("{command}: payload is not {{\"target\":[{{\"id\":..,\"name\":..}}]}}: {e}")))?;
+        if post.target.is_empty() {
+            return Err(BadMessage(format!("{command}: no targets")));
+        }
+        input.targets = post.target.into_iter().map(|t| t.name).collect();
+    } else {
+        return Err(BadMessage(format!("unknown NaabuM8 command {command:?}")));
+    }
+    Ok(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props() -> Properties<'static> {
+        Properties { message_id: Some("m-1"), correlation_id: Some("c-1"), reply_to: Some("replies") }
+    }
+
+    #[test]
+    fn native_requests_parse_with_defaults_and_properties() {
+        let body = br#"{"targets":["10.0.0.0/24"],"ports":"80,443","scan_type":"connect","rate":500,
+                        "labels":{"team":"red"},"reply_to":"ignored"}"#;
+        let r = parse_native("scan.request", body, &props()).unwrap();
+        assert_eq!(r.targets, ["10.0.0.0/24"]);
+        assert_eq!(r.scan_type, Some(ScanType::Connect));
+        assert_eq!((r.rate, r.request_id.as_str()), (500, "m-1"));
+        assert_eq!(r.reply_to.as_deref(), Some("replies"));
+        assert_eq!(r.origin, Origin::Amqp);
+        let explicit = parse_native("k", br#"{"targets":["x.example"],"request_id":"job-7"}"#, &props()).unwrap();
+        assert_eq!(explicit.request_id, "job-7");
+    }
+
+    #[test]
+    fn the_idempotency_key_falls_back_to_a_digest() {
+        let none = Properties::default();
+        let a = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none).unwrap();
+        let b = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none).unwrap();
+        let c = parse_native("k", br#"{"targets":["10.0.0.2"]}"#, &none).unwrap();
+        assert!(a.request_id.starts_with("amqp-sha256:"));
+        assert_eq!(a.request_id, b.request_id);
+        assert_ne!(a.request_id, c.request_id);
+    }
+
+    #[test]
+    fn bad_native_requests_say_why() {
+        for (body, needle) in [
+            (&b"not json"[..], "not a valid v1 request"),
+            (br#"{"targets":["10.0.0.1"],"colour":"red"}"#, "unknown field `colour`"),
+            (br#"{"targets":"10.0.0.1"}"#, "invalid type"),
+            (br#"{"version":2,"targets":["10.0.0.1"]}"#, "version 2"),
+            (br#"{"targets":["10.0.0.1"],"scan_type":"udp"}"#, "scan_type"),
+        ] {
+            let err = parse_native("k", body, &props()).unwrap_err().0;
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn naabum8_commands_map_to_scans() {
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+        let env = br#"{"channel":"cptm8.naabum8.get.scan","payload":null,"timestamp":"2024-01-01T00:00:00Z","source":"orchestrator"}"#;
+        let all = parse_naabum8("cptm8.naabum8.get.scan", env, &props(), &d).unwrap();
+        assert_eq!(all.target_group, "*");
+        assert_eq!(all.origin, Origin::NaabuM8);
+        assert_eq!(all.labels["naabum8.source"], "orchestrator");
+        let one = parse_naabum8("cptm8.naabum8.get.scan/domain/42", br#"{"payload":{}}"#, &props(), &d).unwrap();
+        assert_eq!(one.target_group, "42");
+        let post = br#"{"channel":"cptm8.naabum8.post.scan","payload":{"target":[{"id":1,"name":"a.example"},{"id":2,"name":"b.example"}]}}"#;
+        let named = parse_naabum8("cptm8.naabum8.post.scan", post, &props(), &d).unwrap();
+        assert_eq!(named.targets, ["a.example", "b.example"]);
+        assert_eq!(named.ports, "top-100");
+        for (rk, body, needle) in [
+            ("cptm8.naabum8.get.scan", &b"{"[..], "not a NaabuM8 envelope"),
+            ("cptm8.naabum8.post.scan", br#"{"payload":{"target":[]}}"#, "no targets"),
+            ("cptm8.naabum8.post.scan", br#"{"payload":{"hosts":["x"]}}"#, "payload is not"),
+            ("cptm8.naabum8.delete.all", br#"{"payload":{}}"#, "unknown NaabuM8 command"),
+            ("cptm8.naabum8.get.scan/domain/", br#"{"payload":{}}"#, "no domain id"),
+        ] {
+            let err = parse_naabum8(rk, body, &props(), &d).unwrap_err().0;
+            assert!(err.contains(needle), "{rk}: {err}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Lifecycle events (`scan.created`, `scan.completed`, `scan.failed`,
+//! `scan.cancelled`) to the events exchange, the reply to a request's
+//! `reply_to`, and NaabuM8's completion message - all persistent, all with
+//! publisher confirms, and a scan is marked published only after the
+//! broker confirmed.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::{Channel, Connection, options::BasicPublishOptions, types::ShortString};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{Ingress, IngressError, consumer::json_properties};
+use crate::{
+    notify::Notice,
+    store::{PendingEvent, ScanRecord},
+};
+
+const BATCH: i64 = 200;
+
+fn ts(t: Option<DateTime<Utc>>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| json!(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+}
+
+/// The event body: the scan's id, state, counts and times (as they are
+/// when the event is published).
+pub fn event_body(event: &str, s: &ScanRecord) -> serde_json::Value {
+    json!({
+        "event": event,
+        "scan_id": s.id.to_string(),
+        "state": s.state,
+        "request_id": s.request_id,
+        "origin": s.origin,
+        "labels": s.labels.0,
+        "probes_planned": s.probes_planned,
+        "probes_done": s.probes_done,
+        "open_ports": s.open_ports,
+        "error": s.error,
+        "created_at": ts(Some(s.created_at)),
+        "started_at": ts(s.started_at),
+        "finished_at": ts(s.finished_at),
+    })
+}
+
+/// NaabuM8's completion message, as its downstream services expect it.
+pub fn naabum8_completion(routing_key: &str, s: &ScanRecord, event: &str) -> serde_json::Value {
+    let (status, message) = match event {
+        "completed" => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
+        other => ("incomplete", format!("scan {} {other}{}", s.id, s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())),
+    };
+    json!({
+        "channel": routing_key,
+        "payload": { "status": status, "message": message },
+        "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+        "source": "naabum8",
+    })
+}
+
+/// Publishes without waiting; the caller awaits every confirm at once.
+async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &serde_json::Value,
+    id: String,
+    correlation: Option<&str>,
+) -> Result<lapin::PublisherConfirm, IngressError> {
+    let mut props = json_properties(id);
+    if let Some(c) = correlation {
+        props = props.with_correlation_id(ShortString::from(c));
+    }
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    Ok(ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), &bytes, props).await?)
+}
+
+/// Publishes one event (and the reply or NaabuM8 message it implies); the
+/// confirms go to `confirms`.
+async fn publish_event(
+    ch: &Channel,
+    ingress: &Ingress,
+    e: &PendingEvent,
+    confirms: &mut Vec<lapin::PublisherConfirm>,
+) -> Result<(), IngressError> {
+    let s = &e.scan;
+    let name = format!("scan.{}", e.event);
+    let body = event_body(&name, s);
+    let events = &ingress.config.events_exchange;
+    confirms.push(publish(ch, events, &name, &body, format!("{}:{name}", s.id), None).await?);
+    if e.event == "created"
+        && let Some(reply_to) = &s.reply_to
+    {
+        // The default exchange routes by queue name.
+        confirms.push(publish(ch, "", reply_to, &body, format!("{}:reply", s.id), s.correlation_id.as_deref()).await?);
+    }
+    if e.event != "created"
+        && s.origin == "naabum8"
+        && let Some(n) = &ingress.config.naabum8
+    {
+        let body = naabum8_completion(&n.completion_key, s, &e.event);
+        confirms.push(publish(ch, &n.exchange, &n.completion_key, &body, format!("{}:naabum8", s.id), None).await?);
+    }
+    Ok(())
+}
+
+/// Publishes until `cancel`, woken by scan notifications and a timer.
+pub async fn run(conn: &Connection, ingress: Arc<Ingress>, cancel: CancellationToken) -> Result<(), IngressError> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let mut notices = ingress.notifier.subscribe();
+    loop {
+        // A database outage pauses publishing; it does not end the session.
+        let pending = match ingress.store.pending_events(BATCH).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read events to publish; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let claimed = pending.events.len() as i64;
+        let mut confirms = Vec::new();
+        let mut failure = None;
+        for e in &pending.events {
+            if let Err(err) = publish_event(&ch, &ingress, e, &mut confirms).await {
+                failure = Some(err);
+                break;
+            }
+        }
+        // Deleted from the outbox only once the broker confirmed all of it.
+        for confirm in confirms {
+            match confirm.await {
+                Ok(c) if c.is_ack() => {}
+                Ok(_) => failure = Some(IngressError::Nacked("an event".into())),
+                Err(err) => failure = Some(err.into()),
+            }
+        }
+        let published: Vec<i64> =
+            if failure.is_some() { Vec::new() } else { pending.events.iter().map(|e| e.event_id).collect() };
+        if let Err(e) = pending.finish(&published).await {
+            // Published but still in the outbox: it goes out again.
+            tracing::warn!(error = %e, "cannot record published events; they will be published again");
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if claimed == BATCH {
+            continue;
+        }
+        let relevant = async {
+            loop {
+                match notices.recv().await {
+                    Ok(Notice::ScanCreated(_) | Notice::ScanChanged(_) | Notice::Resync) | Err(RecvError::Lagged(_)) => {
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = relevant => {}
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The RabbitMQ ingress under load, against the real controller binary,
+//! broker and Postgres:
+//!
+//!   cargo build --release -p portfleet-controller -p portfleet-tests --bins
+//!   ./target/release/ingress-bench [--burst 20000] [--paced 2000] [--seconds 10]
+//!
+//! Phase 1 (throughput): `--burst` requests published at once; requests
+//! consumed per second, from the first publish to the last scan committed
+//! (each acked only after its scan row commits).
+//! Phase 2 (latency): requests published at a steady `--paced` per second
+//! for `--seconds`; p50/p95/p99 from publish to scan row committed (the
+//! publisher's clock in the message vs the arrival of the NOTIFY that the
+//! creating transaction sends, which Postgres delivers only after commit).
+//! Prints the ratios to NaabuM8's target (1,000/s, p95 < 100 ms) and to
+//! this project's goal (5,000/s, p95 < 20 ms).
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use portfleet_tests::{TestDb, amqp::TestBroker};
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64
+}
+
+fn body(i: u64, phase: &str) -> Vec<u8> {
+    format!(
+        r#"{{"targets":["192.0.2.{}"],"ports":"80,443","rate":100,"labels":{{"sent_us":"{}","phase":"{phase}"}}}}"#,
+        i % 250 + 1,
+        now_micros()
+    )
+    .into_bytes()
+}
+
+async fn count(pool: &sqlx::PgPool, phase: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM scans WHERE labels->>'phase' = $1")
+        .bind(phase)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Arrival time (this process's clock) of each scan-creation NOTIFY.
+struct CommitListener(tokio::task::JoinHandle<HashMap<String, i64>>, tokio::sync::oneshot::Sender<()>);
+
+impl CommitListener {
+    async fn start(url: &str) -> Self {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await.unwrap();
+        listener.listen("portfleet").await.unwrap();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut seen = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break seen,
+                    n = listener.recv() => {
+                        let n = n.unwrap();
+                        if let Some(first) = n.payload().strip_prefix("c:") {
+                            seen.insert(first.to_string(), now_micros());
+                        }
+                    }
+                }
+            }
+        });
+        CommitListener(task, stop)
+    }
+
+    async fn abort_and_collect(self) -> HashMap<String, i64> {
+        let _ = self.1.send(());
+        self.0.await.unwrap()
+    }
+}
+
+/// The controller, killed however the bench ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    let burst = arg(&args, "--burst", 20_000);
+    let paced = arg(&args, "--paced", 2_000);
+    let seconds = arg(&args, "--seconds", 10);
+    let db = TestDb::create().await;
+    let mut broker = TestBroker::new().await;
+    broker.config.naabum8 = None;
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().join("portfleet-controller");
+    assert!(bin.exists(), "build it first: cargo build --release -p portfleet-controller");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = &broker.config;
+    let child = std::process::Command::new(bin)
+        .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--amqp-url", &c.url, "--amqp-exchange", &c.exchange, "--amqp-queue", &c.queue])
+        .args(["--amqp-dead-letter-exchange", &c.dead_letter_exchange, "--amqp-events-exchange", &c.events_exchange])
+        .args(["--db-pool-size", "16"])
+        .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    broker.wait_ready().await;
+    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+
+    // Phase 1: a burst.
+    let start = Instant::now();
+    for i in 0..burst {
+        let props = BasicProperties::default().with_message_id(format!("burst-{i}").into()).with_delivery_mode(2);
+        let _ = broker
+            .channel
+            .basic_publish(c.exchange.as_str().into(), c.routing_key.as_str().into(), BasicPublishOptions::default(), &body(i, "burst"), props)
+            .await
+            .unwrap();
+    }
+    broker.channel.wait_for_confirms().await.unwrap();
+    let published = start.elapsed();
+    while count(&pool, "burst").await < burst as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = burst as f64 / elapsed;
+
+    // Phase 2: a steady rate. Commit times come from the controller's
+    // NOTIFY, which Postgres delivers only once the transaction commits.
+    let listener = CommitListener::start(db.url()).await;
+    let total = paced * seconds;
+    let interval = Duration::from_secs_f64(1.0 / paced as f64);
+    let t0 = Instant::now();
+    for i in 0..total {
+        let due = t0 + interval.mul_f64(i as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let props = BasicProperties::default().with_message_id(format!("paced-{i}").into()).with_delivery_mode(2);
+        let confirm = broker
+            .channel
+            .basic_publish(c.exchange.as_str().into(), c.routing_key.as_str().into(), BasicPublishOptions::default(), &body(i, "paced"), props)
+            .await
+            .unwrap();
+        drop(confirm);
+    }
+    broker.channel.wait_for_confirms().await.unwrap();
+    while count(&pool, "paced").await < total as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let commits = listener.abort_and_collect().await;
+    // One notification per committing transaction, naming the smallest new
+    // scan id in it; every scan of that transaction committed at that time.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT min(id::text) OVER (PARTITION BY created_at), labels->>'sent_us'
+         FROM scans WHERE labels->>'phase' = 'paced'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut lat: Vec<f64> = Vec::with_capacity(rows.len());
+    for (first, sent) in &rows {
+        let committed = commits.get(first).unwrap_or_else(|| panic!("no commit notification for the transaction of {first}"));
+        lat.push((committed - sent.parse::<i64>().unwrap()) as f64 / 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    drop(child);
+    println!("ingress: ack after commit, default prefetch (1000), one controller");
+    println!("  burst of {burst}: published in {:.2} s, all committed after {elapsed:.2} s: {rate:.0} requests/s", published.as_secs_f64());
+    println!("  vs NaabuM8's 1000/s: {:.1}x; vs goal 5000/s: {:.2}x", rate / 1000.0, rate / 5000.0);
+    println!(
+        "  paced at {paced}/s for {seconds} s: publish -> committed p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(0.5),
+        pct(0.95),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0.0)
+    );
+    println!("  p95 vs NaabuM8's 100 ms: {:.2}x; vs goal 20 ms: {:.2}x", pct(0.95) / 100.0, pct(0.95) / 20.0);
+}

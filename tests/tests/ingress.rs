@@ -1,0 +1,297 @@
+//! The RabbitMQ ingress against the real broker and a real Postgres:
+//! every request becomes exactly one scan, acked only after commit; bad
+//! ones are dead-lettered with a reason; nothing is lost or doubled when
+//! connections drop or the controller stops; NaabuM8's messages work.
+//! Scans here target TEST-NET addresses and no agent runs: nothing probes.
+
+use std::{collections::HashSet, time::Duration};
+
+use lapin::{BasicProperties, types::AMQPValue};
+use portfleet_controller::ControllerConfig;
+use portfleet_proto::v1 as pb;
+use portfleet_tests::{
+    TcpProxy, TestController, TestDb,
+    amqp::{TestBroker, until},
+};
+
+fn props(message_id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(message_id.into()).with_delivery_mode(2)
+}
+
+fn request(i: usize) -> Vec<u8> {
+    format!(r#"{{"targets":["192.0.2.{}"],"ports":"80,443","scan_type":"syn","rate":500}}"#, i % 250 + 1).into_bytes()
+}
+
+fn config(db: &TestDb, broker: &TestBroker) -> ControllerConfig {
+    let mut c = ControllerConfig::new(db.options());
+    c.ingress = Some(broker.config.clone());
+    c
+}
+
+/// A controller with the ingress, consuming.
+async fn start(cfg: ControllerConfig, broker: &TestBroker) -> TestController {
+    let c = TestController::start(cfg).await;
+    broker.wait_ready().await;
+    c
+}
+
+async fn scan_count(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM scans").fetch_one(&mut db.connect().await).await.unwrap()
+}
+
+async fn request_ids(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT request_id FROM scans").fetch_all(&mut db.connect().await).await.unwrap()
+}
+
+/// Every message id became exactly one scan.
+async fn assert_one_scan_each(db: &TestDb, ids: &HashSet<String>) {
+    let got = request_ids(db).await;
+    let unique: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), unique.len(), "a request created two scans");
+    assert_eq!(&unique, ids);
+}
+
+#[tokio::test]
+async fn ten_thousand_requests_become_ten_thousand_scans() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let controller = start(config(&db, &broker), &broker).await;
+    let key = broker.config.routing_key.clone();
+    let ids: HashSet<String> = (0..10_000).map(|i| format!("bulk-{i}")).collect();
+    broker.publish_many((0..10_000).map(|i| (key.clone(), request(i), props(&format!("bulk-{i}"))))).await;
+    until("10,000 scans", Duration::from_secs(120), async || scan_count(&db).await == 10_000).await;
+    // Stopping returns anything unacked to the queue: it must be empty.
+    controller.stop().await.unwrap();
+    assert_eq!(broker.depth(&broker.config.queue).await, 0, "every message was acked");
+    assert_eq!(broker.depth(&format!("{}.dlq", broker.config.queue)).await, 0);
+    assert_one_scan_each(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_dead_lettered_with_a_reason() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let _controller = start(config(&db, &broker), &broker).await;
+    let key = broker.config.routing_key.clone();
+    let bad: [&[u8]; 5] = [
+        b"not json at all",
+        br#"{"targets":["10.0.0.1"],"unknown":1}"#,
+        br#"{"targets":["10.0.0.999"],"ports":"80"}"#,
+        br#"{"targets":["10.0.0.1"],"ports":"80,99999"}"#,
+        br#"{"targets":["10.0.0.0/8"],"ports":"full"}"#,
+    ];
+    let mut messages = Vec::new();
+    for i in 0..100 {
+        messages.push((key.clone(), request(i), props(&format!("good-{i}"))));
+        messages.push((key.clone(), bad[i % bad.len()].to_vec(), props(&format!("bad-{i}"))));
+    }
+    broker.publish_many(messages).await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("100 scans and 100 dead letters", Duration::from_secs(60), async || {
+        scan_count(&db).await == 100 && broker.depth(&dlq).await == 100
+    })
+    .await;
+    let dead = broker.drain(&dlq).await;
+    assert_eq!(dead.len(), 100);
+    for m in &dead {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get("x-portfleet-error") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("no reason header: {other:?}"),
+        };
+        assert!(!reason.is_empty());
+        let id = m.delivery.properties.message_id().as_ref().unwrap().to_string();
+        assert!(id.starts_with("bad-"), "{id} dead-lettered: {reason}");
+    }
+    // Still consuming.
+    broker.publish(&broker.config.exchange, &key, &request(7), props("after")).await;
+    until("the consumer to carry on", Duration::from_secs(30), async || scan_count(&db).await == 101).await;
+}
+
+#[tokio::test]
+async fn a_redelivered_message_makes_one_scan() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let _controller = start(config(&db, &broker), &broker).await;
+    let key = broker.config.routing_key.clone();
+    for _ in 0..3 {
+        broker.publish(&broker.config.exchange, &key, &request(1), props("same-id")).await;
+    }
+    // And one without any id: the digest of its content is the key.
+    let body = br#"{"targets":["192.0.2.77"],"ports":"22"}"#;
+    for _ in 0..2 {
+        broker.publish(&broker.config.exchange, &key, body, BasicProperties::default()).await;
+    }
+    until("the queue to drain", Duration::from_secs(30), async || {
+        broker.depth(&broker.config.queue).await == 0 && scan_count(&db).await >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(scan_count(&db).await, 2);
+}
+
+#[tokio::test]
+async fn dropped_broker_connections_lose_and_double_nothing() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let mut cfg = config(&db, &broker);
+    cfg.fleet.controller_id = format!("ctl-{}", broker.prefix);
+    let _controller = start(cfg, &broker).await;
+    let key = broker.config.routing_key.clone();
+    let ids: HashSet<String> = (0..3000).map(|i| format!("drop-{i}")).collect();
+    broker.publish_many((0..3000).map(|i| (key.clone(), request(i), props(&format!("drop-{i}"))))).await;
+    until("some scans", Duration::from_secs(30), async || scan_count(&db).await > 300).await;
+    let name = format!("ctl-{}", broker.prefix);
+    assert!(broker.close_connections_named(&name) >= 1, "found the controller's connection");
+    until("all 3000 scans", Duration::from_secs(120), async || scan_count(&db).await >= 3000).await;
+    until("the queue to drain", Duration::from_secs(30), async || broker.depth(&broker.config.queue).await == 0).await;
+    assert_one_scan_each(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn requests_in_flight_at_shutdown_go_to_the_next_consumer() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let key = broker.config.routing_key.clone();
+    let total = 6000;
+    let ids: HashSet<String> = (0..total).map(|i| format!("handover-{i}")).collect();
+    let first = start(config(&db, &broker), &broker).await;
+    broker.publish_many((0..total).map(|i| (key.clone(), request(i), props(&format!("handover-{i}"))))).await;
+    until("the first controller at work", Duration::from_secs(30), async || scan_count(&db).await > 100).await;
+    first.stop().await.unwrap();
+    let taken = scan_count(&db).await;
+    assert!(taken < total as i64, "the first controller took everything; the test proves nothing");
+    let _second = start(config(&db, &broker), &broker).await;
+    until("every scan", Duration::from_secs(120), async || scan_count(&db).await >= total as i64).await;
+    assert_one_scan_each(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn a_database_outage_is_retried_then_dead_lettered_at_the_limit() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut cfg = config(&db, &broker);
+    cfg.database.options = db.options().host("127.0.0.1").port(proxy.addr().port());
+    cfg.database.acquire_timeout = Duration::from_millis(300);
+    let ingress = cfg.ingress.as_mut().unwrap();
+    ingress.delivery_limit = 3;
+    let _controller = start(cfg, &broker).await;
+    let key = broker.config.routing_key.clone();
+
+    // A short outage: the request goes back and succeeds afterwards.
+    proxy.cut();
+    broker.publish(&broker.config.exchange, &key, &request(1), props("outage-short")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    until("the retried request's scan", Duration::from_secs(30), async || scan_count(&db).await == 1).await;
+
+    // A long one: after the delivery limit, dead-lettered with the error.
+    proxy.cut();
+    broker.publish(&broker.config.exchange, &key, &request(2), props("outage-long")).await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("the dead letter", Duration::from_secs(60), async || broker.depth(&dlq).await == 1).await;
+    proxy.restore();
+    let dead = broker.drain(&dlq).await;
+    let headers = dead[0].delivery.properties.headers().clone().unwrap_or_default();
+    let reason = match headers.inner().get("x-portfleet-error") {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("no reason header: {other:?}"),
+    };
+    assert!(reason.contains("gave up after 3 attempts"), "{reason}");
+    assert!(reason.contains("database unavailable"), "{reason}");
+}
+
+#[tokio::test]
+async fn naabum8_messages_make_the_right_scans_and_announce_completion() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    // A broker NaabuM8 used already has its queue, declared differently.
+    broker.declare_legacy_naabum8_queue().await;
+    let controller = start(config(&db, &broker), &broker).await;
+    let n = broker.config.naabum8.clone().unwrap();
+    let mut completions = broker.listen(&n.exchange, &n.completion_key).await;
+    let mut api = controller.client().await;
+    api.create_targets(pb::CreateTargetsRequest {
+        targets: vec![
+            pb::Target { value: "192.0.2.10".into(), group: "42".into(), ..Default::default() },
+            pb::Target { value: "192.0.2.11".into(), group: "42".into(), ..Default::default() },
+            pb::Target { value: "192.0.2.12".into(), group: "7".into(), ..Default::default() },
+            pb::Target { value: "192.0.2.13".into(), group: "7".into(), enabled: Some(false), ..Default::default() },
+        ],
+    })
+    .await
+    .unwrap();
+    let envelope = |channel: &str, payload: &str| {
+        format!(r#"{{"channel":"{channel}","payload":{payload},"timestamp":"2026-11-29T00:00:00Z","source":"orchestrator"}}"#)
+            .into_bytes()
+    };
+    // The legacy queue holds one message at a time: publish one by one.
+    let cases = [
+        ("cptm8.naabum8.get.scan", "null", 3),
+        ("cptm8.naabum8.get.scan/domain/42", "{}", 2),
+        ("cptm8.naabum8.post.scan", r#"{"target":[{"id":1,"name":"localhost"}]}"#, 1),
+    ];
+    for (i, (rk, payload, _)) in cases.iter().enumerate() {
+        broker.publish(&n.exchange, rk, &envelope(rk, payload), props(&format!("naabu-{i}"))).await;
+        until("the scan", Duration::from_secs(30), async || scan_count(&db).await == i as i64 + 1).await;
+    }
+    let scans = api
+        .list_scans(pb::ListScansRequest { page_size: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .scans;
+    // Newest first.
+    let addresses: Vec<u64> = scans.iter().rev().map(|s| s.address_count).collect();
+    assert_eq!(addresses[0], 3, "get.scan: every enabled target");
+    assert_eq!(addresses[1], 2, "get.scan/domain/42: group 42's enabled targets");
+    assert!(addresses[2] >= 1, "post.scan: the named hosts");
+    assert!(scans.iter().all(|s| s.request.as_ref().unwrap().labels["naabum8.source"] == "orchestrator"));
+
+    // Ending the scan announces it as NaabuM8 did.
+    api.cancel_scan(pb::CancelScanRequest { id: scans[0].id.clone() }).await.unwrap();
+    let (rk, body, _) = tokio::time::timeout(Duration::from_secs(15), completions.recv()).await.unwrap().unwrap();
+    assert_eq!(rk, n.completion_key);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["channel"], n.completion_key);
+    assert_eq!(v["payload"]["status"], "incomplete");
+    assert!(v["payload"]["message"].as_str().unwrap().contains(&scans[0].id));
+    assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn lifecycle_events_and_replies_are_published() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let controller = start(config(&db, &broker), &broker).await;
+    let mut events = broker.listen(&broker.config.events_exchange, "scan.*").await;
+    // A reply queue of our own.
+    let reply_queue = format!("{}.replies", broker.prefix);
+    {
+        let ch = broker.conn.create_channel().await.unwrap();
+        ch.queue_declare(reply_queue.as_str().into(), Default::default(), Default::default()).await.unwrap();
+    }
+    let key = broker.config.routing_key.clone();
+    let p = props("evented").with_reply_to(reply_queue.as_str().into()).with_correlation_id("corr-1".into());
+    broker.publish(&broker.config.exchange, &key, &request(3), p).await;
+    let (rk, body, props) = tokio::time::timeout(Duration::from_secs(15), events.recv()).await.unwrap().unwrap();
+    assert_eq!(rk, "scan.created");
+    assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+    let created: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = created["scan_id"].as_str().unwrap().to_string();
+    assert_eq!(created["request_id"], "evented");
+    until("the reply", Duration::from_secs(15), async || broker.depth(&reply_queue).await == 1).await;
+    let reply = broker.drain(&reply_queue).await;
+    assert_eq!(reply[0].delivery.properties.correlation_id().as_ref().map(|c| c.as_str()), Some("corr-1"));
+    let mut api = controller.client().await;
+    api.cancel_scan(pb::CancelScanRequest { id: id.clone() }).await.unwrap();
+    let (rk, body, _) = tokio::time::timeout(Duration::from_secs(15), events.recv()).await.unwrap().unwrap();
+    assert_eq!(rk, "scan.cancelled");
+    let cancelled: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(cancelled["scan_id"], id.as_str());
+    assert_eq!(cancelled["state"], "cancelled");
+    assert!(cancelled["finished_at"].is_string());
+    // Published once: nothing else arrives.
+    assert!(tokio::time::timeout(Duration::from_secs(2), events.recv()).await.is_err());
+}
