@@ -125,8 +125,11 @@ pub struct AmqpArgs {
     pub naabum8_queue: String,
     #[arg(long = "naabum8-binding", env = "PORTFLEET_NAABUM8_BINDING", default_value = "cptm8.naabum8.#")]
     pub naabum8_binding: String,
-    #[arg(long = "naabum8-completion-key", env = "PORTFLEET_NAABUM8_COMPLETION_KEY",
-          default_value = "cptm8.katanam8.get.scan")]
+    #[arg(
+        long = "naabum8-completion-key",
+        env = "PORTFLEET_NAABUM8_COMPLETION_KEY",
+        default_value = "cptm8.katanam8.get.scan"
+    )]
     pub naabum8_completion_key: String,
     /// Ports of NaabuM8-requested scans (its messages carry none).
     #[arg(long = "naabum8-ports", env = "PORTFLEET_NAABUM8_PORTS", default_value = "top-100")]

@@ -268,7 +268,8 @@ impl ScanManager {
             .map(|p| match p? {
                 Prepared::Existing(r) => Ok((r, false)),
                 Prepared::New(n) => {
-                    let (record, created) = stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;
+                    let (record, created) =
+                        stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;
                     if created {
                         tracing::info!(scan_id = %record.id, probes = record.probes_planned,
                             shards = record.shard_count, origin = n.origin, "scan created");

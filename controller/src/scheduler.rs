@@ -291,11 +291,18 @@ async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), Stor
     let local = fleet.registry.generations();
     if !local.is_empty() {
         let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();
-        let current: HashMap<Uuid, i64> = store.agent_generations(&ids).await?.into_iter().collect();
+        let current: HashMap<Uuid, (i64, bool)> =
+            store.agent_generations(&ids).await?.into_iter().map(|(id, g, d)| (id, (g, d))).collect();
         for (id, generation) in local {
-            if current.get(&id).is_some_and(|g| *g > generation) {
-                tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
-                fleet.registry.close(id);
+            match current.get(&id) {
+                Some((g, _)) if *g > generation => {
+                    tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
+                    fleet.registry.close(id);
+                }
+                // A drain whose notification this controller missed (asked
+                // while its listener was reconnecting).
+                Some((_, true)) if !fleet.registry.is_draining(id) => drain(fleet, id).await,
+                _ => {}
             }
         }
     }

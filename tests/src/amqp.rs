@@ -77,7 +77,13 @@ impl TestBroker {
         for (key, body, props) in messages {
             let _ = self
                 .channel
-                .basic_publish(exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), &body, props)
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
                 .await
                 .expect("publish");
         }
@@ -96,8 +102,10 @@ impl TestBroker {
             loop {
                 let ch = self.conn.create_channel().await.expect("channel");
                 let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-                let consumers =
-                    ch.queue_declare(q.as_str().into(), passive, FieldTable::default()).await.map(|q| q.consumer_count());
+                let consumers = ch
+                    .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map(|q| q.consumer_count());
                 let _ = ch.close(200, "".into()).await;
                 if consumers.is_ok_and(|n| n > 0) {
                     break;
@@ -112,7 +120,11 @@ impl TestBroker {
     pub async fn depth(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        let n = ch.queue_declare(queue.into(), passive, FieldTable::default()).await.map(|q| q.message_count()).unwrap_or(0);
+        let n = ch
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0);
         let _ = ch.close(200, "".into()).await;
         n
     }
@@ -127,18 +139,33 @@ impl TestBroker {
     }
 
     /// A queue bound to `exchange` by `key`, consumed into a channel.
-    pub async fn listen(&self, exchange: &str, key: &str) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>, BasicProperties)> {
+    pub async fn listen(
+        &self,
+        exchange: &str,
+        key: &str,
+    ) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>, BasicProperties)> {
         let ch = self.conn.create_channel().await.expect("channel");
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         let _ = ch.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await;
         let q = format!("{}.listen.{}", self.prefix, uuid::Uuid::new_v4().simple());
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         ch.queue_declare(q.as_str().into(), opts, FieldTable::default()).await.expect("declare");
-        ch.queue_bind(q.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .expect("bind");
+        ch.queue_bind(
+            q.as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
         let mut consumer = ch
-            .basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                q.as_str().into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .expect("consume");
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -201,7 +228,8 @@ impl Drop for TestBroker {
                 for q in queues {
                     let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
                 }
-                let mut exchanges = vec![cfg.exchange.clone(), cfg.dead_letter_exchange.clone(), cfg.events_exchange.clone()];
+                let mut exchanges =
+                    vec![cfg.exchange.clone(), cfg.dead_letter_exchange.clone(), cfg.events_exchange.clone()];
                 if let Some(n) = &cfg.naabum8 {
                     exchanges.push(n.exchange.clone());
                 }

@@ -236,12 +236,8 @@ async fn naabum8_messages_make_the_right_scans_and_announce_completion() {
         broker.publish(&n.exchange, rk, &envelope(rk, payload), props(&format!("naabu-{i}"))).await;
         until("the scan", Duration::from_secs(30), async || scan_count(&db).await == i as i64 + 1).await;
     }
-    let scans = api
-        .list_scans(pb::ListScansRequest { page_size: 10, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .scans;
+    let scans =
+        api.list_scans(pb::ListScansRequest { page_size: 10, ..Default::default() }).await.unwrap().into_inner().scans;
     // Newest first.
     let addresses: Vec<u64> = scans.iter().rev().map(|s| s.address_count).collect();
     assert_eq!(addresses[0], 3, "get.scan: every enabled target");
@@ -266,11 +262,12 @@ async fn lifecycle_events_and_replies_are_published() {
     let broker = TestBroker::new().await;
     let controller = start(config(&db, &broker), &broker).await;
     let mut events = broker.listen(&broker.config.events_exchange, "scan.*").await;
-    // A reply queue of our own.
+    // A reply queue of our own; exclusive, so it goes with our connection.
     let reply_queue = format!("{}.replies", broker.prefix);
     {
         let ch = broker.conn.create_channel().await.unwrap();
-        ch.queue_declare(reply_queue.as_str().into(), Default::default(), Default::default()).await.unwrap();
+        let exclusive = lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() };
+        ch.queue_declare(reply_queue.as_str().into(), exclusive, Default::default()).await.unwrap();
     }
     let key = broker.config.routing_key.clone();
     let p = props("evented").with_reply_to(reply_queue.as_str().into()).with_correlation_id("corr-1".into());

@@ -20,13 +20,16 @@ use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions},
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+        BasicQosOptions,
+    },
     types::{AMQPValue, FieldTable, ShortString},
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    IngressConfig, IngressError, Ingress,
+    Ingress, IngressConfig, IngressError,
     messages::{self, BadMessage, Properties},
     topology::{QueueKind, RequestQueue},
 };
@@ -135,7 +138,12 @@ pub async fn run(
     channel.basic_qos(ingress.config.prefetch, BasicQosOptions::default()).await?;
     let tag = format!("portfleet-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = channel
-        .basic_consume(queue.name.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.name.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tracing::info!(queue = %queue.name, managed = queue.managed, "consuming scan requests");
     let result = loop {
@@ -294,7 +302,13 @@ async fn handle(
     Ok(())
 }
 
-async fn reject(dead: &DeadLetters, queue: &RequestQueue, d: &Delivery, reason: &str, attempts: u32) -> Result<(), IngressError> {
+async fn reject(
+    dead: &DeadLetters,
+    queue: &RequestQueue,
+    d: &Delivery,
+    reason: &str,
+    attempts: u32,
+) -> Result<(), IngressError> {
     let id = text(d.properties.message_id()).unwrap_or("(no message id)");
     tracing::warn!(queue = %queue.name, message_id = id, %reason, "request dead-lettered");
     if let Err(e) = dead.publish(&queue.name, d, reason, attempts).await {

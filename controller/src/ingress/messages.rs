@@ -149,8 +149,7 @@ pub fn parse_naabum8(
     props: &Properties<'_>,
     defaults: &NaabuDefaults,
 ) -> Result<ScanRequestInput, BadMessage> {
-    let env: Envelope =
-        serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a NaabuM8 envelope: {e}")))?;
+    let env: Envelope = serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a NaabuM8 envelope: {e}")))?;
     // The delivery's routing key is the command; the envelope repeats it.
     let command = if routing_key.starts_with("cptm8.naabum8.") {
         routing_key
@@ -178,8 +177,9 @@ pub fn parse_naabum8(
         }
         input.target_group = group.to_string();
     } else if command == "cptm8.naabum8.post.scan" {
-        let post: PostScan = serde_json::from_value(env.payload)
-            .map_err(|e| BadMessage(format!("{command}: payload is not {{\"target\":[{{\"id\":..,\"name\":..}}]}}: {e}")))?;
+        let post: PostScan = serde_json::from_value(env.payload).map_err(|e| {
+            BadMessage(format!("{command}: payload is not {{\"target\":[{{\"id\":..,\"name\":..}}]}}: {e}"))
+        })?;
         if post.target.is_empty() {
             return Err(BadMessage(format!("{command}: no targets")));
         }
@@ -261,5 +261,38 @@ mod tests {
             let err = parse_naabum8(rk, body, &props(), &d).unwrap_err().0;
             assert!(err.contains(needle), "{rk}: {err}");
         }
+    }
+
+    /// docs/amqp-request.schema.json and the parser agree: its examples
+    /// parse, every property it names is accepted, and a property it does
+    /// not name is refused (as its `additionalProperties: false` says).
+    #[test]
+    fn the_published_schema_matches_the_parser() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/amqp-request.schema.json")).unwrap();
+        assert_eq!(schema["additionalProperties"], serde_json::Value::Bool(false));
+        for example in schema["examples"].as_array().unwrap() {
+            let body = serde_json::to_vec(example).unwrap();
+            parse_native("scan.request", &body, &Properties::default()).unwrap_or_else(|e| panic!("{example}: {e:?}"));
+        }
+        let samples = serde_json::json!({
+            "version": 1, "targets": ["192.0.2.1"], "target_group": "g", "ports": "80", "scan_type": "connect",
+            "rate": 5, "retries": 2, "request_id": "r", "labels": {"a": "b"}, "agent_selector": {"c": "d"},
+            "allow_connect_fallback": true, "reply_to": "q", "correlation_id": "c"
+        });
+        let properties = schema["properties"].as_object().unwrap();
+        let sample_keys: Vec<&String> = samples.as_object().unwrap().keys().collect();
+        let schema_keys: Vec<&String> = properties.keys().collect();
+        assert_eq!(
+            sample_keys.iter().collect::<std::collections::BTreeSet<_>>(),
+            schema_keys.iter().collect::<std::collections::BTreeSet<_>>()
+        );
+        for key in properties.keys() {
+            let body = serde_json::json!({ "targets": ["192.0.2.1"], key.as_str(): samples[key] });
+            let body = serde_json::to_vec(&body).unwrap();
+            parse_native("scan.request", &body, &Properties::default()).unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        }
+        let err = parse_native("scan.request", br#"{"targets":["192.0.2.1"],"portz":"80"}"#, &Properties::default());
+        assert!(err.unwrap_err().0.contains("portz"));
     }
 }

@@ -105,7 +105,13 @@ pub struct Ingress {
 }
 
 /// Runs the ingress until `cancel`, reconnecting with backoff.
-pub async fn run(config: IngressConfig, scans: ScanManager, store: Store, notifier: Notifier, cancel: CancellationToken) {
+pub async fn run(
+    config: IngressConfig,
+    scans: ScanManager,
+    store: Store,
+    notifier: Notifier,
+    cancel: CancellationToken,
+) {
     let ingress = Arc::new(Ingress { config, scans, store, notifier, attempts: Default::default() });
     let mut delay = Duration::from_millis(200);
     loop {
@@ -134,7 +140,8 @@ async fn session(ingress: &Arc<Ingress>, cancel: &CancellationToken) -> Result<(
     };
     let result = serve(&conn, ingress, cancel).await;
     // Whatever was not acked goes back to the queue with the connection.
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, ShortString::from("portfleet stopping"))).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), conn.close(200, ShortString::from("portfleet stopping"))).await;
     result
 }
 

@@ -48,7 +48,10 @@ pub fn event_body(event: &str, s: &ScanRecord) -> serde_json::Value {
 pub fn naabum8_completion(routing_key: &str, s: &ScanRecord, event: &str) -> serde_json::Value {
     let (status, message) = match event {
         "completed" => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
-        other => ("incomplete", format!("scan {} {other}{}", s.id, s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())),
+        other => (
+            "incomplete",
+            format!("scan {} {other}{}", s.id, s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
+        ),
     };
     json!({
         "channel": routing_key,
@@ -153,7 +156,8 @@ pub async fn run(conn: &Connection, ingress: Arc<Ingress>, cancel: CancellationT
         let relevant = async {
             loop {
                 match notices.recv().await {
-                    Ok(Notice::ScanCreated(_) | Notice::ScanChanged(_) | Notice::Resync) | Err(RecvError::Lagged(_)) => {
+                    Ok(Notice::ScanCreated(_) | Notice::ScanChanged(_) | Notice::Resync)
+                    | Err(RecvError::Lagged(_)) => {
                         return;
                     }
                     Ok(_) => {}

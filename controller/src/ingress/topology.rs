@@ -116,9 +116,8 @@ pub async fn declare(conn: &Connection, cfg: &IngressConfig) -> Result<Vec<Reque
     exchange(conn, &mut ch, &cfg.exchange, ExchangeKind::Topic).await?;
     exchange(conn, &mut ch, &cfg.dead_letter_exchange, ExchangeKind::Direct).await?;
     exchange(conn, &mut ch, &cfg.events_exchange, ExchangeKind::Topic).await?;
-    let mut queues = vec![
-        request_queue(conn, &mut ch, cfg, &cfg.queue, &cfg.exchange, &cfg.routing_key, QueueKind::Native).await?,
-    ];
+    let mut queues =
+        vec![request_queue(conn, &mut ch, cfg, &cfg.queue, &cfg.exchange, &cfg.routing_key, QueueKind::Native).await?];
     if let Some(n) = &cfg.naabum8 {
         exchange(conn, &mut ch, &n.exchange, ExchangeKind::Topic).await?;
         queues.push(request_queue(conn, &mut ch, cfg, &n.queue, &n.exchange, &n.binding, QueueKind::NaabuM8).await?);

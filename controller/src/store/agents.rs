@@ -157,11 +157,15 @@ impl Store {
     }
 
     /// Current session generations, to find sessions a newer one replaced.
-    pub async fn agent_generations(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>, StoreError> {
-        let rows = sqlx::query_as::<_, (Uuid, i64)>("SELECT id, session_generation FROM agents WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
+    /// Each agent's current session generation, and whether an operator
+    /// asked it to drain.
+    pub async fn agent_generations(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64, bool)>, StoreError> {
+        let rows = sqlx::query_as::<_, (Uuid, i64, bool)>(
+            "SELECT id, session_generation, state = 'draining' FROM agents WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows)
     }
 

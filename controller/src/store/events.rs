@@ -71,10 +71,7 @@ impl PendingEvents {
     /// Deletes the published events and releases the rest.
     pub async fn finish(mut self, published: &[i64]) -> Result<(), StoreError> {
         if !published.is_empty() {
-            sqlx::query("DELETE FROM scan_events WHERE id = ANY($1)")
-                .bind(published)
-                .execute(&mut *self.tx)
-                .await?;
+            sqlx::query("DELETE FROM scan_events WHERE id = ANY($1)").bind(published).execute(&mut *self.tx).await?;
         }
         self.tx.commit().await?;
         Ok(())

@@ -225,10 +225,11 @@ impl Store {
             scans.iter().filter(|s| !by_id.contains_key(&s.id)).filter_map(|s| s.request_id.clone()).collect();
         let mut existing: std::collections::HashMap<String, ScanRecord> = std::collections::HashMap::new();
         if !missing.is_empty() {
-            let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
-                .bind(&missing)
-                .fetch_all(&self.pool)
-                .await?;
+            let rows =
+                sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
+                    .bind(&missing)
+                    .fetch_all(&self.pool)
+                    .await?;
             existing = rows.into_iter().filter_map(|r| Some((r.request_id.clone()?, r))).collect();
         }
         scans
@@ -250,10 +251,11 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE request_id = ANY($1)"))
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows)
     }
 
