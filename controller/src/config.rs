@@ -27,6 +27,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; boxing would only complicate clap's derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Apply migrations, then serve the gRPC API until SIGINT or SIGTERM.

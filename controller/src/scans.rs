@@ -197,7 +197,7 @@ fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(),
 /// already names.
 enum Prepared {
     New(Box<NewScan>),
-    Existing(ScanRecord),
+    Existing(Box<ScanRecord>),
 }
 
 /// Creates, reads and cancels scans.
@@ -248,7 +248,7 @@ impl ScanManager {
             .map(|req| async {
                 let req = req?;
                 match req.request_id.as_ref().and_then(|id| known.get(id)) {
-                    Some(existing) => Ok(Prepared::Existing(existing.clone())),
+                    Some(existing) => Ok(Prepared::Existing(Box::new(existing.clone()))),
                     None => self.prepare(&req).await.map(|new| Prepared::New(Box::new(new))),
                 }
             })
@@ -266,7 +266,7 @@ impl ScanManager {
         let outcomes = prepared
             .into_iter()
             .map(|p| match p? {
-                Prepared::Existing(r) => Ok((r, false)),
+                Prepared::Existing(r) => Ok((*r, false)),
                 Prepared::New(n) => {
                     let (record, created) =
                         stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;

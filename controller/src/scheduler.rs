@@ -104,7 +104,7 @@ async fn upkeep_loop(fleet: Arc<Fleet>) {
         }
         rounds += 1;
         // Events no ingress published within a day (none configured).
-        if rounds % 60 == 0
+        if rounds.is_multiple_of(60)
             && let Err(e) = fleet.store.expire_events().await
         {
             tracing::warn!(error = %e, "cannot expire old events");

@@ -75,7 +75,8 @@ impl TestBroker {
     pub async fn publish_many(&self, messages: impl IntoIterator<Item = (String, Vec<u8>, BasicProperties)>) {
         let exchange = self.config.exchange.clone();
         for (key, body, props) in messages {
-            let _ = self
+            // Confirms are awaited all at once below.
+            let confirm = self
                 .channel
                 .basic_publish(
                     exchange.as_str().into(),
@@ -86,6 +87,7 @@ impl TestBroker {
                 )
                 .await
                 .expect("publish");
+            drop(confirm);
         }
         self.channel.wait_for_confirms().await.expect("confirms");
     }

@@ -119,7 +119,8 @@ async fn main() {
     let start = Instant::now();
     for i in 0..burst {
         let props = BasicProperties::default().with_message_id(format!("burst-{i}").into()).with_delivery_mode(2);
-        let _ = broker
+        // Confirms are awaited all at once below.
+        let confirm = broker
             .channel
             .basic_publish(
                 c.exchange.as_str().into(),
@@ -130,6 +131,7 @@ async fn main() {
             )
             .await
             .unwrap();
+        drop(confirm);
     }
     broker.channel.wait_for_confirms().await.unwrap();
     let published = start.elapsed();
