@@ -27,6 +27,10 @@ BIN=target/release
 psql -h "$PG_HOST" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||
   psql -h "$PG_HOST" -U postgres -qc "CREATE DATABASE $DB"
 
+# An admin token for the CLI, made straight in the database.
+export PORTFLEET_TOKEN=$("$BIN/portfleet-controller" tokens create --scope admin --name quickstart \
+  --database-url "postgres://postgres@$PG_HOST:$PG_PORT/$DB" 2>/dev/null) || fail "cannot create an API token"
+
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -5,7 +5,10 @@
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use portfleet_proto::v1::{self as pb, scan_service_client::ScanServiceClient, watch_scan_response::Event};
+use portfleet_proto::{
+    auth::{self, ApiClient, Bearer},
+    v1::{self as pb, watch_scan_response::Event},
+};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -15,6 +18,9 @@ pub struct Cli {
     /// The controller's gRPC address.
     #[arg(long, env = "PORTFLEET_CONTROLLER", default_value = "http://127.0.0.1:50051", global = true)]
     pub controller: String,
+    /// API token (`portfleet-controller tokens create`).
+    #[arg(long, env = "PORTFLEET_TOKEN", hide_env_values = true, default_value = "", global = true)]
+    pub token: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -163,7 +169,7 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
         .connect()
         .await
         .map_err(|e| format!("cannot reach the controller at {}: {e}", cli.controller))?;
-    let mut c = ScanServiceClient::new(channel);
+    let mut c = auth::client(channel, Bearer::new(&cli.token)?);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -271,7 +277,7 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
     Ok(0)
 }
 
-async fn scan(c: &mut ScanServiceClient<Channel>, a: ScanArgs) -> Result<i32, String> {
+async fn scan(c: &mut ApiClient, a: ScanArgs) -> Result<i32, String> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let request = pb::CreateScanRequest {
         targets: a.targets,

@@ -35,6 +35,35 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Manage API tokens, directly in the database (no API call needed, so
+    /// this is how the first admin token is made).
+    Tokens {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time it is shown).
+    Create {
+        /// read (Get/List/Watch), scan (also CreateScan, CancelScan,
+        /// targets) or admin (also agents, tokens, policy).
+        #[arg(long, value_parser = ["read", "scan", "admin"])]
+        scope: String,
+        /// What the token is for, shown by `tokens list`.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Expire after this long (e.g. 30d, 12h); default never.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id; calls with it fail within seconds.
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use portfleet_controller::{
     ControllerConfig,
-    config::{Cli, Command},
+    auth::{self, Scope},
+    config::{Cli, Command, DatabaseArgs, TokenCommand},
     store::{DatabaseConfig, Store},
     telemetry,
 };
@@ -44,6 +45,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Tokens { database, action } => tokens(&database, action, &shutdown).await,
         Command::Serve(args) => {
             let config = ControllerConfig::from(&args);
             if let Err(e) = config.validate() {
@@ -57,6 +59,63 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `tokens create|list|revoke`, straight against the database.
+async fn tokens(db: &DatabaseArgs, action: TokenCommand, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let store = Store::connect_lazy(&DatabaseConfig::from(db));
+    store.migrate(shutdown).await?;
+    let result = match action {
+        TokenCommand::Create { scope, name, ttl } => {
+            let scope = Scope::parse(&scope).ok_or_else(|| anyhow::anyhow!("--scope: read, scan or admin"))?;
+            let t = auth::create_token(&store, &name, scope, ttl).await?;
+            eprintln!(
+                "created token {} (scope {}{}); it is shown only now:",
+                t.record.id,
+                scope.as_str(),
+                t.record.expires_at.map(|e| format!(", expires {e}")).unwrap_or_default()
+            );
+            println!("{}", t.token);
+            Ok(())
+        }
+        TokenCommand::List => {
+            let mut page = portfleet_controller::store::Page { after: None, limit: 1000 };
+            println!("{:<36}  {:<5}  {:<20}  {:<7}  NAME", "ID", "SCOPE", "CREATED", "STATE");
+            loop {
+                let p = store.list_tokens(page.clone()).await?;
+                for t in &p.items {
+                    let state = if t.revoked_at.is_some() {
+                        "revoked"
+                    } else if t.expires_at.is_some_and(|e| e <= chrono::Utc::now()) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}  {:<5}  {}  {state:<7}  {}",
+                        t.id,
+                        t.scope,
+                        t.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        t.name
+                    );
+                }
+                match p.next {
+                    Some(next) => page.after = Some(next),
+                    None => break Ok(()),
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            if store.revoke_token(id).await? {
+                eprintln!("revoked token {id}");
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("no token {id}"))
+            }
+        }
+    };
+    store.close().await;
+    result
 }
 
 /// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits

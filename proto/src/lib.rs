@@ -14,3 +14,51 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 /// Agent protocol versions this build speaks (see docs/protocol.md).
 pub const PROTOCOL_VERSION_MIN: u32 = 1;
 pub const PROTOCOL_VERSION_MAX: u32 = 1;
+
+/// Clients of `ScanService` send an API token as `authorization: Bearer
+/// <token>` on every call (docs/security.md).
+pub mod auth {
+    use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel};
+
+    /// Adds the bearer token to every request (none when empty).
+    #[derive(Clone)]
+    pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+    impl Bearer {
+        /// Fails if the token holds characters a header cannot carry.
+        pub fn new(token: &str) -> Result<Self, String> {
+            if token.is_empty() {
+                return Ok(Self(None));
+            }
+            let mut v: MetadataValue<_> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "the API token has characters a header cannot carry".to_string())?;
+            v.set_sensitive(true);
+            Ok(Self(Some(v)))
+        }
+    }
+
+    impl std::fmt::Debug for Bearer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(if self.0.is_some() { "Bearer(..)" } else { "Bearer(none)" })
+        }
+    }
+
+    impl Interceptor for Bearer {
+        fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+            if let Some(v) = &self.0 {
+                request.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(request)
+        }
+    }
+
+    /// A `ScanService` client that sends a token.
+    pub type ApiClient = crate::v1::scan_service_client::ScanServiceClient<
+        tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+    >;
+
+    pub fn client(channel: Channel, bearer: Bearer) -> ApiClient {
+        crate::v1::scan_service_client::ScanServiceClient::with_interceptor(channel, bearer)
+    }
+}

@@ -3,8 +3,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use portfleet_controller::{ControllerConfig, ControllerError};
-use portfleet_proto::v1::scan_service_client::ScanServiceClient;
+use portfleet_controller::{
+    ControllerConfig, ControllerError,
+    auth::{self, Scope},
+    store::{DatabaseConfig, Store},
+};
+use portfleet_proto::auth::{ApiClient, Bearer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -14,6 +18,9 @@ use crate::eventually;
 
 pub struct TestController {
     pub addr: SocketAddr,
+    /// An admin API token, which [`Self::client`] sends.
+    pub token: String,
+    database: DatabaseConfig,
     cancel: CancellationToken,
     handle: Option<JoinHandle<Result<(), ControllerError>>>,
 }
@@ -25,10 +32,21 @@ impl TestController {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let cancel = CancellationToken::new();
+        let database = config.database.clone();
         let handle = tokio::spawn(portfleet_controller::run(config, listener, cancel.clone()));
-        let this = Self { addr, cancel, handle: Some(handle) };
+        let mut this = Self { addr, token: String::new(), database, cancel, handle: Some(handle) };
         this.wait_serving().await;
+        this.token = this.new_token(Scope::Admin).await;
         this
+    }
+
+    /// A new API token of `scope`, made in the database as
+    /// `portfleet-controller tokens create` makes it.
+    pub async fn new_token(&self, scope: Scope) -> String {
+        let store = Store::connect_lazy(&self.database);
+        let t = auth::create_token(&store, "test", scope, None).await.expect("create token");
+        store.close().await;
+        t.token
     }
 
     pub fn url(&self) -> String {
@@ -39,8 +57,14 @@ impl TestController {
         Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to controller")
     }
 
-    pub async fn client(&self) -> ScanServiceClient<Channel> {
-        ScanServiceClient::new(self.channel().await)
+    /// A ScanService client with an admin token.
+    pub async fn client(&self) -> ApiClient {
+        self.client_with(&self.token).await
+    }
+
+    /// A ScanService client sending `token` (none when empty).
+    pub async fn client_with(&self, token: &str) -> ApiClient {
+        portfleet_proto::auth::client(self.channel().await, Bearer::new(token).expect("token"))
     }
 
     async fn wait_serving(&self) {

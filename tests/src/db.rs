@@ -54,6 +54,22 @@ impl TestDb {
         &self.name
     }
 
+    /// A new API token of `scope` in this database (migrated first), as
+    /// `portfleet-controller tokens create` makes it.
+    pub async fn token(&self, scope: portfleet_controller::auth::Scope) -> String {
+        use portfleet_controller::store::{DatabaseConfig, Store};
+        let config = DatabaseConfig {
+            options: self.options(),
+            pool_size: 2,
+            acquire_timeout: std::time::Duration::from_secs(10),
+        };
+        let store = Store::connect_lazy(&config);
+        store.migrate(&Default::default()).await.expect("migrate");
+        let t = portfleet_controller::auth::create_token(&store, "test", scope, None).await.expect("create token");
+        store.close().await;
+        t.token
+    }
+
     /// A connection for assertions made straight against the tables.
     pub async fn connect(&self) -> PgConnection {
         PgConnection::connect(&self.url).await.expect("connect to test database")

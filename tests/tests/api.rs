@@ -5,12 +5,12 @@
 use std::{collections::HashSet, time::Duration};
 
 use portfleet_controller::ControllerConfig;
-use portfleet_proto::v1::{self as pb, scan_service_client::ScanServiceClient};
+use portfleet_proto::{auth::ApiClient, v1 as pb};
 use portfleet_tests::{TcpProxy, TestController, TestDb, eventually};
 use sqlx::Row;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-async fn setup() -> (TestDb, TestController, ScanServiceClient<Channel>) {
+async fn setup() -> (TestDb, TestController, ApiClient) {
     let db = TestDb::create().await;
     let controller = TestController::start(ControllerConfig::new(db.options())).await;
     let client = controller.client().await;

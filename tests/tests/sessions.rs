@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use portfleet_proto::v1::{self as pb, scan_service_client::ScanServiceClient, watch_scan_response::Event};
+use portfleet_proto::{
+    auth::{ApiClient, Bearer},
+    v1::{self as pb, watch_scan_response::Event},
+};
 use portfleet_tests::{
     TestDb,
     netns::{LIVE_V4, NetTopology, random_open_set},
@@ -68,14 +71,15 @@ impl Setup {
         self.agents.push(p);
     }
 
-    async fn client(&self, url: &str) -> ScanServiceClient<Channel> {
+    async fn client(&self, url: &str) -> ApiClient {
         let url = url.to_string();
         let channel = portfleet_tests::eventually("the controller to answer", Duration::from_secs(30), || {
             let url = url.clone();
             async move { Channel::from_shared(url).ok()?.connect().await.ok() }
         })
         .await;
-        ScanServiceClient::new(channel)
+        let token = self.db.token(portfleet_controller::auth::Scope::Admin).await;
+        portfleet_proto::auth::client(channel, Bearer::new(&token).unwrap())
     }
 }
 
@@ -90,7 +94,7 @@ fn scan_request(rate: u32, ports: &str) -> pb::CreateScanRequest {
 }
 
 async fn wait_until(
-    client: &mut ScanServiceClient<Channel>,
+    client: &mut ApiClient,
     id: &str,
     timeout: Duration,
     what: &str,
@@ -111,7 +115,7 @@ async fn wait_until(
     }
 }
 
-async fn completed(client: &mut ScanServiceClient<Channel>, id: &str) -> pb::Scan {
+async fn completed(client: &mut ApiClient, id: &str) -> pb::Scan {
     wait_until(client, id, Duration::from_secs(90), "completion", |s| {
         assert_ne!(s.state, pb::ScanState::Failed as i32, "scan failed: {}", s.error);
         s.state == pb::ScanState::Completed as i32
@@ -119,7 +123,7 @@ async fn completed(client: &mut ScanServiceClient<Channel>, id: &str) -> pb::Sca
     .await
 }
 
-async fn results(client: &mut ScanServiceClient<Channel>, id: &str) -> BTreeSet<SocketAddr> {
+async fn results(client: &mut ApiClient, id: &str) -> BTreeSet<SocketAddr> {
     let mut out = BTreeSet::new();
     let mut token = String::new();
     loop {
@@ -159,7 +163,7 @@ async fn assert_written_once(db: &TestDb, scan_id: &str, expected: usize) {
     assert_eq!(row.get::<i64, _>("d"), expected as i64);
 }
 
-async fn agent_ids(client: &mut ScanServiceClient<Channel>) -> HashMap<String, String> {
+async fn agent_ids(client: &mut ApiClient) -> HashMap<String, String> {
     let agents = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
     agents.into_iter().map(|a| (a.name, a.id)).collect()
 }

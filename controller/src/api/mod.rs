@@ -17,6 +17,7 @@ pub use self::status::{store_status, to_status};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    auth::{Authorizer, Scope},
     notify::Notifier,
     scans::{ScanManager, ScanRequestInput},
     store::{NewTarget, Page, Store, TargetFilter},
@@ -32,6 +33,7 @@ pub struct ScanApi {
     notifier: Notifier,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    auth: Authorizer,
 }
 
 impl ScanApi {
@@ -42,7 +44,8 @@ impl ScanApi {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
-        Self { scans, store, notifier, shutdown, tracker }
+        let auth = Authorizer::new(store.clone(), std::time::Duration::from_secs(5));
+        Self { scans, store, notifier, shutdown, tracker, auth }
     }
 }
 
@@ -54,6 +57,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::CreateTargetsRequest>,
     ) -> Result<Response<pb::CreateTargetsResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Scan, "CreateTargets").await?;
         let targets = request.into_inner().targets;
         if targets.is_empty() {
             return Err(Status::invalid_argument("targets: give at least one target"));
@@ -97,6 +101,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::ListTargetsRequest>,
     ) -> Result<Response<pb::ListTargetsResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Read, "ListTargets").await?;
         let r = request.into_inner();
         let page = Page { after: page::decode("targets", &r.page_token)?, limit: page::size(r.page_size, 100, 1000) };
         let filter = TargetFilter { group: r.group.map(|g| g.trim().to_string()), enabled_only: r.enabled_only };
@@ -111,6 +116,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::DeleteTargetRequest>,
     ) -> Result<Response<pb::DeleteTargetResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Scan, "DeleteTarget").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
         if !self.store.delete_target(id).await.map_err(store_status)? {
             return Err(Status::not_found(format!("target {id} not found")));
@@ -119,12 +125,14 @@ impl ScanService for ScanApi {
     }
 
     async fn create_scan(&self, request: Request<pb::CreateScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Scan, "CreateScan").await?;
         let input = ScanRequestInput::try_from(request.into_inner())?;
         let (scan, _) = self.scans.create(input).await.map_err(to_status)?;
         Ok(Response::new(scan.into()))
     }
 
     async fn get_scan(&self, request: Request<pb::GetScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Read, "GetScan").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let scan = self.scans.get(id).await.map_err(to_status)?;
         Ok(Response::new(scan.into()))
@@ -134,6 +142,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::ListScansRequest>,
     ) -> Result<Response<pb::ListScansResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Read, "ListScans").await?;
         let r = request.into_inner();
         let state = convert::scan_state_from_pb(r.state)?;
         let page = Page { after: page::decode("scans", &r.page_token)?, limit: page::size(r.page_size, 50, 1000) };
@@ -145,6 +154,7 @@ impl ScanService for ScanApi {
     }
 
     async fn cancel_scan(&self, request: Request<pb::CancelScanRequest>) -> Result<Response<pb::Scan>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Scan, "CancelScan").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let scan = self.scans.cancel(id).await.map_err(to_status)?;
         Ok(Response::new(scan.into()))
@@ -154,6 +164,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Read, "ListResults").await?;
         let r = request.into_inner();
         let scan_id = convert::parse_id("scan_id", &r.scan_id)?;
         let page =
@@ -170,6 +181,7 @@ impl ScanService for ScanApi {
     type WatchScanStream = WatchStream;
 
     async fn watch_scan(&self, request: Request<pb::WatchScanRequest>) -> Result<Response<WatchStream>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Read, "WatchScan").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let scan = self.scans.get(id).await.map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -178,6 +190,7 @@ impl ScanService for ScanApi {
     }
 
     async fn drain_agent(&self, request: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Admin, "DrainAgent").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let agent = self.store.drain_agent(id).await.map_err(store_status)?;
         let agent = agent.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
@@ -191,6 +204,7 @@ impl ScanService for ScanApi {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Admin, "ListAgents").await?;
         let r = request.into_inner();
         let state = convert::agent_state_from_pb(r.state)?;
         let page = Page { after: page::decode("agents", &r.page_token)?, limit: page::size(r.page_size, 100, 1000) };

@@ -9,6 +9,7 @@ mod leases;
 mod results;
 mod scans;
 mod targets;
+mod tokens;
 
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ pub use leases::{
 pub use results::{ResultKey, ResultRecord};
 pub use scans::{NewScan, NewShard, ScanRecord, ScanState};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};
+pub use tokens::TokenRecord;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

@@ -24,7 +24,6 @@ use std::{
 use portfleet_core::{AddressSet, PortSet, ScanSpace, permutation::Permutation};
 use portfleet_proto::v1::{
     self as pb, agent_message::Frame as Out, agent_service_client::AgentServiceClient, controller_message::Frame as In,
-    scan_service_client::ScanServiceClient,
 };
 use portfleet_tests::TestDb;
 use tokio::sync::mpsc;
@@ -130,7 +129,11 @@ async fn ingest(args: &[String]) {
     let db = TestDb::create().await;
     let ctl = start_controller(&db).await;
     let pid = ctl.child.id();
-    let mut api = ScanServiceClient::new(Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap());
+    let token = db.token(portfleet_controller::auth::Scope::Admin).await;
+    let mut api = portfleet_proto::auth::client(
+        Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
+        portfleet_proto::auth::Bearer::new(&token).unwrap(),
+    );
     // 2^24 addresses x 256 ports: 4096 shards of ~1M positions, more than
     // enough distinct (ip, port) pairs. Nothing is probed: the agents are
     // simulated and only report.
@@ -323,7 +326,11 @@ async fn fleet(args: &[String]) {
         rss_idle = rss_idle.max(rss_mb(pid));
     }
     let idle_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let mut api = ScanServiceClient::new(Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap());
+    let token = db.token(portfleet_controller::auth::Scope::Admin).await;
+    let mut api = portfleet_proto::auth::client(
+        Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
+        portfleet_proto::auth::Bearer::new(&token).unwrap(),
+    );
     let mut latencies = Vec::new();
     for i in 0..scans {
         let start = Instant::now();

@@ -1,0 +1,13 @@
+-- API tokens (docs/security.md). Only a SHA-256 of each token's secret is
+-- stored; the token itself is shown once, when it is created. Scopes are
+-- ordered: admin includes scan, scan includes read.
+CREATE TABLE api_tokens (
+    id           uuid PRIMARY KEY,
+    name         text NOT NULL,
+    scope        text NOT NULL CHECK (scope IN ('read', 'scan', 'admin')),
+    secret_hash  bytea NOT NULL CHECK (length(secret_hash) = 32),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz,
+    revoked_at   timestamptz,
+    last_used_at timestamptz
+);
