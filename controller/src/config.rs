@@ -10,7 +10,7 @@ use sqlx::postgres::PgConnectOptions;
 use crate::{
     ingress::{IngressConfig, NaabuDefaults, NaabuM8Config},
     scans::ScanLimits,
-    store::DatabaseConfig,
+    store::{DatabaseConfig, ScopeRules},
 };
 
 #[derive(Parser, Debug)]
@@ -118,6 +118,13 @@ pub struct ServeArgs {
     /// A shard may fail this many times before its scan fails.
     #[arg(long, env = "PORTFLEET_MAX_SHARD_FAILURES", default_value_t = 3)]
     pub max_shard_failures: i32,
+    /// Add these CIDRs to the scope policy's allow-list (kept in the
+    /// database). With no allow rule at all, nothing may be scanned.
+    #[arg(long, env = "PORTFLEET_ALLOW", value_parser = parse_cidr_list, default_value = "")]
+    pub allow: CidrList,
+    /// Add these CIDRs to the scope policy's deny-list (deny wins).
+    #[arg(long, env = "PORTFLEET_DENY", value_parser = parse_cidr_list, default_value = "")]
+    pub deny: CidrList,
     #[command(flatten)]
     pub amqp: AmqpArgs,
 }
@@ -259,6 +266,8 @@ pub struct ControllerConfig {
     pub fleet: FleetConfig,
     /// The RabbitMQ ingress, when configured.
     pub ingress: Option<IngressConfig>,
+    /// Scope rules added to the database's at start.
+    pub policy: ScopeRules,
     pub shutdown_timeout: Duration,
 }
 
@@ -270,6 +279,7 @@ impl ControllerConfig {
             limits: ScanLimits::default(),
             fleet: FleetConfig::default(),
             ingress: None,
+            policy: ScopeRules::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -303,6 +313,14 @@ impl ControllerConfig {
     }
 }
 
+/// A comma-separated list of CIDR blocks (or addresses).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrList(pub Vec<ipnet::IpNet>);
+
+fn parse_cidr_list(s: &str) -> Result<CidrList, String> {
+    portfleet_core::policy::parse_cidrs(s).map(CidrList)
+}
+
 impl From<&DatabaseArgs> for DatabaseConfig {
     fn from(a: &DatabaseArgs) -> Self {
         Self { options: a.database_url.clone(), pool_size: a.db_pool_size, acquire_timeout: a.db_acquire_timeout }
@@ -328,6 +346,7 @@ impl From<&ServeArgs> for ControllerConfig {
                 ..FleetConfig::default()
             },
             ingress: a.amqp.config(),
+            policy: ScopeRules { allow: a.allow.0.clone(), deny: a.deny.0.clone() },
             shutdown_timeout: a.shutdown_timeout,
         }
     }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod ingress;
 pub mod notify;
+pub mod policy;
 pub mod scans;
 pub mod scheduler;
 pub mod sessions;
@@ -56,6 +57,14 @@ pub async fn run(
         Ok(()) => {}
         Err(StoreError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
+    }
+    store.add_scope_rules("allow", &config.policy.allow).await?;
+    store.add_scope_rules("deny", &config.policy.deny).await?;
+    let rules = store.scope_rules().await?;
+    if rules.allow.is_empty() {
+        tracing::warn!("the scope policy allows nothing: every scan will be refused until `serve --allow CIDR,...`");
+    } else {
+        tracing::info!(allow = ?rules.allow, deny = ?rules.deny, "scope policy");
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "controller serving");
 

@@ -5,10 +5,15 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use futures::{StreamExt, TryStreamExt, stream};
-use portfleet_core::{AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ShardPolicy, TargetSpec, plan};
+use portfleet_core::{
+    AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, plan,
+};
 use uuid::Uuid;
 
-use crate::store::{NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError};
+use crate::{
+    policy::PolicySource,
+    store::{NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError},
+};
 
 /// Limits on what one scan may ask for.
 #[derive(Clone, Debug)]
@@ -106,6 +111,9 @@ pub enum ScanError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Outside the scope policy.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -205,11 +213,13 @@ enum Prepared {
 pub struct ScanManager {
     store: Store,
     limits: ScanLimits,
+    policy: PolicySource,
 }
 
 impl ScanManager {
     pub fn new(store: Store, limits: ScanLimits) -> Self {
-        Self { store, limits }
+        let policy = PolicySource::new(store.clone());
+        Self { store, limits, policy }
     }
 
     pub fn limits(&self) -> &ScanLimits {
@@ -244,12 +254,14 @@ impl ScanManager {
             .into_iter()
             .filter_map(|r| Some((r.request_id.clone()?, r)))
             .collect();
+        // One policy for the whole batch.
+        let policy = self.policy.current().await?;
         let prepared: Vec<Result<Prepared, ScanError>> = stream::iter(requests)
             .map(|req| async {
                 let req = req?;
                 match req.request_id.as_ref().and_then(|id| known.get(id)) {
                     Some(existing) => Ok(Prepared::Existing(Box::new(existing.clone()))),
-                    None => self.prepare(&req).await.map(|new| Prepared::New(Box::new(new))),
+                    None => self.prepare(&req, &policy).await.map(|new| Prepared::New(Box::new(new))),
                 }
             })
             .buffered(32)
@@ -282,7 +294,7 @@ impl ScanManager {
     }
 
     /// Expands the group, resolves names and plans: everything but storing.
-    async fn prepare(&self, req: &ScanRequest) -> Result<NewScan, ScanError> {
+    async fn prepare(&self, req: &ScanRequest, policy: &ScopePolicy) -> Result<NewScan, ScanError> {
         let mut specs: Vec<(TargetSpec, String)> =
             req.targets.iter().enumerate().map(|(i, t)| (t.clone(), format!("targets[{i}]"))).collect();
         if let Some(group) = &req.target_group {
@@ -315,6 +327,14 @@ impl ScanManager {
         })
         .map_err(|e| invalid("targets", e))?;
         let space = &plan.space;
+        if let Some(range) = policy.first_offending(space.addresses()) {
+            let why = if policy.is_empty() {
+                "the scope policy allows nothing yet (serve --allow CIDR,...; docs/security.md)".to_string()
+            } else {
+                "it is outside the scope policy (docs/security.md)".to_string()
+            };
+            return Err(ScanError::PermissionDenied(format!("targets: {range} may not be scanned: {why}")));
+        }
         Ok(NewScan {
             id: Uuid::now_v7(),
             request_id: req.request_id.clone(),

@@ -8,6 +8,7 @@
 pub mod addrs;
 pub mod permutation;
 pub mod plan;
+pub mod policy;
 pub mod ports;
 pub mod shard;
 pub mod space;
@@ -17,6 +18,7 @@ mod top_ports;
 pub use addrs::{AddrRange, AddressSet};
 pub use permutation::Permutation;
 pub use plan::{Plan, PlanInput, ResolvedTarget, plan};
+pub use policy::ScopePolicy;
 pub use ports::PortSet;
 pub use shard::{ShardPolicy, ShardRange};
 pub use space::ScanSpace;

@@ -16,6 +16,16 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::eventually;
 
+/// A controller's defaults, with a scope policy that allows every address
+/// the tests name, loopback included (TEST-NET addresses are never probed:
+/// the in-process tests' agents are simulated; real scans go to network
+/// namespaces the tests build).
+pub fn controller_config(database: sqlx::postgres::PgConnectOptions) -> ControllerConfig {
+    let mut c = ControllerConfig::new(database);
+    c.policy.allow = portfleet_core::policy::parse_cidrs("0.0.0.0/0,::/0,127.0.0.0/8,::1/128").expect("cidrs");
+    c
+}
+
 pub struct TestController {
     pub addr: SocketAddr,
     /// An admin API token, which [`Self::client`] sends.

@@ -15,7 +15,7 @@ pub mod proxy;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
-pub use controller::TestController;
+pub use controller::{TestController, controller_config};
 pub use db::TestDb;
 pub use proxy::TcpProxy;
 

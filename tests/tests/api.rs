@@ -4,7 +4,6 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use portfleet_controller::ControllerConfig;
 use portfleet_proto::{auth::ApiClient, v1 as pb};
 use portfleet_tests::{TcpProxy, TestController, TestDb, eventually};
 use sqlx::Row;
@@ -12,7 +11,7 @@ use tonic::Code;
 
 async fn setup() -> (TestDb, TestController, ApiClient) {
     let db = TestDb::create().await;
-    let controller = TestController::start(ControllerConfig::new(db.options())).await;
+    let controller = TestController::start(portfleet_tests::controller_config(db.options())).await;
     let client = controller.client().await;
     (db, controller, client)
 }
@@ -123,7 +122,7 @@ async fn targets_are_stored_listed_and_deleted() {
 async fn scans_by_address_cidr_hostname_and_group() {
     let (db, _c, mut client) = setup().await;
 
-    let one = client.create_scan(scan_req(&["192.0.2.7"], "22,80,443")).await.unwrap().into_inner();
+    let one = client.create_scan(scan_req(&["198.51.100.7"], "22,80,443")).await.unwrap().into_inner();
     assert_eq!(one.state, pb::ScanState::Pending as i32);
     assert_eq!((one.address_count, one.port_count, one.probes_planned), (1, 3, 3));
     let request = one.request.as_ref().unwrap();
@@ -159,7 +158,7 @@ async fn scans_by_address_cidr_hostname_and_group() {
                 target("203.0.113.0/28", "dmz", None),
                 target("203.0.113.100", "dmz", None),
                 target("203.0.113.200", "dmz", Some(false)),
-                target("192.0.2.1", "other", None),
+                target("198.51.100.1", "other", None),
             ],
         })
         .await
@@ -200,7 +199,7 @@ async fn list_scans_paginates_newest_first_and_filters() {
     let (_db, _c, mut client) = setup().await;
     let mut created = Vec::new();
     for i in 0..7 {
-        let s = client.create_scan(scan_req(&[&format!("192.0.2.{i}")], "80")).await.unwrap().into_inner();
+        let s = client.create_scan(scan_req(&[&format!("198.51.100.{i}")], "80")).await.unwrap().into_inner();
         created.push(s.id);
     }
     let mut pages = Vec::new();
@@ -248,7 +247,7 @@ async fn list_scans_paginates_newest_first_and_filters() {
 #[tokio::test]
 async fn request_id_returns_the_same_scan() {
     let (db, _c, client) = setup().await;
-    let mut req = scan_req(&["192.0.2.0/29"], "80");
+    let mut req = scan_req(&["198.51.100.0/29"], "80");
     req.request_id = "order-42".into();
     let first = client.clone().create_scan(req.clone()).await.unwrap().into_inner();
     let second = client.clone().create_scan(req.clone()).await.unwrap().into_inner();
@@ -271,7 +270,7 @@ async fn request_id_returns_the_same_scan() {
 #[tokio::test]
 async fn cancel_moves_scan_and_shards_to_cancelled() {
     let (db, _c, mut client) = setup().await;
-    let scan = client.create_scan(scan_req(&["192.0.2.0/24"], "top-1000")).await.unwrap().into_inner();
+    let scan = client.create_scan(scan_req(&["198.51.100.0/24"], "top-1000")).await.unwrap().into_inner();
     assert!(scan.shard_count > 1);
     let cancelled = client.cancel_scan(pb::CancelScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
     assert_eq!(cancelled.state, pb::ScanState::Cancelled as i32);
@@ -287,7 +286,7 @@ async fn cancel_moves_scan_and_shards_to_cancelled() {
     let again = client.cancel_scan(pb::CancelScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
     assert_eq!(again.state, pb::ScanState::Cancelled as i32);
 
-    let done = client.create_scan(scan_req(&["192.0.2.1"], "80")).await.unwrap().into_inner();
+    let done = client.create_scan(scan_req(&["198.51.100.1"], "80")).await.unwrap().into_inner();
     sqlx::query("UPDATE scans SET state = 'completed' WHERE id = $1::uuid")
         .bind(&done.id)
         .execute(&mut conn)
@@ -359,7 +358,7 @@ async fn bad_input_gets_the_exact_code_and_writes_nothing() {
     // A token from another list is refused too.
     for i in 0..3 {
         client
-            .create_targets(pb::CreateTargetsRequest { targets: vec![target(&format!("192.0.2.{i}"), "", None)] })
+            .create_targets(pb::CreateTargetsRequest { targets: vec![target(&format!("198.51.100.{i}"), "", None)] })
             .await
             .unwrap();
     }
@@ -385,7 +384,7 @@ async fn bad_input_gets_the_exact_code_and_writes_nothing() {
 #[tokio::test]
 async fn results_page_in_scan_order_with_hostnames() {
     let (db, _c, mut client) = setup().await;
-    let scan = client.create_scan(scan_req(&["localhost", "192.0.2.0/30"], "22,80,443")).await.unwrap().into_inner();
+    let scan = client.create_scan(scan_req(&["localhost", "198.51.100.0/30"], "22,80,443")).await.unwrap().into_inner();
     // Ingest arrives with agent sessions; write rows the way it does.
     let mut conn = db.connect().await;
     sqlx::query(
@@ -396,7 +395,7 @@ async fn results_page_in_scan_order_with_hostnames() {
     )
     .bind(&scan.id)
     .bind(vec![9i64, 2, 14, 5, 0])
-    .bind(vec!["192.0.2.2", "192.0.2.1", "127.0.0.1", "192.0.2.1", "192.0.2.3"])
+    .bind(vec!["198.51.100.2", "198.51.100.1", "127.0.0.1", "198.51.100.1", "198.51.100.3"])
     .bind(vec![80, 443, 22, 22, 80])
     .execute(&mut conn)
     .await
@@ -420,10 +419,10 @@ async fn results_page_in_scan_order_with_hostnames() {
     assert_eq!(
         keys,
         [
-            ("192.0.2.3".to_string(), 80),
-            ("192.0.2.1".to_string(), 443),
-            ("192.0.2.1".to_string(), 22),
-            ("192.0.2.2".to_string(), 80),
+            ("198.51.100.3".to_string(), 80),
+            ("198.51.100.1".to_string(), 443),
+            ("198.51.100.1".to_string(), 22),
+            ("198.51.100.2".to_string(), 80),
             ("127.0.0.1".to_string(), 22),
         ]
     );
@@ -438,14 +437,14 @@ async fn database_outage_is_unavailable_then_recovers() {
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let mut options = db.options();
     options = options.host("127.0.0.1").port(proxy.addr().port());
-    let mut config = ControllerConfig::new(options);
+    let mut config = portfleet_tests::controller_config(options);
     config.database.acquire_timeout = Duration::from_millis(500);
     let controller = TestController::start(config).await;
     let mut client = controller.client().await;
-    client.create_scan(scan_req(&["192.0.2.1"], "80")).await.unwrap();
+    client.create_scan(scan_req(&["198.51.100.1"], "80")).await.unwrap();
 
     proxy.cut();
-    assert_status(client.create_scan(scan_req(&["192.0.2.2"], "80")).await, Code::Unavailable, &["database"]);
+    assert_status(client.create_scan(scan_req(&["198.51.100.2"], "80")).await, Code::Unavailable, &["database"]);
     assert_status(client.list_scans(pb::ListScansRequest::default()).await, Code::Unavailable, &["database"]);
 
     proxy.restore();
@@ -455,7 +454,7 @@ async fn database_outage_is_unavailable_then_recovers() {
     })
     .await;
     assert_eq!(scans.into_inner().scans.len(), 1);
-    client.create_scan(scan_req(&["192.0.2.3"], "80")).await.unwrap();
+    client.create_scan(scan_req(&["198.51.100.3"], "80")).await.unwrap();
     controller.stop().await.unwrap();
 }
 
@@ -463,10 +462,10 @@ async fn database_outage_is_unavailable_then_recovers() {
 async fn controllers_starting_together_migrate_once_and_stop_cleanly() {
     let db = TestDb::create().await;
     let (a, b) = tokio::join!(
-        TestController::start(ControllerConfig::new(db.options())),
-        TestController::start(ControllerConfig::new(db.options())),
+        TestController::start(portfleet_tests::controller_config(db.options())),
+        TestController::start(portfleet_tests::controller_config(db.options())),
     );
-    let scan = a.client().await.create_scan(scan_req(&["192.0.2.1"], "80")).await.unwrap().into_inner();
+    let scan = a.client().await.create_scan(scan_req(&["198.51.100.1"], "80")).await.unwrap().into_inner();
     let seen = b.client().await.get_scan(pb::GetScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
     assert_eq!(seen.id, scan.id);
     let started = std::time::Instant::now();
@@ -484,7 +483,8 @@ async fn a_controller_waiting_for_its_database_stops_on_request() {
         sqlx::postgres::PgConnectOptions::new().host("127.0.0.1").port(proxy.addr().port()).username("postgres");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn(portfleet_controller::run(ControllerConfig::new(options), listener, cancel.clone()));
+    let run =
+        tokio::spawn(portfleet_controller::run(portfleet_tests::controller_config(options), listener, cancel.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!run.is_finished(), "the controller should wait for its database");
     cancel.cancel();

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use portfleet_controller::{
-    ControllerConfig,
     auth::{self, Scope},
     store::{DatabaseConfig, Store},
 };
@@ -22,7 +21,7 @@ async fn call(c: &mut ApiClient, rpc: &str, scan_id: &str) -> Code {
     match rpc {
         "CreateTargets" => code(
             c.create_targets(pb::CreateTargetsRequest {
-                targets: vec![pb::Target { value: "192.0.2.9".into(), ..Default::default() }],
+                targets: vec![pb::Target { value: "198.51.100.9".into(), ..Default::default() }],
             })
             .await
             .map(drop),
@@ -33,7 +32,7 @@ async fn call(c: &mut ApiClient, rpc: &str, scan_id: &str) -> Code {
         }
         "CreateScan" => code(
             c.create_scan(pb::CreateScanRequest {
-                targets: vec!["192.0.2.1".into()],
+                targets: vec!["198.51.100.1".into()],
                 ports: "80".into(),
                 ..Default::default()
             })
@@ -73,14 +72,14 @@ const RPCS: &[(&str, Scope)] = &[
 #[tokio::test]
 async fn every_rpc_answers_each_scope_with_the_exact_code() {
     let db = TestDb::create().await;
-    let c = TestController::start(ControllerConfig::new(db.options())).await;
+    let c = TestController::start(portfleet_tests::controller_config(db.options())).await;
     // A scan to name; cancelling it is fine (a second cancel is
     // FAILED_PRECONDITION, which is still not an auth code).
     let scan = c
         .client()
         .await
         .create_scan(pb::CreateScanRequest {
-            targets: vec!["192.0.2.7".into()],
+            targets: vec!["198.51.100.7".into()],
             ports: "80".into(),
             ..Default::default()
         })
@@ -114,7 +113,7 @@ async fn every_rpc_answers_each_scope_with_the_exact_code() {
 #[tokio::test]
 async fn bad_revoked_and_expired_tokens_are_refused() {
     let db = TestDb::create().await;
-    let c = TestController::start(ControllerConfig::new(db.options())).await;
+    let c = TestController::start(portfleet_tests::controller_config(db.options())).await;
     let list = async |token: &str| {
         let mut client = c.client_with(token).await;
         client.list_scans(pb::ListScansRequest::default()).await.err().map_or(Code::Ok, |s| s.code())

@@ -19,11 +19,12 @@ fn props(message_id: &str) -> BasicProperties {
 }
 
 fn request(i: usize) -> Vec<u8> {
-    format!(r#"{{"targets":["192.0.2.{}"],"ports":"80,443","scan_type":"syn","rate":500}}"#, i % 250 + 1).into_bytes()
+    format!(r#"{{"targets":["198.51.100.{}"],"ports":"80,443","scan_type":"syn","rate":500}}"#, i % 250 + 1)
+        .into_bytes()
 }
 
 fn config(db: &TestDb, broker: &TestBroker) -> ControllerConfig {
-    let mut c = ControllerConfig::new(db.options());
+    let mut c = portfleet_tests::controller_config(db.options());
     c.ingress = Some(broker.config.clone());
     c
 }
@@ -118,7 +119,7 @@ async fn a_redelivered_message_makes_one_scan() {
         broker.publish(&broker.config.exchange, &key, &request(1), props("same-id")).await;
     }
     // And one without any id: the digest of its content is the key.
-    let body = br#"{"targets":["192.0.2.77"],"ports":"22"}"#;
+    let body = br#"{"targets":["198.51.100.77"],"ports":"22"}"#;
     for _ in 0..2 {
         broker.publish(&broker.config.exchange, &key, body, BasicProperties::default()).await;
     }
@@ -214,10 +215,10 @@ async fn naabum8_messages_make_the_right_scans_and_announce_completion() {
     let mut api = controller.client().await;
     api.create_targets(pb::CreateTargetsRequest {
         targets: vec![
-            pb::Target { value: "192.0.2.10".into(), group: "42".into(), ..Default::default() },
-            pb::Target { value: "192.0.2.11".into(), group: "42".into(), ..Default::default() },
-            pb::Target { value: "192.0.2.12".into(), group: "7".into(), ..Default::default() },
-            pb::Target { value: "192.0.2.13".into(), group: "7".into(), enabled: Some(false), ..Default::default() },
+            pb::Target { value: "198.51.100.10".into(), group: "42".into(), ..Default::default() },
+            pb::Target { value: "198.51.100.11".into(), group: "42".into(), ..Default::default() },
+            pb::Target { value: "198.51.100.12".into(), group: "7".into(), ..Default::default() },
+            pb::Target { value: "198.51.100.13".into(), group: "7".into(), enabled: Some(false), ..Default::default() },
         ],
     })
     .await

@@ -90,7 +90,7 @@ fn refused(f: In, reason: pb::RefusalReason) {
 }
 
 fn config(db: &TestDb) -> ControllerConfig {
-    let mut c = ControllerConfig::new(db.options());
+    let mut c = portfleet_tests::controller_config(db.options());
     c.fleet.hello_timeout = Duration::from_millis(500);
     c.fleet.heartbeat_interval = Duration::from_millis(500);
     c.fleet.lease_ttl = Duration::from_secs(3);
@@ -122,7 +122,7 @@ async fn bad_frames_are_refused_and_the_session_survives() {
     // Nothing probes: this agent is a test double that never sends a packet.
     let scan = api
         .create_scan(pb::CreateScanRequest {
-            targets: vec!["192.0.2.0/30".into()],
+            targets: vec!["198.51.100.0/30".into()],
             ports: "80".into(),
             ..Default::default()
         })
@@ -140,15 +140,15 @@ async fn bad_frames_are_refused_and_the_session_survives() {
     let e2 = second.lease_epoch;
     assert!(e2 > e1);
 
-    agent.send(batch(shard, e1, 1, vec![result([192, 0, 2, 1], 80)])).await;
+    agent.send(batch(shard, e1, 1, vec![result([198, 51, 100, 1], 80)])).await;
     refused(agent.next().await, pb::RefusalReason::StaleEpoch);
-    agent.send(batch(shard + 1000, e2, 1, vec![result([192, 0, 2, 1], 80)])).await;
+    agent.send(batch(shard + 1000, e2, 1, vec![result([198, 51, 100, 1], 80)])).await;
     refused(agent.next().await, pb::RefusalReason::UnknownShard);
-    agent.send(batch(shard, e2, 1, (0..5001).map(|_| result([192, 0, 2, 1], 80)).collect())).await;
+    agent.send(batch(shard, e2, 1, (0..5001).map(|_| result([198, 51, 100, 1], 80)).collect())).await;
     refused(agent.next().await, pb::RefusalReason::BatchTooLarge);
-    agent.send(batch(shard, e2, 5, vec![result([192, 0, 2, 1], 80)])).await;
+    agent.send(batch(shard, e2, 5, vec![result([198, 51, 100, 1], 80)])).await;
     refused(agent.next().await, pb::RefusalReason::OutOfOrder);
-    let five_byte_ip = pb::PortResult { ip: vec![192, 0, 2, 1, 9], ..result([0; 4], 80) };
+    let five_byte_ip = pb::PortResult { ip: vec![198, 51, 100, 1, 9], ..result([0; 4], 80) };
     agent.send(batch(shard, e2, 1, vec![five_byte_ip])).await;
     refused(agent.next().await, pb::RefusalReason::Invalid);
     agent.beat().await;
@@ -156,7 +156,7 @@ async fn bad_frames_are_refused_and_the_session_survives() {
     // A good batch is acked after commit; its resend is acked again and
     // writes nothing twice.
     for _ in 0..2 {
-        agent.send(batch(shard, e2, 1, vec![result([192, 0, 2, 1], 80)])).await;
+        agent.send(batch(shard, e2, 1, vec![result([198, 51, 100, 1], 80)])).await;
         match agent.next().await {
             In::Ack(a) => assert_eq!((a.shard_id, a.lease_epoch, a.seq), (shard, e2, 1)),
             other => panic!("expected Ack, got {other:?}"),
@@ -186,7 +186,7 @@ async fn a_silent_agent_loses_its_session_and_its_lease() {
     let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
     let mut api = c.client().await;
     api.create_scan(pb::CreateScanRequest {
-        targets: vec!["192.0.2.0/30".into()],
+        targets: vec!["198.51.100.0/30".into()],
         ports: "80".into(),
         ..Default::default()
     })
@@ -249,7 +249,7 @@ async fn a_scan_s_rate_is_split_across_its_leases() {
     let mut api = c.client().await;
     // Two shards (the minimum shard is 16384 probes).
     api.create_scan(pb::CreateScanRequest {
-        targets: vec!["192.0.2.0/24".into()],
+        targets: vec!["198.51.100.0/24".into()],
         ports: "1-200".into(),
         rate: 1000,
         ..Default::default()
@@ -276,7 +276,7 @@ async fn labels_and_capabilities_decide_placement() {
     let mut api = c.client().await;
     let us_only = api
         .create_scan(pb::CreateScanRequest {
-            targets: vec!["192.0.2.1".into()],
+            targets: vec!["198.51.100.1".into()],
             ports: "80".into(),
             scan_type: pb::ScanType::Connect as i32,
             agent_selector: [("region".to_string(), "us".to_string())].into(),
@@ -298,7 +298,7 @@ async fn labels_and_capabilities_decide_placement() {
     assert!(waiting.contains("labels"), "{waiting}");
     // A SYN scan that allows the fallback runs as a connect scan here.
     api.create_scan(pb::CreateScanRequest {
-        targets: vec!["192.0.2.2".into()],
+        targets: vec!["198.51.100.4".into()],
         ports: "80".into(),
         allow_connect_fallback: true,
         ..Default::default()
@@ -320,7 +320,7 @@ async fn a_drained_agent_gets_no_new_work() {
     assert_eq!(drained.state, pb::AgentState::Draining as i32);
     assert!(matches!(agent.next().await, In::Drain(_)));
     api.create_scan(pb::CreateScanRequest {
-        targets: vec!["192.0.2.1".into()],
+        targets: vec!["198.51.100.1".into()],
         ports: "80".into(),
         ..Default::default()
     })
@@ -341,7 +341,7 @@ async fn a_shard_that_keeps_failing_fails_its_scan() {
     let mut api = c.client().await;
     let scan = api
         .create_scan(pb::CreateScanRequest {
-            targets: vec!["192.0.2.1".into()],
+            targets: vec!["198.51.100.1".into()],
             ports: "80".into(),
             ..Default::default()
         })

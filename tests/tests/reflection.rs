@@ -1,6 +1,5 @@
 //! Reflection (v1 and v1alpha) and health, as grpcurl would use them.
 
-use portfleet_controller::ControllerConfig;
 use portfleet_tests::{TestController, TestDb};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -12,7 +11,7 @@ const EXPECTED: [&str; 3] =
 #[tokio::test]
 async fn reflection_lists_services_and_health_is_serving() {
     let db = TestDb::create().await;
-    let controller = TestController::start(ControllerConfig::new(db.options())).await;
+    let controller = TestController::start(portfleet_tests::controller_config(db.options())).await;
     let channel = controller.channel().await;
 
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());

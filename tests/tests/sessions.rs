@@ -23,7 +23,8 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Short leases so failover is quick.
-const CTL_ARGS: &[&str] = &["--lease-ttl", "2s", "--heartbeat-interval", "500ms"];
+// The scope policy allows the target namespaces only.
+const CTL_ARGS: &[&str] = &["--lease-ttl", "2s", "--heartbeat-interval", "500ms", "--allow", "10.77.0.0/16,fd77::/16"];
 
 /// Fields drop in order: processes (printing their logs on failure)
 /// before the log directory, the network and the database.

@@ -10,6 +10,7 @@ pub fn to_status(err: ScanError) -> Status {
         ScanError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
         ScanError::NotFound(m) => Status::not_found(m),
         ScanError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ScanError::PermissionDenied(m) => Status::permission_denied(m),
         ScanError::Store(e) => store_status(e),
     }
 }

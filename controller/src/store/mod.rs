@@ -6,6 +6,7 @@ mod agents;
 mod error;
 mod events;
 mod leases;
+mod policy;
 mod results;
 mod scans;
 mod targets;
@@ -26,6 +27,7 @@ pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, PortRecord, ScanParams,
     ShardProgress,
 };
+pub use policy::ScopeRules;
 pub use results::{ResultKey, ResultRecord};
 pub use scans::{NewScan, NewShard, ScanRecord, ScanState};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};

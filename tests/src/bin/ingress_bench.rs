@@ -32,7 +32,7 @@ fn now_micros() -> i64 {
 
 fn body(i: u64, phase: &str) -> Vec<u8> {
     format!(
-        r#"{{"targets":["192.0.2.{}"],"ports":"80,443","rate":100,"labels":{{"sent_us":"{}","phase":"{phase}"}}}}"#,
+        r#"{{"targets":["198.51.100.{}"],"ports":"80,443","rate":100,"labels":{{"sent_us":"{}","phase":"{phase}"}}}}"#,
         i % 250 + 1,
         now_micros()
     )
@@ -107,7 +107,7 @@ async fn main() {
         .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}")])
         .args(["--amqp-url", &c.url, "--amqp-exchange", &c.exchange, "--amqp-queue", &c.queue])
         .args(["--amqp-dead-letter-exchange", &c.dead_letter_exchange, "--amqp-events-exchange", &c.events_exchange])
-        .args(["--db-pool-size", "16"])
+        .args(["--db-pool-size", "16", "--allow", "198.51.100.0/24"])
         .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .spawn()
         .unwrap();

@@ -75,6 +75,7 @@ async fn start_controller(db: &TestDb) -> Controller {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = std::process::Command::new(bin)
         .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}"), "--db-pool-size", "16"])
+        .args(["--allow", "10.0.0.0/8,198.51.100.0/24"])
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
@@ -336,7 +337,7 @@ async fn fleet(args: &[String]) {
         let start = Instant::now();
         let scan = api
             .create_scan(pb::CreateScanRequest {
-                targets: vec![format!("192.0.2.{}", i % 250 + 1)],
+                targets: vec![format!("198.51.100.{}", i % 250 + 1)],
                 ports: "80".into(),
                 ..Default::default()
             })

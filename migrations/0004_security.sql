@@ -11,3 +11,13 @@ CREATE TABLE api_tokens (
     revoked_at   timestamptz,
     last_used_at timestamptz
 );
+
+-- The controller's scope policy: an address may be scanned when an allow
+-- rule covers it and no deny rule does (plus the built-in deny-list, see
+-- docs/security.md). No allow rule: nothing may be scanned.
+CREATE TABLE scope_rules (
+    action     text NOT NULL CHECK (action IN ('allow', 'deny')),
+    cidr       cidr NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (action, cidr)
+);

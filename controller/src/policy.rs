@@ -1,0 +1,62 @@
+//! The controller's scope policy: the operator's rules from Postgres, the
+//! built-in deny-list and this host's own addresses, combined into one
+//! [`ScopePolicy`] that every new scan - from gRPC or RabbitMQ - must fit.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use portfleet_core::{ScopePolicy, policy::default_deny};
+
+use crate::store::{Store, StoreError};
+
+/// Rules are re-read at most this often; a change applies to new scans
+/// within it, on every controller.
+const REFRESH: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct PolicySource {
+    store: Store,
+    builtin: Arc<Vec<IpNet>>,
+    cache: Arc<Mutex<Option<(Instant, Arc<ScopePolicy>)>>>,
+}
+
+impl std::fmt::Debug for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySource").field("builtin", &self.builtin.len()).finish_non_exhaustive()
+    }
+}
+
+/// This host's addresses (never a scan target: scanning the controller
+/// from its own agents is a misconfiguration, not a scan).
+pub fn own_addresses() -> Vec<IpNet> {
+    match if_addrs::get_if_addrs() {
+        Ok(ifs) => ifs.into_iter().map(|i| IpNet::from(i.ip())).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's addresses; they are not in the deny-list");
+            Vec::new()
+        }
+    }
+}
+
+impl PolicySource {
+    pub fn new(store: Store) -> Self {
+        let builtin = [default_deny(), own_addresses()].concat();
+        Self { store, builtin: Arc::new(builtin), cache: Default::default() }
+    }
+
+    /// The policy now in force.
+    pub async fn current(&self) -> Result<Arc<ScopePolicy>, StoreError> {
+        if let Some((at, p)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && at.elapsed() < REFRESH
+        {
+            return Ok(p.clone());
+        }
+        let rules = self.store.scope_rules().await?;
+        let policy = Arc::new(ScopePolicy::new(&rules.allow, &rules.deny, &self.builtin));
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), policy.clone()));
+        Ok(policy)
+    }
+}

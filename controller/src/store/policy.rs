@@ -1,0 +1,48 @@
+//! The scope policy's rules (migrations/0004).
+
+use ipnet::IpNet;
+
+use super::{Store, StoreError};
+
+/// The operator's allow and deny rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScopeRules {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl Store {
+    pub async fn scope_rules(&self) -> Result<ScopeRules, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT action, cidr::text FROM scope_rules ORDER BY action, cidr")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut rules = ScopeRules::default();
+        for (action, cidr) in rows {
+            let net: IpNet =
+                cidr.parse().map_err(|_| StoreError::Corrupt(format!("scope rule {cidr:?} is not a CIDR block")))?;
+            match action.as_str() {
+                "allow" => rules.allow.push(net),
+                _ => rules.deny.push(net),
+            }
+        }
+        Ok(rules)
+    }
+
+    /// Adds rules (existing ones stay); one statement.
+    pub async fn add_scope_rules(&self, action: &str, nets: &[IpNet]) -> Result<(), StoreError> {
+        if nets.is_empty() {
+            return Ok(());
+        }
+        let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        sqlx::query(
+            "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(action)
+        .bind(&cidrs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Scope policy: which addresses may be probed at all. The controller
+//! checks every scan against its policy when the scan is created; the
+//! agent checks every assignment against its own, and the engine checks
+//! each address again before it builds a packet (docs/security.md).
+//!
+//! An address is in scope when an allow entry covers it and no deny entry
+//! does. The built-in deny-list (loopback, link-local, multicast, ...)
+//! applies too, except where the operator allowed a range that lies
+//! entirely inside one of its entries: allowing `127.0.0.1/32` is a
+//! deliberate opt-in, allowing `0.0.0.0/0` is not. Operator deny entries
+//! always win.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::{AddrRange, AddressSet};
+
+/// Never probed unless explicitly allowed (see the module docs).
+pub const DEFAULT_DENY: &[&str] = &[
+    "0.0.0.0/8",          // "this network"
+    "127.0.0.0/8",        // loopback
+    "169.254.0.0/16",     // link-local
+    "224.0.0.0/4",        // multicast
+    "255.255.255.255/32", // limited broadcast
+    "::/128",             // unspecified
+    "::1/128",            // loopback
+    "fe80::/10",          // link-local
+    "ff00::/8",           // multicast
+];
+
+/// The built-in deny-list, parsed.
+pub fn default_deny() -> Vec<IpNet> {
+    DEFAULT_DENY.iter().map(|s| s.parse().expect("built-in CIDR")).collect()
+}
+
+/// The addresses a policy permits, precomputed as one [`AddressSet`], so
+/// a check is a binary search.
+#[derive(Clone, Debug)]
+pub struct ScopePolicy {
+    permitted: AddressSet,
+}
+
+fn set(nets: &[IpNet]) -> AddressSet {
+    AddressSet::new(nets.iter().map(|n| AddrRange::from_net(*n)))
+}
+
+impl ScopePolicy {
+    /// `allow` and `deny` are the operator's; `builtin_deny` is
+    /// [`default_deny`] plus, on a controller, its own addresses.
+    pub fn new(allow: &[IpNet], deny: &[IpNet], builtin_deny: &[IpNet]) -> Self {
+        let opted_in: Vec<IpNet> =
+            allow.iter().filter(|a| builtin_deny.iter().any(|d| d.contains(*a))).copied().collect();
+        let builtin = set(builtin_deny).subtract(&set(&opted_in));
+        let denied = AddressSet::new(set(deny).ranges().iter().chain(builtin.ranges()).copied());
+        Self { permitted: set(allow).subtract(&denied) }
+    }
+
+    /// Permits everything but the built-in deny-list.
+    pub fn allow_all() -> Self {
+        let all: Vec<IpNet> = vec!["0.0.0.0/0".parse().expect("cidr"), "::/0".parse().expect("cidr")];
+        Self::new(&all, &[], &default_deny())
+    }
+
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        self.permitted.contains(ip)
+    }
+
+    /// The first range of `targets` (clipped) that is out of scope.
+    pub fn first_offending(&self, targets: &AddressSet) -> Option<AddrRange> {
+        targets.first_outside(&self.permitted)
+    }
+
+    /// Whether nothing at all is permitted (an empty allow-list).
+    pub fn is_empty(&self) -> bool {
+        self.permitted.is_empty()
+    }
+}
+
+/// Parses a comma-separated list of CIDRs (or bare addresses).
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<IpNet>()
+                .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| format!("{p:?} is not a CIDR block or an address"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &str) -> Vec<IpNet> {
+        parse_cidrs(s).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn targets(s: &[&str]) -> AddressSet {
+        set(&nets(&s.join(",")))
+    }
+
+    #[test]
+    fn an_empty_allow_list_permits_nothing() {
+        let p = ScopePolicy::new(&[], &[], &default_deny());
+        assert!(p.is_empty());
+        assert!(!p.permits(ip("192.0.2.1")));
+        assert_eq!(p.first_offending(&targets(&["192.0.2.0/24"])).unwrap().to_string(), "192.0.2.0-192.0.2.255");
+    }
+
+    #[test]
+    fn deny_wins_and_names_the_first_offending_range() {
+        let p = ScopePolicy::new(&nets("10.0.0.0/8"), &nets("10.1.0.0/16"), &default_deny());
+        assert!(p.permits(ip("10.0.0.1")));
+        assert!(!p.permits(ip("10.1.2.3")));
+        assert!(!p.permits(ip("11.0.0.1")));
+        assert_eq!(p.first_offending(&targets(&["10.0.0.0/24"])), None);
+        let bad = p.first_offending(&targets(&["10.0.255.0/24", "10.1.0.0/24"])).unwrap();
+        assert_eq!(bad.to_string(), "10.1.0.0-10.1.0.255");
+        let bad = p.first_offending(&targets(&["10.255.255.255", "11.0.0.0/30"])).unwrap();
+        assert_eq!(bad.to_string(), "11.0.0.0-11.0.0.3");
+    }
+
+    #[test]
+    fn the_builtin_deny_list_yields_only_to_an_allow_inside_it() {
+        let broad = ScopePolicy::new(&nets("0.0.0.0/0,::/0"), &[], &default_deny());
+        for denied in ["127.0.0.1", "169.254.1.1", "224.0.0.1", "::1", "fe80::1", "ff02::1"] {
+            assert!(!broad.permits(ip(denied)), "{denied}");
+        }
+        assert!(broad.permits(ip("198.51.100.1")) && broad.permits(ip("2001:db8::1")));
+        let opted = ScopePolicy::new(&nets("0.0.0.0/0,127.0.0.1/32"), &[], &default_deny());
+        assert!(opted.permits(ip("127.0.0.1")));
+        assert!(!opted.permits(ip("127.0.0.2")));
+        // An operator deny beats an opt-in.
+        let denied = ScopePolicy::new(&nets("127.0.0.0/8"), &nets("127.0.0.5"), &default_deny());
+        assert!(denied.permits(ip("127.0.0.4")) && !denied.permits(ip("127.0.0.5")));
+    }
+
+    #[test]
+    fn own_addresses_are_denied_like_the_builtins() {
+        let own = [default_deny(), nets("203.0.113.7")].concat();
+        let p = ScopePolicy::new(&nets("203.0.113.0/24"), &[], &own);
+        assert!(!p.permits(ip("203.0.113.7")) && p.permits(ip("203.0.113.8")));
+        assert_eq!(p.first_offending(&targets(&["203.0.113.0/24"])).unwrap().to_string(), "203.0.113.7");
+    }
+
+    #[test]
+    fn parses_lists() {
+        assert_eq!(nets(" 10.0.0.0/8 , 192.0.2.1,::1 ").len(), 3);
+        assert_eq!(nets("10.1.2.3/8")[0].to_string(), "10.0.0.0/8");
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert!(parse_cidrs("example.com").is_err());
+        assert_eq!(parse_cidrs("").unwrap(), vec![]);
+    }
+}
