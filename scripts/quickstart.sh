@@ -38,7 +38,7 @@ trap cleanup EXIT
 "$BIN/portfleet-controller" serve --listen "$LISTEN" --allow "$TARGET" \
   --database-url "postgres://postgres@$PG_HOST:$PG_PORT/$DB" > "$DIR/controller.log" 2>&1 &
 pids+=($!)
-"$BIN/portfleet-agent" run --controller "http://$LISTEN" --name quickstart \
+"$BIN/portfleet-agent" run --controller "http://$LISTEN" --name quickstart --allow "$TARGET" \
   --state-dir "$DIR/state" > "$DIR/agent.log" 2>&1 &
 pids+=($!)
 

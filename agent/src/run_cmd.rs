@@ -43,6 +43,22 @@ pub struct RunArgs {
     #[arg(long, env = "PORTFLEET_AGENT_WAIT_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub wait: u64,
+    /// Only ever probe these CIDRs, whatever the controller assigns
+    /// (default: every address but loopback, link-local and multicast,
+    /// which need an explicit allow inside them, e.g. 127.0.0.1/32).
+    #[arg(long, env = "PORTFLEET_AGENT_ALLOW", value_parser = parse_nets, default_value = "")]
+    pub allow: Nets,
+    /// Never probe these CIDRs (wins over --allow).
+    #[arg(long, env = "PORTFLEET_AGENT_DENY", value_parser = parse_nets, default_value = "")]
+    pub deny: Nets,
+}
+
+/// A comma-separated list of CIDR blocks.
+#[derive(Clone, Debug, Default)]
+pub struct Nets(pub Vec<ipnet::IpNet>);
+
+fn parse_nets(s: &str) -> Result<Nets, String> {
+    portfleet_core::policy::parse_cidrs(s).map(Nets)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -91,6 +107,7 @@ pub async fn run(args: RunArgs) -> i32 {
         net: NetOptions { interface: args.interface, source_ip: args.source_ip },
         wait: Duration::from_millis(args.wait),
         shutdown_timeout: Duration::from_secs(10),
+        policy: std::sync::Arc::new(portfleet_core::ScopePolicy::for_agent(&args.allow.0, &args.deny.0)),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));

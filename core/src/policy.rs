@@ -41,6 +41,10 @@ pub struct ScopePolicy {
     permitted: AddressSet,
 }
 
+fn everything() -> Vec<IpNet> {
+    vec!["0.0.0.0/0".parse().expect("cidr"), "::/0".parse().expect("cidr")]
+}
+
 fn set(nets: &[IpNet]) -> AddressSet {
     AddressSet::new(nets.iter().map(|n| AddrRange::from_net(*n)))
 }
@@ -56,10 +60,11 @@ impl ScopePolicy {
         Self { permitted: set(allow).subtract(&denied) }
     }
 
-    /// Permits everything but the built-in deny-list.
-    pub fn allow_all() -> Self {
-        let all: Vec<IpNet> = vec!["0.0.0.0/0".parse().expect("cidr"), "::/0".parse().expect("cidr")];
-        Self::new(&all, &[], &default_deny())
+    /// An agent's policy: `allow` (everything when empty) minus `deny` and
+    /// the built-in deny-list.
+    pub fn for_agent(allow: &[IpNet], deny: &[IpNet]) -> Self {
+        let all = everything();
+        Self::new(if allow.is_empty() { &all } else { allow }, deny, &default_deny())
     }
 
     pub fn permits(&self, ip: IpAddr) -> bool {
@@ -69,6 +74,12 @@ impl ScopePolicy {
     /// The first range of `targets` (clipped) that is out of scope.
     pub fn first_offending(&self, targets: &AddressSet) -> Option<AddrRange> {
         targets.first_outside(&self.permitted)
+    }
+
+    /// Every address the policy does not permit (for the engine's
+    /// per-probe check).
+    pub fn denied(&self) -> AddressSet {
+        set(&everything()).subtract(&self.permitted)
     }
 
     /// Whether nothing at all is permitted (an empty allow-list).
@@ -130,7 +141,7 @@ mod tests {
 
     #[test]
     fn the_builtin_deny_list_yields_only_to_an_allow_inside_it() {
-        let broad = ScopePolicy::new(&nets("0.0.0.0/0,::/0"), &[], &default_deny());
+        let broad = ScopePolicy::for_agent(&[], &[]);
         for denied in ["127.0.0.1", "169.254.1.1", "224.0.0.1", "::1", "fe80::1", "ff02::1"] {
             assert!(!broad.permits(ip(denied)), "{denied}");
         }
@@ -149,6 +160,15 @@ mod tests {
         let p = ScopePolicy::new(&nets("203.0.113.0/24"), &[], &own);
         assert!(!p.permits(ip("203.0.113.7")) && p.permits(ip("203.0.113.8")));
         assert_eq!(p.first_offending(&targets(&["203.0.113.0/24"])).unwrap().to_string(), "203.0.113.7");
+    }
+
+    #[test]
+    fn denied_is_the_complement() {
+        let p = ScopePolicy::new(&nets("10.0.0.0/8,2001:db8::/32"), &nets("10.9.0.0/16"), &default_deny());
+        let d = p.denied();
+        for a in ["10.0.0.1", "10.255.0.1", "2001:db8::5", "10.9.1.1", "11.0.0.0", "127.0.0.1", "::1", "2001:db9::"] {
+            assert_ne!(p.permits(ip(a)), d.contains(ip(a)), "{a}");
+        }
     }
 
     #[test]

@@ -253,3 +253,12 @@ pub async fn until(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The reason portfleet put on a dead-lettered message.
+pub fn dead_letter_reason(m: &lapin::message::BasicGetMessage) -> String {
+    let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+    match headers.inner().get("x-portfleet-error") {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("no reason header: {other:?}"),
+    }
+}

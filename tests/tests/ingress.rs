@@ -6,12 +6,12 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use lapin::{BasicProperties, types::AMQPValue};
+use lapin::BasicProperties;
 use portfleet_controller::ControllerConfig;
 use portfleet_proto::v1 as pb;
 use portfleet_tests::{
     TcpProxy, TestController, TestDb,
-    amqp::{TestBroker, until},
+    amqp::{TestBroker, dead_letter_reason, until},
 };
 
 fn props(message_id: &str) -> BasicProperties {
@@ -95,11 +95,7 @@ async fn malformed_requests_are_dead_lettered_with_a_reason() {
     let dead = broker.drain(&dlq).await;
     assert_eq!(dead.len(), 100);
     for m in &dead {
-        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-        let reason = match headers.inner().get("x-portfleet-error") {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("no reason header: {other:?}"),
-        };
+        let reason = dead_letter_reason(m);
         assert!(!reason.is_empty());
         let id = m.delivery.properties.message_id().as_ref().unwrap().to_string();
         assert!(id.starts_with("bad-"), "{id} dead-lettered: {reason}");
@@ -194,11 +190,7 @@ async fn a_database_outage_is_retried_then_dead_lettered_at_the_limit() {
     until("the dead letter", Duration::from_secs(60), async || broker.depth(&dlq).await == 1).await;
     proxy.restore();
     let dead = broker.drain(&dlq).await;
-    let headers = dead[0].delivery.properties.headers().clone().unwrap_or_default();
-    let reason = match headers.inner().get("x-portfleet-error") {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        other => panic!("no reason header: {other:?}"),
-    };
+    let reason = dead_letter_reason(&dead[0]);
     assert!(reason.contains("gave up after 3 attempts"), "{reason}");
     assert!(reason.contains("database unavailable"), "{reason}");
 }

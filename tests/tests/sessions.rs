@@ -15,7 +15,7 @@ use portfleet_proto::{
 };
 use portfleet_tests::{
     TestDb,
-    netns::{LIVE_V4, NetTopology, random_open_set},
+    netns::{DEAD_V4, LIVE_V4, NetTopology, random_open_set},
     procs::{self, Proc, free_port},
 };
 use sqlx::Row;
@@ -442,4 +442,29 @@ async fn connect_only_agents_say_so_for_syn_scans_and_run_them_when_allowed() {
     assert_exact(&results(&mut client, &scan.id).await, &s.open);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A controller whose policy is looser than an agent's own (the controller
+/// allows 10.77.0.0/16, the agent only the dead block): the agent refuses
+/// every assignment, the scan fails saying why, and not one probe reaches
+/// the target namespace.
+#[tokio::test]
+async fn an_agent_refuses_work_outside_its_own_scope_and_sends_nothing() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("narrow", &url, &["--allow", DEAD_V4]);
+    let mut client = s.client(&url).await;
+    let rsts = s.topo.target_out_rsts();
+    let rx = s.topo.target_rx_packets();
+    let scan = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    let failed = wait_until(&mut client, &scan.id, Duration::from_secs(60), "the scan to fail", |s| {
+        s.state == pb::ScanState::Failed as i32
+    })
+    .await;
+    assert!(failed.error.contains("agent's scope policy"), "{}", failed.error);
+    assert_eq!(failed.probes_done, 0);
+    // 30 hosts x 1000 ports would have drawn ~30,000 RSTs.
+    assert_eq!(s.topo.target_out_rsts(), rsts, "the target answered probes");
+    let stray = s.topo.target_rx_packets() - rx;
+    assert!(stray < 10, "{stray} packets reached the target (neighbour discovery at most)");
 }

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub wait: Duration,
     /// How long a SIGTERM may take to hand shards back.
     pub shutdown_timeout: Duration,
+    /// What this agent will probe, whatever it is assigned.
+    pub policy: Arc<portfleet_core::ScopePolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -82,6 +82,10 @@ pub(super) fn start(agent: &Arc<Agent>, a: pb::Assign) {
 fn job(agent: &Agent, a: &pb::Assign, control: Arc<EngineControl>) -> Result<ScanJob, String> {
     let p = a.scan.as_ref().ok_or("assign without scan parameters")?;
     let addrs = AddressSet::parse_ranges(&p.address_ranges).map_err(|e| format!("address ranges: {e}"))?;
+    // The agent's own scope, whatever the controller says.
+    if let Some(range) = agent.config.policy.first_offending(&addrs) {
+        return Err(format!("refused by the agent's scope policy: {range} is outside its --allow/--deny"));
+    }
     let ports = PortSet::parse(&p.ports).map_err(|e| format!("ports: {e}"))?;
     let space = ScanSpace::new(addrs, ports, p.seed, Permutation::MAX_LEN).map_err(|e| e.to_string())?;
     if space.len() != p.total {
@@ -103,6 +107,7 @@ fn job(agent: &Agent, a: &pb::Assign, control: Arc<EngineControl>) -> Result<Sca
     job.retries = p.retries;
     job.wait = agent.config.wait;
     job.net = agent.config.net.clone();
+    job.deny = Arc::new(agent.config.policy.denied());
     Ok(job)
 }
 

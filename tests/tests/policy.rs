@@ -1,0 +1,121 @@
+//! The controller's scope policy over real gRPC and RabbitMQ against a real
+//! Postgres: nothing is scannable until allowed, deny wins, the built-in
+//! deny-list and the controller's own addresses hold against a broad
+//! allow, the first offending range is named, and AMQP scans pass the same
+//! check. (The agent's own policy is tested end to end in sessions.rs.)
+
+use std::time::Duration;
+
+use portfleet_controller::ControllerConfig;
+use portfleet_core::policy::parse_cidrs;
+use portfleet_proto::v1 as pb;
+use portfleet_tests::{
+    TestController, TestDb,
+    amqp::{TestBroker, dead_letter_reason, until},
+};
+use tonic::Code;
+
+fn scan(targets: &[&str]) -> pb::CreateScanRequest {
+    pb::CreateScanRequest {
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        ports: "80".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_scannable_until_allowed() {
+    let db = TestDb::create().await;
+    let c = TestController::start(ControllerConfig::new(db.options())).await;
+    let err = c.client().await.create_scan(scan(&["198.51.100.1"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("198.51.100.1") && err.message().contains("allows nothing"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn scans_outside_the_allow_list_are_refused_naming_the_first_offending_range() {
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("198.51.100.0/24,203.0.113.0/24").unwrap();
+    config.policy.deny = parse_cidrs("203.0.113.128/25").unwrap();
+    let c = TestController::start(config).await;
+    let mut api = c.client().await;
+    api.create_scan(scan(&["198.51.100.0/24", "203.0.113.0/25"])).await.unwrap();
+    let refused = |targets: &'static [&'static str], needle: &'static str| {
+        let c = &c;
+        async move {
+            let err = c.client().await.create_scan(scan(targets)).await.unwrap_err();
+            assert_eq!(err.code(), Code::PermissionDenied, "{targets:?}: {err:?}");
+            assert!(err.message().contains(needle), "{targets:?}: {}", err.message());
+        }
+    };
+    refused(&["198.51.100.0/23"], "198.51.101.0-198.51.101.255").await;
+    refused(&["198.51.100.7", "192.0.2.0/30"], "192.0.2.0-192.0.2.3").await;
+    // Deny wins over allow.
+    refused(&["203.0.113.0/24"], "203.0.113.128-203.0.113.255").await;
+    // Ranges and IPv6 too.
+    refused(&["198.51.100.250-198.51.101.5"], "198.51.101.0-198.51.101.5").await;
+    refused(&["2001:db8::1"], "2001:db8::1").await;
+    // Nothing was stored for the refused ones.
+    let listed = api.list_scans(pb::ListScansRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.scans.len(), 1);
+}
+
+#[tokio::test]
+async fn loopback_and_own_addresses_need_an_explicit_allow() {
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("0.0.0.0/0,::/0").unwrap();
+    let c = TestController::start(config).await;
+    let mut api = c.client().await;
+    for target in ["127.0.0.1", "::1", "169.254.1.1", "224.0.0.1", "localhost"] {
+        let err = api.create_scan(scan(&[target])).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{target}: {err:?}");
+    }
+    // This host's own (non-loopback) addresses.
+    for own in portfleet_controller::policy::own_addresses() {
+        let ip = own.addr();
+        if ip.is_loopback() || matches!(ip, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
+            continue;
+        }
+        let err = api.create_scan(scan(&[&ip.to_string()])).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "own address {ip}: {err:?}");
+    }
+    drop(c);
+
+    // An allow inside the built-in deny-list opts that range in.
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("0.0.0.0/0,127.0.0.1/32").unwrap();
+    let c = TestController::start(config).await;
+    c.client().await.create_scan(scan(&["127.0.0.1"])).await.unwrap();
+    let err = c.client().await.create_scan(scan(&["127.0.0.2"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn amqp_scans_pass_the_same_policy() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
+    config.ingress = Some(broker.config.clone());
+    let _c = TestController::start(config).await;
+    broker.wait_ready().await;
+    let key = broker.config.routing_key.clone();
+    for (id, target) in [("inside", "198.51.100.9"), ("outside", "203.0.113.9")] {
+        let body = format!(r#"{{"targets":["{target}"],"ports":"80"}}"#);
+        let props = lapin::BasicProperties::default().with_message_id(id.into()).with_delivery_mode(2);
+        broker.publish(&broker.config.exchange, &key, body.as_bytes(), props).await;
+    }
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("the refused request dead-lettered", Duration::from_secs(20), async || broker.depth(&dlq).await == 1).await;
+    let dead = broker.drain(&dlq).await;
+    let m = &dead[0];
+    assert_eq!(m.delivery.properties.message_id().as_ref().unwrap().as_str(), "outside");
+    let reason = dead_letter_reason(m);
+    assert!(reason.contains("203.0.113.9") && reason.contains("may not be scanned"), "{reason}");
+    let mut conn = db.connect().await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM scans").fetch_all(&mut conn).await.unwrap();
+    assert_eq!(ids, vec!["inside".to_string()]);
+}
