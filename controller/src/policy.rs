@@ -16,11 +16,14 @@ use crate::store::{Store, StoreError};
 /// within it, on every controller.
 const REFRESH: Duration = Duration::from_secs(2);
 
+/// The policy and when it was read.
+type Cached = Option<(Instant, Arc<ScopePolicy>)>;
+
 #[derive(Clone)]
 pub struct PolicySource {
     store: Store,
     builtin: Arc<Vec<IpNet>>,
-    cache: Arc<Mutex<Option<(Instant, Arc<ScopePolicy>)>>>,
+    cache: Arc<Mutex<Cached>>,
 }
 
 impl std::fmt::Debug for PolicySource {
