@@ -35,7 +35,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$BIN/portfleet-controller" serve --listen "$LISTEN" --allow "$TARGET" \
+"$BIN/portfleet-controller" serve --insecure --listen "$LISTEN" --allow "$TARGET" \
   --database-url "postgres://postgres@$PG_HOST:$PG_PORT/$DB" > "$DIR/controller.log" 2>&1 &
 pids+=($!)
 "$BIN/portfleet-agent" run --controller "http://$LISTEN" --name quickstart --allow "$TARGET" \

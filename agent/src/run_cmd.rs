@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     net::NetOptions,
-    session::{self, AgentConfig},
+    session::{self, AgentConfig, ClientTls},
 };
 
 #[derive(Args, Debug, Clone)]
@@ -48,6 +48,15 @@ pub struct RunArgs {
     /// which need an explicit allow inside them, e.g. 127.0.0.1/32).
     #[arg(long, env = "PORTFLEET_AGENT_ALLOW", value_parser = parse_nets, default_value = "")]
     pub allow: Nets,
+    /// PEM CA that signed the controller's certificate (https:// URLs).
+    #[arg(long, env = "PORTFLEET_AGENT_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with --key).
+    #[arg(long, env = "PORTFLEET_AGENT_CERT", requires_all = ["key", "ca"])]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "PORTFLEET_AGENT_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Never probe these CIDRs (wins over --allow).
     #[arg(long, env = "PORTFLEET_AGENT_DENY", value_parser = parse_nets, default_value = "")]
     pub deny: Nets,
@@ -97,6 +106,27 @@ pub async fn run(args: RunArgs) -> i32 {
         eprintln!("error: --controller {:?}: expected http://HOST:PORT or https://HOST:PORT", args.controller);
         return 2;
     }
+    let read = |flag: &str, p: &PathBuf| std::fs::read(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
+    let tls = match (&args.ca, &args.cert, &args.key) {
+        (None, _, _) => None,
+        (Some(ca), cert, key) => {
+            let loaded = (|| {
+                let ca = read("ca", ca)?;
+                let identity = match (cert, key) {
+                    (Some(c), Some(k)) => Some((read("cert", c)?, read("key", k)?)),
+                    _ => None,
+                };
+                Ok::<_, String>(ClientTls { ca, identity })
+            })();
+            match loaded {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
+            }
+        }
+    };
     let config = AgentConfig {
         controller: args.controller,
         name: args.name.unwrap_or_else(host_name),
@@ -108,6 +138,7 @@ pub async fn run(args: RunArgs) -> i32 {
         wait: Duration::from_millis(args.wait),
         shutdown_timeout: Duration::from_secs(10),
         policy: std::sync::Arc::new(portfleet_core::ScopePolicy::for_agent(&args.allow.0, &args.deny.0)),
+        tls,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));

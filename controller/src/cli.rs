@@ -18,6 +18,9 @@ pub struct Cli {
     /// The controller's gRPC address.
     #[arg(long, env = "PORTFLEET_CONTROLLER", default_value = "http://127.0.0.1:50051", global = true)]
     pub controller: String,
+    /// PEM CA that signed the controller's certificate (https:// URLs).
+    #[arg(long, env = "PORTFLEET_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// API token (`portfleet-controller tokens create`).
     #[arg(long, env = "PORTFLEET_TOKEN", hide_env_values = true, default_value = "", global = true)]
     pub token: String,
@@ -163,12 +166,17 @@ fn describe(s: &pb::Scan) -> String {
 
 /// Runs the command; returns the process exit status.
 pub async fn run(cli: Cli) -> Result<i32, String> {
-    let channel = Channel::from_shared(cli.controller.clone())
+    let mut endpoint = Channel::from_shared(cli.controller.clone())
         .map_err(|e| format!("--controller {}: {e}", cli.controller))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the controller at {}: {e}", cli.controller))?;
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &cli.ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+        endpoint = endpoint.tls_config(auth::client_tls(&pem, None)).map_err(|e| format!("--ca: {e}"))?;
+    } else if cli.controller.starts_with("https://") {
+        return Err("an https:// controller needs --ca (the CA that signed its certificate)".into());
+    }
+    let channel =
+        endpoint.connect().await.map_err(|e| format!("cannot reach the controller at {}: {e}", cli.controller))?;
     let mut c = auth::client(channel, Bearer::new(&cli.token)?);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut out = std::io::stdout().lock();

@@ -1,7 +1,7 @@
 //! Command line and environment: parsed once, validated once, turned into
 //! one typed [`ControllerConfig`]. A bad setting exits non-zero naming it.
 
-use std::{net::SocketAddr, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use portfleet_core::ShardPolicy;
@@ -118,6 +118,20 @@ pub struct ServeArgs {
     /// A shard may fail this many times before its scan fails.
     #[arg(long, env = "PORTFLEET_MAX_SHARD_FAILURES", default_value_t = 3)]
     pub max_shard_failures: i32,
+    /// PEM certificate (chain) the controller serves TLS with.
+    #[arg(long = "tls-cert", env = "PORTFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key", env = "PORTFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): agents must present a client certificate
+    /// issued by one of them (mTLS) to open a session.
+    #[arg(long = "tls-client-ca", env = "PORTFLEET_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC, without TLS: only on a network nobody else
+    /// reaches (tokens and results cross it in clear).
+    #[arg(long, env = "PORTFLEET_INSECURE", conflicts_with = "tls_cert")]
+    pub insecure: bool,
     /// Add these CIDRs to the scope policy's allow-list (kept in the
     /// database). With no allow rule at all, nothing may be scanned.
     #[arg(long, env = "PORTFLEET_ALLOW", value_parser = parse_cidr_list, default_value = "")]
@@ -230,6 +244,9 @@ pub struct FleetConfig {
     pub max_shard_failures: i32,
     /// How often the scheduler looks for work without being woken.
     pub tick: Duration,
+    /// Agents must present a client certificate (set from the TLS
+    /// settings: a client CA is configured).
+    pub require_client_cert: bool,
 }
 
 impl Default for FleetConfig {
@@ -244,6 +261,7 @@ impl Default for FleetConfig {
             max_unacked_frames: 64,
             max_shard_failures: 3,
             tick: Duration::from_millis(250),
+            require_client_cert: false,
         }
     }
 }
@@ -268,6 +286,8 @@ pub struct ControllerConfig {
     pub ingress: Option<IngressConfig>,
     /// Scope rules added to the database's at start.
     pub policy: ScopeRules,
+    /// TLS for both gRPC services; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
     pub shutdown_timeout: Duration,
 }
 
@@ -280,6 +300,7 @@ impl ControllerConfig {
             fleet: FleetConfig::default(),
             ingress: None,
             policy: ScopeRules::default(),
+            tls: None,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -311,6 +332,15 @@ impl ControllerConfig {
         }
         Ok(())
     }
+}
+
+/// The controller's TLS material, as PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Agents must present a certificate issued by this CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A comma-separated list of CIDR blocks (or addresses).
@@ -347,6 +377,11 @@ impl From<&ServeArgs> for ControllerConfig {
             },
             ingress: a.amqp.config(),
             policy: ScopeRules { allow: a.allow.0.clone(), deny: a.deny.0.clone() },
+            tls: a.tls_cert.clone().zip(a.tls_key.clone()).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: a.tls_client_ca.clone(),
+            }),
             shutdown_timeout: a.shutdown_timeout,
         }
     }

@@ -41,6 +41,29 @@ pub enum ControllerError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+fn sessions_config(config: &ControllerConfig) -> config::FleetConfig {
+    let mut fleet = config.fleet.clone();
+    fleet.require_client_cert |= config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    fleet
+}
+
+/// Reads the PEM files into tonic's server TLS settings. Client
+/// certificates are optional at the TLS layer (operators' clients use
+/// tokens); the agent service demands one when a client CA is set.
+fn server_tls(files: &config::TlsFiles) -> Result<tonic::transport::ServerTlsConfig, ControllerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| ControllerError::Tls(format!("{}: {e}", p.display())));
+    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?)).client_auth_optional(true);
+    }
+    Ok(tls)
 }
 
 /// Applies migrations and serves the API on `listener` until `shutdown` is
@@ -80,7 +103,7 @@ pub async fn run(
         store: store.clone(),
         registry: sessions::Registry::default(),
         spaces: Default::default(),
-        config: config.fleet.clone(),
+        config: sessions_config(&config),
         notifier: notifier.clone(),
         wake: tokio::sync::Notify::new(),
         shutdown: background.clone(),
@@ -106,10 +129,15 @@ pub async fn run(
     let scan_api = api::ScanApi::new(scans, store.clone(), notifier, background.clone(), tasks.clone());
     let agent_api = sessions::AgentApi::new(fleet);
 
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    match &config.tls {
+        Some(files) => builder = builder.tls_config(server_tls(files)?)?,
+        None => tracing::warn!("serving plaintext gRPC: tokens, results and agent sessions cross the network in clear"),
+    }
+    let server = builder
         .layer(tower_http::trace::TraceLayer::new_for_grpc())
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -47,6 +47,13 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tokens { database, action } => tokens(&database, action, &shutdown).await,
         Command::Serve(args) => {
+            if args.tls_cert.is_none() && !args.insecure {
+                eprintln!(
+                    "error: no TLS: give --tls-cert and --tls-key (docs/security.md), or --insecure to serve \
+                     plaintext on a network nobody else reaches"
+                );
+                std::process::exit(2);
+            }
             let config = ControllerConfig::from(&args);
             if let Err(e) = config.validate() {
                 eprintln!("error: {e}");

@@ -61,4 +61,16 @@ pub mod auth {
     pub fn client(channel: Channel, bearer: Bearer) -> ApiClient {
         crate::v1::scan_service_client::ScanServiceClient::with_interceptor(channel, bearer)
     }
+
+    /// TLS to a controller: trust `ca_pem` (the controller's CA, or a
+    /// corporate one), and present `identity` (certificate, key; agents
+    /// under mTLS) when given.
+    pub fn client_tls(ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        tls
+    }
 }

@@ -31,6 +31,8 @@ pub struct TestController {
     /// An admin API token, which [`Self::client`] sends.
     pub token: String,
     database: DatabaseConfig,
+    /// The CA clients trust when the controller serves TLS.
+    ca: Option<Vec<u8>>,
     cancel: CancellationToken,
     handle: Option<JoinHandle<Result<(), ControllerError>>>,
 }
@@ -38,13 +40,23 @@ pub struct TestController {
 impl TestController {
     /// Starts a controller and waits until its health service answers.
     pub async fn start(config: ControllerConfig) -> Self {
+        Self::start_with_ca(config, None).await
+    }
+
+    /// Starts a controller serving TLS (`config.tls`) whose certificate
+    /// `ca_pem` signed; clients of this harness trust it.
+    pub async fn start_tls(config: ControllerConfig, ca_pem: &[u8]) -> Self {
+        Self::start_with_ca(config, Some(ca_pem.to_vec())).await
+    }
+
+    async fn start_with_ca(config: ControllerConfig, ca: Option<Vec<u8>>) -> Self {
         crate::init_tracing();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let cancel = CancellationToken::new();
         let database = config.database.clone();
         let handle = tokio::spawn(portfleet_controller::run(config, listener, cancel.clone()));
-        let mut this = Self { addr, token: String::new(), database, cancel, handle: Some(handle) };
+        let mut this = Self { addr, token: String::new(), database, ca, cancel, handle: Some(handle) };
         this.wait_serving().await;
         this.token = this.new_token(Scope::Admin).await;
         this
@@ -60,11 +72,21 @@ impl TestController {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A connection as this harness's clients make it (TLS when served).
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = Channel::from_shared(self.url()).expect("url");
+        if let Some(ca) = &self.ca {
+            endpoint = endpoint.tls_config(portfleet_proto::auth::client_tls(ca, None))?;
+        }
+        endpoint.connect().await
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to controller")
+        self.try_channel().await.expect("connect to controller")
     }
 
     /// A ScanService client with an admin token.
@@ -78,15 +100,10 @@ impl TestController {
     }
 
     async fn wait_serving(&self) {
-        let url = self.url();
-        eventually("controller health SERVING", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
-                let resp =
-                    HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
-                (resp.into_inner().status == 1).then_some(())
-            }
+        eventually("controller health SERVING", Duration::from_secs(30), || async move {
+            let channel = self.try_channel().await.ok()?;
+            let resp = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+            (resp.into_inner().status == 1).then_some(())
         })
         .await;
     }

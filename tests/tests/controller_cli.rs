@@ -40,6 +40,16 @@ fn bad_config_exits_non_zero_naming_the_setting() {
         &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--shutdown-timeout", "soon"],
         "--shutdown-timeout",
     );
+    // Plaintext only when asked for.
+    assert_config_error(&["serve", "--database-url", "postgres://postgres@127.0.0.1/x"], "--insecure");
+    assert_config_error(
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--tls-cert", "c.pem"],
+        "--tls-key",
+    );
+    assert_config_error(
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--allow", "10.0.0.0/33"],
+        "--allow",
+    );
     let out = controller()
         .args(["serve", "--listen", "x"])
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1/x")
@@ -68,7 +78,7 @@ async fn migrate_then_serve_then_stop_on_sigterm() {
         l.local_addr().unwrap().port()
     };
     let mut child = controller()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+        .args(["serve", "--insecure", "--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
         .env("DATABASE_URL", db.url())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -98,4 +108,29 @@ async fn migrate_then_serve_then_stop_on_sigterm() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("\"controller stopped\""), "{stderr}");
     assert!(!stderr.contains("postgres://"), "the database URL leaked into the logs");
+}
+
+#[tokio::test]
+async fn tokens_are_created_listed_and_revoked_from_the_command_line() {
+    let db = TestDb::create().await;
+    let run = |args: &[&str]| {
+        let out = controller().args(["tokens", "--database-url", db.url()]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (token, note) = run(&["create", "--scope", "admin", "--name", "ops"]);
+    let token = token.trim().to_string();
+    assert!(token.starts_with("pft_") && note.contains("scope admin"), "{token} / {note}");
+    let id = token.split('_').nth(1).unwrap().to_string();
+    let (listed, _) = run(&["list"]);
+    let secret = token.rsplit('_').next().unwrap();
+    assert!(!listed.contains(secret), "the secret was listed");
+    let line = listed.lines().find(|l| l.replace('-', "").contains(&id)).expect("listed");
+    assert!(line.contains("admin") && line.contains("active") && line.contains("ops"), "{line}");
+    let uuid = line.split_whitespace().next().unwrap().to_string();
+    run(&["revoke", &uuid]);
+    let (listed, _) = run(&["list"]);
+    assert!(listed.lines().any(|l| l.starts_with(&uuid) && l.contains("revoked")), "{listed}");
+    let out = controller().args(["tokens", "--database-url", db.url(), "create", "--scope", "root"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a bad scope is a usage error");
 }

@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// What this agent will probe, whatever it is assigned.
     pub policy: Arc<portfleet_core::ScopePolicy>,
+    /// TLS to the controller (an https:// URL needs it).
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +199,14 @@ fn agent_id(dir: &std::path::Path, name: &str) -> Result<Uuid, SessionError> {
     }
 }
 
+/// PEM material for TLS to the controller.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca: Vec<u8>,
+    /// Certificate and key for mTLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// Runs the daemon until `shutdown`; then hands shards back and exits.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), SessionError> {
     let id = agent_id(&config.state_dir, &config.name)?;
@@ -207,6 +217,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    let endpoint = match &config.tls {
+        Some(t) => {
+            let identity = t.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+            endpoint
+                .tls_config(portfleet_proto::auth::client_tls(&t.ca, identity))
+                .map_err(|e| SessionError::BadController(config.controller.clone(), format!("TLS: {e}")))?
+        }
+        None if config.controller.starts_with("https://") => {
+            return Err(SessionError::BadController(
+                config.controller.clone(),
+                "an https:// controller needs --ca (the CA that signed its certificate)".into(),
+            ));
+        }
+        None => endpoint,
+    };
     let agent = Arc::new(Agent {
         raw_socket: crate::net::has_raw_privilege(),
         ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(),

@@ -86,6 +86,13 @@ impl AgentService for AgentApi {
     type SessionStream = SessionStream;
 
     async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        // With mTLS the handshake verified the chain; an agent without a
+        // certificate (an operator's client, a token) gets nothing here.
+        if self.fleet.config.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "agents must present a client certificate issued by the controller's CA",
+            ));
+        }
         let inbound = request.into_inner();
         // Bounded: a slow agent slows its own session, nothing else.
         let (tx, rx) = mpsc::channel(256);

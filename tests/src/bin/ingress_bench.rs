@@ -104,7 +104,7 @@ async fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let c = &broker.config;
     let child = std::process::Command::new(bin)
-        .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--insecure", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}")])
         .args(["--amqp-url", &c.url, "--amqp-exchange", &c.exchange, "--amqp-queue", &c.queue])
         .args(["--amqp-dead-letter-exchange", &c.dead_letter_exchange, "--amqp-events-exchange", &c.events_exchange])
         .args(["--db-pool-size", "16", "--allow", "198.51.100.0/24"])

@@ -74,7 +74,16 @@ async fn start_controller(db: &TestDb) -> Controller {
     assert!(bin.exists(), "build it first: cargo build --release -p portfleet-controller");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = std::process::Command::new(bin)
-        .args(["serve", "--database-url", db.url(), "--listen", &format!("127.0.0.1:{port}"), "--db-pool-size", "16"])
+        .args([
+            "serve",
+            "--insecure",
+            "--database-url",
+            db.url(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--db-pool-size",
+            "16",
+        ])
         .args(["--allow", "10.0.0.0/8,198.51.100.0/24"])
         .env("RUST_LOG", "warn")
         .spawn()
