@@ -21,3 +21,21 @@ CREATE TABLE scope_rules (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (action, cidr)
 );
+
+-- One-time agent enrollment tokens: only hashes; a token is used once
+-- (used_at, and the agent id it created) and expires.
+CREATE TABLE enroll_tokens (
+    id          uuid PRIMARY KEY,
+    secret_hash bytea NOT NULL CHECK (length(secret_hash) = 32),
+    labels      jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    used_at     timestamptz,
+    agent_id    uuid
+);
+
+-- Agents whose certificates are refused for good.
+CREATE TABLE revoked_agents (
+    agent_id   uuid PRIMARY KEY,
+    revoked_at timestamptz NOT NULL DEFAULT now()
+);

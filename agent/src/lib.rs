@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod enroll_cmd;
 pub mod net;
 pub mod run_cmd;
 pub mod scan_cmd;

@@ -1,7 +1,7 @@
 //! `portfleet-agent`: parses the command line and runs a subcommand.
 
 use clap::{Parser, Subcommand};
-use portfleet_agent::{run_cmd, scan_cmd};
+use portfleet_agent::{enroll_cmd, run_cmd, scan_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "portfleet-agent", version, about = "The portfleet scanning agent.")]
@@ -16,6 +16,8 @@ enum Command {
     Scan(scan_cmd::ScanArgs),
     /// Run as a daemon that takes scan work from a controller.
     Run(run_cmd::RunArgs),
+    /// Get this agent's certificate from a controller with a one-time token.
+    Enroll(enroll_cmd::EnrollArgs),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         match cli.command {
             Command::Scan(args) => scan_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(args).await,
+            Command::Enroll(args) => enroll_cmd::run(args).await,
         }
     });
     // The engine's threads hold nothing that needs a graceful drop here.

@@ -52,7 +52,7 @@ pub struct RunArgs {
     #[arg(long, env = "PORTFLEET_AGENT_CA")]
     pub ca: Option<PathBuf>,
     /// PEM client certificate for mTLS (with --key).
-    #[arg(long, env = "PORTFLEET_AGENT_CERT", requires_all = ["key", "ca"])]
+    #[arg(long, env = "PORTFLEET_AGENT_CERT", requires = "key")]
     pub cert: Option<PathBuf>,
     /// PEM private key of --cert.
     #[arg(long, env = "PORTFLEET_AGENT_KEY", requires = "cert")]
@@ -79,7 +79,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.trim().to_string()))
 }
 
-fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> PathBuf {
     // SAFETY-free check: root's home is not where daemons keep state.
     let root = std::env::var("USER").is_ok_and(|u| u == "root") || std::env::var("HOME").is_ok_and(|h| h == "/root");
     if root {
@@ -93,7 +93,7 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
-fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
@@ -106,34 +106,25 @@ pub async fn run(args: RunArgs) -> i32 {
         eprintln!("error: --controller {:?}: expected http://HOST:PORT or https://HOST:PORT", args.controller);
         return 2;
     }
-    let read = |flag: &str, p: &PathBuf| std::fs::read(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
-    let tls = match (&args.ca, &args.cert, &args.key) {
-        (None, _, _) => None,
-        (Some(ca), cert, key) => {
-            let loaded = (|| {
-                let ca = read("ca", ca)?;
-                let identity = match (cert, key) {
-                    (Some(c), Some(k)) => Some((read("cert", c)?, read("key", k)?)),
-                    _ => None,
-                };
-                Ok::<_, String>(ClientTls { ca, identity })
-            })();
-            match loaded {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return 2;
-                }
-            }
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let (tls, enrolled_labels) = match client_tls(&args, &state_dir, &name) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
         }
     };
+    // Labels the enrollment token gave; explicit --labels win.
+    let mut labels = enrolled_labels;
+    labels.extend(args.labels.iter().cloned());
     let config = AgentConfig {
         controller: args.controller,
-        name: args.name.unwrap_or_else(host_name),
-        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        name,
+        labels,
         max_rate: args.max_rate,
         max_shards: args.max_shards,
-        state_dir: args.state_dir.unwrap_or_else(default_state_dir),
+        state_dir,
         net: NetOptions { interface: args.interface, source_ip: args.source_ip },
         wait: Duration::from_millis(args.wait),
         shutdown_timeout: Duration::from_secs(10),
@@ -149,6 +140,34 @@ pub async fn run(args: RunArgs) -> i32 {
             1
         }
     }
+}
+
+/// TLS material: `--ca/--cert/--key`, else what `enroll` stored in the
+/// state directory; and the labels enrollment gave.
+fn client_tls(
+    args: &RunArgs,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<(Option<ClientTls>, BTreeMap<String, String>), String> {
+    let read = |what: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()));
+    let stored = |ext: &str| Some(session::state_path(dir, name, ext)).filter(|p| p.exists());
+    let mut labels = BTreeMap::new();
+    if let Some(p) = stored("labels") {
+        let text = String::from_utf8_lossy(&read("labels", &p)?).to_string();
+        labels.extend(text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())));
+    }
+    let (cert, key) = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+        _ => (stored("crt"), stored("key")),
+    };
+    let Some(ca) = args.ca.clone().or_else(|| cert.as_ref().and_then(|_| stored("ca.pem"))) else {
+        return Ok((None, labels));
+    };
+    let identity = match (cert, key) {
+        (Some(c), Some(k)) => Some((read("--cert", &c)?, read("--key", &k)?)),
+        _ => None,
+    };
+    Ok((Some(ClientTls { ca: read("--ca", &ca)?, identity }), labels))
 }
 
 /// The first SIGINT/SIGTERM hands shards back and exits; a second exits at

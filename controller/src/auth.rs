@@ -82,13 +82,31 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// Splits `pft_<id>_<secret>`.
 fn parse_token(token: &str) -> Result<(Uuid, Vec<u8>), AuthError> {
-    let rest = token.strip_prefix("pft_").ok_or(AuthError::Malformed)?;
+    parse_secret("pft_", token)
+}
+
+/// Splits `<prefix><id>_<secret>` (API and enrollment tokens).
+pub(crate) fn parse_secret(prefix: &str, token: &str) -> Result<(Uuid, Vec<u8>), AuthError> {
+    let rest = token.strip_prefix(prefix).ok_or(AuthError::Malformed)?;
     let (id, secret) = rest.split_once('_').ok_or(AuthError::Malformed)?;
     let id = Uuid::try_parse(id).map_err(|_| AuthError::Malformed)?;
     if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AuthError::Malformed);
     }
     Ok((id, secret.as_bytes().to_vec()))
+}
+
+/// A new id, secret (64 hex digits) and the secret's hash.
+pub(crate) fn new_secret() -> (Uuid, String, [u8; 32]) {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = digest(secret.as_bytes());
+    (Uuid::new_v4(), secret, hash)
+}
+
+pub(crate) fn hash_secret(secret: &[u8]) -> [u8; 32] {
+    digest(secret)
 }
 
 /// Creates a token (shown once; only its hash is stored).
@@ -98,12 +116,9 @@ pub async fn create_token(
     scope: Scope,
     ttl: Option<Duration>,
 ) -> Result<NewToken, StoreError> {
-    let id = Uuid::new_v4();
-    let mut raw = [0u8; 32];
-    rand::rng().fill_bytes(&mut raw);
-    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let (id, secret, hash) = new_secret();
     let expires_at = ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|t| Utc::now() + t);
-    let record = store.insert_token(id, name, scope.as_str(), &digest(secret.as_bytes()), expires_at).await?;
+    let record = store.insert_token(id, name, scope.as_str(), &hash, expires_at).await?;
     Ok(NewToken { record, token: format!("pft_{}_{secret}", id.simple()) })
 }
 

@@ -35,6 +35,19 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// The certificate authority that signs agents' (and the server's)
+    /// certificates.
+    Ca {
+        #[command(subcommand)]
+        action: CaCommand,
+    },
+    /// Agent enrollment and revocation, directly in the database.
+    Agents {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        action: AgentCommand,
+    },
     /// Manage API tokens, directly in the database (no API call needed, so
     /// this is how the first admin token is made).
     Tokens {
@@ -43,6 +56,41 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a CA (ca.pem, ca.key) and a server certificate signed by it
+    /// (server.pem, server.key) in --dir; keys are written 0600 and
+    /// nothing is overwritten.
+    Init {
+        #[arg(long, default_value = "/etc/portfleet/tls")]
+        dir: PathBuf,
+        /// Names and addresses agents and clients reach the controller by.
+        #[arg(long = "server-name", value_delimiter = ',', required = true)]
+        server_names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Print a one-time enrollment token for `portfleet-agent enroll`.
+    EnrollToken {
+        /// Labels the enrolled agent gets, k=v,...
+        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// The token expires after this long.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Revoke an agent: its session closes within seconds and its
+    /// certificate never connects again.
+    Revoke { id: uuid::Uuid },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +176,13 @@ pub struct ServeArgs {
     /// issued by one of them (mTLS) to open a session.
     #[arg(long = "tls-client-ca", env = "PORTFLEET_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// PEM key of --tls-client-ca: this controller then enrolls agents
+    /// (`agents enroll-token`, `portfleet-agent enroll`).
+    #[arg(long = "tls-client-ca-key", env = "PORTFLEET_TLS_CLIENT_CA_KEY", requires = "tls_client_ca")]
+    pub tls_client_ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates enrolled agents get.
+    #[arg(long = "agent-cert-ttl", env = "PORTFLEET_AGENT_CERT_TTL", default_value = "30d", value_parser = parse_duration)]
+    pub agent_cert_ttl: Duration,
     /// Serve plaintext gRPC, without TLS: only on a network nobody else
     /// reaches (tokens and results cross it in clear).
     #[arg(long, env = "PORTFLEET_INSECURE", conflicts_with = "tls_cert")]
@@ -341,6 +396,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Agents must present a certificate issued by this CA.
     pub client_ca: Option<PathBuf>,
+    /// Its key: the controller signs enrolling agents' certificates.
+    pub client_ca_key: Option<PathBuf>,
+    pub agent_cert_ttl: Duration,
 }
 
 /// A comma-separated list of CIDR blocks (or addresses).
@@ -381,6 +439,8 @@ impl From<&ServeArgs> for ControllerConfig {
                 cert,
                 key,
                 client_ca: a.tls_client_ca.clone(),
+                client_ca_key: a.tls_client_ca_key.clone(),
+                agent_cert_ttl: a.agent_cert_ttl,
             }),
             shutdown_timeout: a.shutdown_timeout,
         }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod enroll;
 pub mod ingress;
 pub mod notify;
 pub mod policy;
@@ -43,6 +44,14 @@ pub enum ControllerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+/// The CA that signs enrolling agents, when its key is configured.
+fn agent_ca(config: &ControllerConfig) -> Result<Option<Arc<enroll::AgentCa>>, ControllerError> {
+    let Some(tls) = &config.tls else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&tls.client_ca, &tls.client_ca_key) else { return Ok(None) };
+    let ca = enroll::AgentCa::load(cert, key, tls.agent_cert_ttl).map_err(|e| ControllerError::Tls(e.to_string()))?;
+    Ok(Some(Arc::new(ca)))
 }
 
 fn sessions_config(config: &ControllerConfig) -> config::FleetConfig {
@@ -108,6 +117,7 @@ pub async fn run(
         wake: tokio::sync::Notify::new(),
         shutdown: background.clone(),
         tracker: tasks.clone(),
+        agent_ca: agent_ca(&config)?,
     });
     tasks.spawn(scheduler::run(fleet.clone()));
     tracing::info!(controller_id = %config.fleet.controller_id, "fleet scheduler started");

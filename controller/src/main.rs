@@ -7,7 +7,8 @@ use clap::Parser;
 use portfleet_controller::{
     ControllerConfig,
     auth::{self, Scope},
-    config::{Cli, Command, DatabaseArgs, TokenCommand},
+    config::{AgentCommand, CaCommand, Cli, Command, DatabaseArgs, TokenCommand},
+    enroll,
     store::{DatabaseConfig, Store},
     telemetry,
 };
@@ -46,6 +47,18 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tokens { database, action } => tokens(&database, action, &shutdown).await,
+        Command::Ca { action: CaCommand::Init { dir, server_names } } => {
+            for p in enroll::init_ca(&dir, &server_names)? {
+                eprintln!("wrote {}", p.display());
+            }
+            eprintln!(
+                "serve with --tls-cert {d}/server.pem --tls-key {d}/server.key --tls-client-ca {d}/ca.pem \
+                 --tls-client-ca-key {d}/ca.key; agents trust {d}/ca.pem",
+                d = dir.display()
+            );
+            Ok(())
+        }
+        Command::Agents { database, action } => agents(&database, action, &shutdown).await,
         Command::Serve(args) => {
             if args.tls_cert.is_none() && !args.insecure {
                 eprintln!(
@@ -66,6 +79,28 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `agents enroll-token|revoke`, straight against the database.
+async fn agents(db: &DatabaseArgs, action: AgentCommand, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let store = Store::connect_lazy(&DatabaseConfig::from(db));
+    store.migrate(shutdown).await?;
+    let result = match action {
+        AgentCommand::EnrollToken { labels, ttl } => {
+            let labels = labels.into_iter().collect();
+            let token = enroll::create_enroll_token(&store, &labels, ttl).await?;
+            eprintln!("one-time enrollment token, valid for {}:", humantime::format_duration(ttl));
+            println!("{token}");
+            Ok(())
+        }
+        AgentCommand::Revoke { id } => {
+            store.revoke_agent(id).await?;
+            eprintln!("revoked agent {id}: its session closes within seconds; it cannot connect again");
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
 }
 
 /// `tokens create|list|revoke`, straight against the database.

@@ -291,17 +291,21 @@ async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), Stor
     let local = fleet.registry.generations();
     if !local.is_empty() {
         let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();
-        let current: HashMap<Uuid, (i64, bool)> =
-            store.agent_generations(&ids).await?.into_iter().map(|(id, g, d)| (id, (g, d))).collect();
+        let current: HashMap<Uuid, (i64, bool, bool)> =
+            store.agent_generations(&ids).await?.into_iter().map(|(id, g, d, r)| (id, (g, d, r))).collect();
         for (id, generation) in local {
             match current.get(&id) {
-                Some((g, _)) if *g > generation => {
+                Some((_, _, true)) => {
+                    tracing::warn!(agent_id = %id, "closing the session of a revoked agent");
+                    fleet.registry.close(id);
+                }
+                Some((g, _, _)) if *g > generation => {
                     tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
                     fleet.registry.close(id);
                 }
                 // A drain whose notification this controller missed (asked
                 // while its listener was reconnecting).
-                Some((_, true)) if !fleet.registry.is_draining(id) => drain(fleet, id).await,
+                Some((_, true, _)) if !fleet.registry.is_draining(id) => drain(fleet, id).await,
                 _ => {}
             }
         }

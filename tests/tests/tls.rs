@@ -51,10 +51,10 @@ fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
     p
 }
 
-fn hello() -> pb::AgentMessage {
+fn hello(id: uuid::Uuid) -> pb::AgentMessage {
     pb::AgentMessage {
         frame: Some(Out::Hello(pb::Hello {
-            agent_id: uuid::Uuid::new_v4().to_string(),
+            agent_id: id.to_string(),
             name: "tls-agent".into(),
             version: "test".into(),
             min_protocol_version: 1,
@@ -66,10 +66,10 @@ fn hello() -> pb::AgentMessage {
     }
 }
 
-/// Opens an agent session; returns the first frame's outcome.
-async fn session(channel: Channel) -> Result<In, tonic::Status> {
+/// Opens an agent session claiming `id`; returns the first frame's outcome.
+async fn session(channel: Channel, id: uuid::Uuid) -> Result<In, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(hello()).await.unwrap();
+    tx.send(hello(id)).await.unwrap();
     let mut inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
     let first = inbound.message().await?.and_then(|m| m.frame).expect("a frame");
     drop(tx);
@@ -101,6 +101,8 @@ async fn tls_for_clients_and_mtls_for_agents() {
         cert: write(dir.path(), "server.pem", &cert),
         key: write(dir.path(), "server.key", &key),
         client_ca: Some(write(dir.path(), "agent-ca.pem", &agent_ca.pem)),
+        client_ca_key: None,
+        agent_cert_ttl: std::time::Duration::from_secs(3600),
     });
     let c = TestController::start_tls(config, server_ca.pem.as_bytes()).await;
     let url = c.url();
@@ -122,29 +124,136 @@ async fn tls_for_clients_and_mtls_for_agents() {
 
     // An agent without a client certificate: UNAUTHENTICATED.
     let no_cert = connect(&url, Some(client_tls(server_ca.pem.as_bytes(), None))).await.unwrap();
-    assert_eq!(session(no_cert).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(session(no_cert, uuid::Uuid::new_v4()).await.unwrap_err().code(), Code::Unauthenticated);
 
-    // An agent with a certificate from the agent CA: Welcome.
-    let (acert, akey) = agent_ca.leaf("agent-1", &["agent-1"]);
+    // An agent with a certificate from the agent CA: Welcome, if its Hello
+    // claims the identity the certificate names.
+    let id = uuid::Uuid::new_v4();
+    let (acert, akey) = agent_ca.leaf(&id.to_string(), &[]);
     let good = client_tls(server_ca.pem.as_bytes(), Some((acert.as_bytes(), akey.as_bytes())));
+    let ch = connect(&url, Some(good.clone())).await.unwrap();
+    assert!(matches!(session(ch, id).await.unwrap(), In::Welcome(_)));
     let ch = connect(&url, Some(good)).await.unwrap();
-    assert!(matches!(session(ch).await.unwrap(), In::Welcome(_)));
+    let err = session(ch, uuid::Uuid::new_v4()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "a Hello claiming another identity: {err:?}");
+    // A certificate that names no agent id.
+    let (ncert, nkey) = agent_ca.leaf("not-an-id", &[]);
+    let ch = connect(&url, Some(client_tls(server_ca.pem.as_bytes(), Some((ncert.as_bytes(), nkey.as_bytes())))))
+        .await
+        .unwrap();
+    assert_eq!(session(ch, id).await.unwrap_err().code(), Code::Unauthenticated);
 
     // An agent with a certificate from another CA fails the handshake.
     let (rcert, rkey) = rogue_ca.leaf("intruder", &["intruder"]);
     let rogue = client_tls(server_ca.pem.as_bytes(), Some((rcert.as_bytes(), rkey.as_bytes())));
     let refused = match connect(&url, Some(rogue)).await {
         Err(_) => true,
-        Ok(ch) => session(ch).await.is_err(),
+        Ok(ch) => session(ch, uuid::Uuid::new_v4()).await.is_err(),
     };
     assert!(refused, "a certificate from another CA opened a session");
 
     // A valid agent certificate grants nothing on ScanService.
-    let (acert, akey) = agent_ca.leaf("agent-2", &["agent-2"]);
+    let (acert, akey) = agent_ca.leaf(&uuid::Uuid::new_v4().to_string(), &[]);
     let ch = connect(&url, Some(client_tls(server_ca.pem.as_bytes(), Some((acert.as_bytes(), akey.as_bytes())))))
         .await
         .unwrap();
     let mut as_agent = portfleet_proto::auth::client(ch, Bearer::new("").unwrap());
     let err = as_agent.list_scans(pb::ListScansRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+/// Enrollment end to end with the real `portfleet-agent enroll`: the key is
+/// made on the agent, a token works once and expires, the certificate
+/// names the assigned id, and revoking the agent ends its live session and
+/// refuses it after.
+// Multi-threaded: the agent binary is awaited with a blocking call while
+// the in-process controller must answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_once_then_revoke() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use portfleet_controller::{
+        enroll,
+        store::{DatabaseConfig, Store},
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    enroll::init_ca(&tls_dir, &["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let db = TestDb::create().await;
+    let mut config = controller_config(db.options());
+    config.tls = Some(TlsFiles {
+        cert: tls_dir.join("server.pem"),
+        key: tls_dir.join("server.key"),
+        client_ca: Some(tls_dir.join("ca.pem")),
+        client_ca_key: Some(tls_dir.join("ca.key")),
+        agent_cert_ttl: std::time::Duration::from_secs(3600),
+    });
+    let ca_pem = std::fs::read(tls_dir.join("ca.pem")).unwrap();
+    let c = TestController::start_tls(config, &ca_pem).await;
+    let store = Store::connect_lazy(&DatabaseConfig {
+        options: db.options(),
+        pool_size: 2,
+        acquire_timeout: std::time::Duration::from_secs(5),
+    });
+    let labels = [("site".to_string(), "lab".to_string())].into_iter().collect();
+    let token = enroll::create_enroll_token(&store, &labels, std::time::Duration::from_secs(3600)).await.unwrap();
+    let state = dir.path().join("state");
+    let enroll_with = |token: &str| {
+        std::process::Command::new(portfleet_tests::binary("portfleet-agent"))
+            .args(["enroll", "--controller", &c.url(), "--token", token, "--name", "e1", "--ca"])
+            .arg(tls_dir.join("ca.pem"))
+            .arg("--state-dir")
+            .arg(&state)
+            .env_remove("PORTFLEET_CONTROLLER")
+            .output()
+            .unwrap()
+    };
+    let out = enroll_with(&token);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for ext in ["key", "crt", "id", "ca.pem", "labels"] {
+        let meta = std::fs::metadata(state.join(format!("agent-e1.{ext}"))).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{ext}");
+    }
+    assert!(std::fs::read_to_string(state.join("agent-e1.labels")).unwrap().contains("site=lab"));
+    let id: uuid::Uuid = std::fs::read_to_string(state.join("agent-e1.id")).unwrap().trim().parse().unwrap();
+    // Used once: a second use is refused.
+    let again = enroll_with(&token);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("PermissionDenied"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // Expired.
+    let brief = enroll::create_enroll_token(&store, &labels, std::time::Duration::from_secs(1)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!enroll_with(&brief).status.success(), "an expired token enrolled");
+
+    // The enrolled identity opens a session.
+    let cert = std::fs::read(state.join("agent-e1.crt")).unwrap();
+    let key = std::fs::read(state.join("agent-e1.key")).unwrap();
+    let tls = client_tls(&ca_pem, Some((&cert, &key)));
+    let ch = connect(&c.url(), Some(tls.clone())).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello(id)).await.unwrap();
+    let mut inbound = AgentServiceClient::new(ch).session(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(inbound.message().await.unwrap().and_then(|m| m.frame), Some(In::Welcome(_))));
+    // Revoked: the live session ends within seconds, reconnecting fails.
+    store.revoke_agent(id).await.unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the revoked session ended within 5 s");
+    assert!(ended.is_err() || matches!(ended, Ok(None)));
+    drop(tx);
+    let ch = connect(&c.url(), Some(tls)).await.unwrap();
+    assert_eq!(session(ch, id).await.unwrap_err().code(), Code::PermissionDenied);
+    store.close().await;
 }

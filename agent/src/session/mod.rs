@@ -180,10 +180,15 @@ impl Agent {
 /// Loads this agent's id from its state file, or creates one. The file
 /// name includes the agent's name, so several agents on one host are
 /// distinct.
-fn agent_id(dir: &std::path::Path, name: &str) -> Result<Uuid, SessionError> {
+/// A state file of the agent named `name`: `agent-<name>.<ext>`.
+pub fn state_path(dir: &std::path::Path, name: &str, ext: &str) -> PathBuf {
     let safe: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    let path = dir.join(format!("agent-{safe}.id"));
+    dir.join(format!("agent-{safe}.{ext}"))
+}
+
+fn agent_id(dir: &std::path::Path, name: &str) -> Result<Uuid, SessionError> {
+    let path = state_path(dir, name, "id");
     let err = |source| SessionError::State { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
         Ok(text) => {

@@ -46,6 +46,8 @@ pub struct Fleet {
     pub wake: Notify,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Signs enrolling agents' certificates, when configured.
+    pub agent_ca: Option<Arc<crate::enroll::AgentCa>>,
 }
 
 #[derive(Clone, Debug)]
@@ -88,17 +90,63 @@ impl AgentService for AgentApi {
     async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
         // With mTLS the handshake verified the chain; an agent without a
         // certificate (an operator's client, a token) gets nothing here.
-        if self.fleet.config.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "agents must present a client certificate issued by the controller's CA",
-            ));
-        }
+        let identity = if self.fleet.config.require_client_cert {
+            let certs = request.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
+                Status::unauthenticated("agents must present a client certificate issued by the controller's CA")
+            })?;
+            let id = crate::enroll::agent_of(certs[0].as_ref())
+                .ok_or_else(|| Status::unauthenticated("the client certificate names no agent id"))?;
+            if self.fleet.store.is_agent_revoked(id).await.map_err(unavailable)? {
+                tracing::warn!(agent_id = %id, "a revoked agent tried to connect");
+                return Err(Status::permission_denied(format!("agent {id} is revoked")));
+            }
+            Some(id)
+        } else {
+            None
+        };
         let inbound = request.into_inner();
         // Bounded: a slow agent slows its own session, nothing else.
         let (tx, rx) = mpsc::channel(256);
         let fleet = self.fleet.clone();
-        self.fleet.tracker.spawn(async move { Session::run(fleet, inbound, tx).await });
+        self.fleet.tracker.spawn(async move { Session::run(fleet, inbound, tx, identity).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        use crate::enroll::EnrollError;
+        let Some(ca) = &self.fleet.agent_ca else {
+            return Err(Status::failed_precondition(
+                "this controller does not enroll agents (serve --tls-client-ca-key)",
+            ));
+        };
+        let r = request.into_inner();
+        if r.token.len() > 256 || r.name.len() > 128 {
+            return Err(Status::invalid_argument("token or name too long"));
+        }
+        let agent_id = Uuid::new_v4();
+        let status = |e: EnrollError| match e {
+            EnrollError::BadToken => Status::permission_denied(e.to_string()),
+            EnrollError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+            EnrollError::Store(s) => unavailable(s),
+            EnrollError::Ca(m) => {
+                tracing::error!(error = %m, "cannot sign an agent certificate");
+                Status::internal("the controller cannot sign certificates")
+            }
+        };
+        // Sign first: a bad request must not burn the token.
+        let (certificate_pem, expires) = ca.sign(&r.csr_pem, agent_id).map_err(status)?;
+        let labels = crate::enroll::redeem(&self.fleet.store, &r.token, agent_id).await.map_err(|e| {
+            tracing::warn!(name = %r.name, "enrollment refused: {e}");
+            status(e)
+        })?;
+        tracing::info!(%agent_id, name = %r.name, %expires, "agent enrolled");
+        Ok(Response::new(pb::EnrollResponse {
+            agent_id: agent_id.to_string(),
+            certificate_pem,
+            ca_pem: ca.pem().to_string(),
+            expires_at: Some(prost_types::Timestamp { seconds: expires.timestamp(), nanos: 0 }),
+            labels: labels.into_iter().collect(),
+        }))
     }
 }
 
@@ -163,11 +211,20 @@ fn unavailable(e: StoreError) -> Status {
 }
 
 impl Session {
-    async fn run(fleet: Arc<Fleet>, mut inbound: Streaming<pb::AgentMessage>, tx: Outbound) {
+    /// `identity`: the agent id its certificate names (mTLS), which its
+    /// Hello must claim.
+    async fn run(fleet: Arc<Fleet>, mut inbound: Streaming<pb::AgentMessage>, tx: Outbound, identity: Option<Uuid>) {
         let hello = tokio::select! {
             _ = fleet.shutdown.cancelled() => return,
             h = Self::handshake(&fleet, &mut inbound) => h,
         };
+        let hello = hello.and_then(|h| match identity {
+            Some(id) if id != h.intro.id => Err(Status::permission_denied(format!(
+                "Hello claims agent {} but the certificate is agent {id}",
+                h.intro.id
+            ))),
+            _ => Ok(h),
+        });
         let hello = match hello {
             Ok(h) => h,
             Err(status) => {

@@ -157,11 +157,13 @@ impl Store {
     }
 
     /// Current session generations, to find sessions a newer one replaced.
-    /// Each agent's current session generation, and whether an operator
-    /// asked it to drain.
-    pub async fn agent_generations(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64, bool)>, StoreError> {
-        let rows = sqlx::query_as::<_, (Uuid, i64, bool)>(
-            "SELECT id, session_generation, state = 'draining' FROM agents WHERE id = ANY($1)",
+    /// Each agent's current session generation, whether an operator asked
+    /// it to drain, and whether it is revoked.
+    pub async fn agent_generations(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64, bool, bool)>, StoreError> {
+        let rows = sqlx::query_as::<_, (Uuid, i64, bool, bool)>(
+            "SELECT id, session_generation, state = 'draining',
+                    EXISTS (SELECT 1 FROM revoked_agents r WHERE r.agent_id = agents.id)
+             FROM agents WHERE id = ANY($1)",
         )
         .bind(ids)
         .fetch_all(&self.pool)

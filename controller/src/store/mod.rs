@@ -3,6 +3,7 @@
 //! over rows issuing a query each.
 
 mod agents;
+mod enroll;
 mod error;
 mod events;
 mod leases;
@@ -29,7 +30,7 @@ pub use leases::{
 };
 pub use policy::ScopeRules;
 pub use results::{ResultKey, ResultRecord};
-pub use scans::{NewScan, NewShard, ScanRecord, ScanState};
+pub use scans::{Labels, NewScan, NewShard, ScanRecord, ScanState};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};
 pub use tokens::TokenRecord;
 
