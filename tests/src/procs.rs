@@ -82,7 +82,11 @@ impl Drop for Proc {
 /// Runs the controller binary on `listen` against `database_url`.
 pub fn controller(name: &str, database_url: &str, listen: &str, extra: &[&str], logs: &tempfile::TempDir) -> Proc {
     let mut cmd = Command::new(binary("portfleet-controller"));
-    cmd.args(["serve", "--insecure", "--database-url", database_url, "--listen", listen]).args(extra);
+    cmd.args(["serve", "--database-url", database_url, "--listen", listen]).args(extra);
+    // Plaintext unless the test passes TLS settings.
+    if !extra.contains(&"--tls-cert") {
+        cmd.arg("--insecure");
+    }
     cmd.env_remove("DATABASE_URL");
     Proc::spawn(name, cmd, logs)
 }

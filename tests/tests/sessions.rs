@@ -73,10 +73,22 @@ impl Setup {
     }
 
     async fn client(&self, url: &str) -> ApiClient {
+        self.client_trusting(url, None).await
+    }
+
+    /// A client of a controller serving TLS with a certificate `ca` signed.
+    async fn client_trusting(&self, url: &str, ca: Option<&[u8]>) -> ApiClient {
         let url = url.to_string();
+        let tls = ca.map(|ca| portfleet_proto::auth::client_tls(ca, None));
         let channel = portfleet_tests::eventually("the controller to answer", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+            let (url, tls) = (url.clone(), tls.clone());
+            async move {
+                let mut e = Channel::from_shared(url).ok()?;
+                if let Some(t) = tls {
+                    e = e.tls_config(t).ok()?;
+                }
+                e.connect().await.ok()
+            }
         })
         .await;
         let token = self.db.token(portfleet_controller::auth::Scope::Admin).await;
@@ -467,4 +479,53 @@ async fn an_agent_refuses_work_outside_its_own_scope_and_sends_nothing() {
     assert_eq!(s.topo.target_out_rsts(), rsts, "the target answered probes");
     let stray = s.topo.target_rx_packets() - rx;
     assert!(stray < 10, "{stray} packets reached the target (neighbour discovery at most)");
+}
+
+/// The whole mTLS path with the real binaries: `ca init`, a controller
+/// serving TLS and enrolling agents, `agents enroll-token`, `portfleet-agent
+/// enroll` from the scanner namespace, then `run` with the stored identity
+/// scanning a namespace target over mTLS - exactly.
+#[tokio::test]
+async fn an_enrolled_agent_scans_end_to_end_over_mtls() {
+    let Some(mut s) = Setup::new().await else { return };
+    let ip = s.controller_ip();
+    let port = free_port(ip);
+    let tls = s.logs.path().join("tls");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(portfleet_tests::binary("portfleet-controller"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let dir = tls.to_str().unwrap().to_string();
+    ctl(&["ca", "init", "--dir", &dir, "--server-name", &ip.to_string()]);
+    let file = |name: &str| format!("{dir}/{name}");
+    let (cert, key, ca, ca_key) = (file("server.pem"), file("server.key"), file("ca.pem"), file("ca.key"));
+    let mut args: Vec<&str> = CTL_ARGS.to_vec();
+    args.extend(["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca, "--tls-client-ca-key", &ca_key]);
+    let url = format!("https://{ip}:{port}");
+    let p = procs::controller("controller", s.db.url(), &format!("{ip}:{port}"), &args, &s.logs);
+    s.controllers.push((p, url.clone()));
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let mut client = s.client_trusting(&url, Some(&ca_pem)).await;
+    let token = ctl(&["agents", "--database-url", s.db.url(), "enroll-token", "--labels", "site=lab"]);
+    let out = s
+        .topo
+        .in_scanner(portfleet_tests::binary("portfleet-agent"))
+        .args(["enroll", "--controller", &url, "--token", &token, "--name", "mtls", "--ca", &ca, "--state-dir"])
+        .arg(s.logs.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
+    // `run` finds the enrolled key, certificate and CA in its state dir.
+    s.start_agent("mtls", &url, &[]);
+    let scan = client.create_scan(scan_request(20_000, "1-1000")).await.unwrap().into_inner();
+    completed(&mut client, &scan.id).await;
+    assert_exact(&results(&mut client, &scan.id).await, &s.open);
+    let agents = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+    let a = agents.iter().find(|a| a.name == "mtls").expect("the enrolled agent");
+    assert_eq!(a.labels.get("site").map(String::as_str), Some("lab"), "the token's labels");
 }
