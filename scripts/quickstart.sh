@@ -28,8 +28,10 @@ psql -h "$PG_HOST" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '
   psql -h "$PG_HOST" -U postgres -qc "CREATE DATABASE $DB"
 
 # An admin token for the CLI, made straight in the database.
-export PORTFLEET_TOKEN=$("$BIN/portfleet-controller" tokens create --scope admin --name quickstart \
-  --database-url "postgres://postgres@$PG_HOST:$PG_PORT/$DB" 2>/dev/null) || fail "cannot create an API token"
+TOKEN=$(DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT/$DB" \
+  "$BIN/portfleet-controller" tokens create --scope admin --name quickstart 2>"$DIR/token.log") ||
+  fail "cannot create an API token; see $DIR/token.log"
+export PORTFLEET_TOKEN=$TOKEN
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
