@@ -50,6 +50,16 @@ impl PolicySource {
         Self { store, builtin: Arc::new(builtin), cache: Default::default() }
     }
 
+    /// The built-in deny-list: defaults plus this host's addresses.
+    pub fn builtin(&self) -> &[IpNet] {
+        &self.builtin
+    }
+
+    /// Forgets the cached policy (this controller changed the rules).
+    pub fn invalidate(&self) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The policy now in force.
     pub async fn current(&self) -> Result<Arc<ScopePolicy>, StoreError> {
         if let Some((at, p)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref()

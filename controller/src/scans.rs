@@ -226,6 +226,45 @@ impl ScanManager {
         &self.limits
     }
 
+    pub fn policy(&self) -> &PolicySource {
+        &self.policy
+    }
+
+    /// Changes the scope rules, then fails every pending or running scan
+    /// the new policy no longer allows (their agents are told to stop).
+    /// Returns the failed scans.
+    pub async fn update_policy(
+        &self,
+        add: &crate::store::ScopeRules,
+        remove: &crate::store::ScopeRules,
+    ) -> Result<Vec<Uuid>, ScanError> {
+        self.store.add_scope_rules("allow", &add.allow).await?;
+        self.store.add_scope_rules("deny", &add.deny).await?;
+        self.store.remove_scope_rules("allow", &remove.allow).await?;
+        self.store.remove_scope_rules("deny", &remove.deny).await?;
+        self.policy.invalidate();
+        let policy = self.policy.current().await?;
+        let mut failed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.active_scan_ranges(after, 1000).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            for (id, ranges) in page {
+                let addrs = AddressSet::parse_ranges(&ranges)
+                    .map_err(|e| StoreError::Corrupt(format!("scan {id} address ranges: {e}")))?;
+                if let Some(range) = policy.first_offending(&addrs) {
+                    let why = format!("the scope policy changed: {range} may no longer be scanned");
+                    if self.store.fail_scan(id, &why).await? {
+                        tracing::warn!(scan_id = %id, %why, "scan failed by a policy change");
+                        failed.push(id);
+                    }
+                }
+            }
+        }
+        Ok(failed)
+    }
+
     /// Validates, resolves, plans and stores a scan. The same request id
     /// returns the scan it first created, whatever else the request says;
     /// the flag says whether this call created it.

@@ -119,3 +119,49 @@ async fn amqp_scans_pass_the_same_policy() {
     let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM scans").fetch_all(&mut conn).await.unwrap();
     assert_eq!(ids, vec!["inside".to_string()]);
 }
+
+#[tokio::test]
+async fn a_policy_change_fails_the_scans_it_puts_out_of_scope() {
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("198.51.100.0/24,203.0.113.0/24").unwrap();
+    let c = TestController::start(config).await;
+    let mut api = c.client().await;
+    let keep = api.create_scan(scan(&["198.51.100.0/25"])).await.unwrap().into_inner();
+    let doomed = api.create_scan(scan(&["203.0.113.0/25"])).await.unwrap().into_inner();
+    let bad = api
+        .update_scope_policy(pb::UpdateScopePolicyRequest {
+            add_deny: vec!["10.0.0.0/33".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("add_deny"), "{}", bad.message());
+    let r = api
+        .update_scope_policy(pb::UpdateScopePolicyRequest {
+            remove_allow: vec!["203.0.113.0/24".into()],
+            add_deny: vec!["198.51.100.200/32".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.failed_scan_ids, vec![doomed.id.clone()]);
+    let p = r.policy.unwrap();
+    assert_eq!(p.allow, vec!["198.51.100.0/24".to_string()]);
+    assert_eq!(p.deny, vec!["198.51.100.200/32".to_string()]);
+    assert!(p.builtin_deny.contains(&"127.0.0.0/8".to_string()));
+    let failed = api.get_scan(pb::GetScanRequest { id: doomed.id }).await.unwrap().into_inner();
+    assert_eq!(failed.state, pb::ScanState::Failed as i32);
+    assert!(failed.error.contains("scope policy changed"), "{}", failed.error);
+    let kept = api.get_scan(pb::GetScanRequest { id: keep.id }).await.unwrap().into_inner();
+    assert_eq!(kept.state, pb::ScanState::Pending as i32);
+    // New scans see the change at once on this controller.
+    let err = api.create_scan(scan(&["203.0.113.5"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = api.create_scan(scan(&["198.51.100.200"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let got = api.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
+    assert_eq!(got.allow, p.allow);
+}

@@ -20,7 +20,7 @@ use crate::{
     auth::{Authorizer, Scope},
     notify::Notifier,
     scans::{ScanManager, ScanRequestInput},
-    store::{NewTarget, Page, Store, TargetFilter},
+    store::{NewTarget, Page, ScopeRules, Store, TargetFilter},
 };
 
 /// Most targets one CreateTargets call may carry.
@@ -213,5 +213,49 @@ impl ScanService for ScanApi {
             agents: paged.items.into_iter().map(Into::into).collect(),
             next_page_token: page::encode("agents", paged.next),
         }))
+    }
+
+    async fn get_scope_policy(
+        &self,
+        request: Request<pb::GetScopePolicyRequest>,
+    ) -> Result<Response<pb::ScopePolicy>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Admin, "GetScopePolicy").await?;
+        Ok(Response::new(self.scope_policy().await?))
+    }
+
+    async fn update_scope_policy(
+        &self,
+        request: Request<pb::UpdateScopePolicyRequest>,
+    ) -> Result<Response<pb::UpdateScopePolicyResponse>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Admin, "UpdateScopePolicy").await?;
+        let r = request.into_inner();
+        let nets = |field: &str, items: &[String]| {
+            if items.len() > 10_000 {
+                return Err(Status::invalid_argument(format!("{field}: more than 10000 entries")));
+            }
+            portfleet_core::policy::parse_cidrs(&items.join(","))
+                .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+        };
+        let add = ScopeRules { allow: nets("add_allow", &r.add_allow)?, deny: nets("add_deny", &r.add_deny)? };
+        let remove =
+            ScopeRules { allow: nets("remove_allow", &r.remove_allow)?, deny: nets("remove_deny", &r.remove_deny)? };
+        let failed = self.scans.update_policy(&add, &remove).await.map_err(to_status)?;
+        tracing::info!(?add, ?remove, failed = failed.len(), "scope policy updated");
+        Ok(Response::new(pb::UpdateScopePolicyResponse {
+            policy: Some(self.scope_policy().await?),
+            failed_scan_ids: failed.iter().map(ToString::to_string).collect(),
+        }))
+    }
+}
+
+impl ScanApi {
+    async fn scope_policy(&self) -> Result<pb::ScopePolicy, Status> {
+        let rules = self.store.scope_rules().await.map_err(store_status)?;
+        let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect();
+        Ok(pb::ScopePolicy {
+            allow: text(&rules.allow),
+            deny: text(&rules.deny),
+            builtin_deny: text(self.scans.policy().builtin()),
+        })
     }
 }

@@ -45,4 +45,34 @@ impl Store {
         .await?;
         Ok(())
     }
+
+    pub async fn remove_scope_rules(&self, action: &str, nets: &[IpNet]) -> Result<(), StoreError> {
+        if nets.is_empty() {
+            return Ok(());
+        }
+        let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
+            .bind(action)
+            .bind(&cidrs)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A page of unfinished scans and their address ranges, by id.
+    pub async fn active_scan_ranges(
+        &self,
+        after: Option<uuid::Uuid>,
+        limit: i64,
+    ) -> Result<Vec<(uuid::Uuid, Vec<String>)>, StoreError> {
+        let rows = sqlx::query_as(
+            "SELECT id, address_ranges FROM scans
+             WHERE state IN ('pending', 'running') AND id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after.unwrap_or(uuid::Uuid::nil()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
 }

@@ -318,6 +318,33 @@ impl Store {
         Ok(row)
     }
 
+    /// Fails a pending or running scan with `error` and stops its shards
+    /// (a policy change put it out of scope). `false` if it was over.
+    pub async fn fail_scan(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let failed = sqlx::query_scalar::<_, Uuid>(
+            "UPDATE scans SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND state IN ('pending', 'running') RETURNING id",
+        )
+        .bind(id)
+        .bind(error)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if failed.is_some() {
+            sqlx::query(
+                "UPDATE shards SET state = 'cancelled', updated_at = now()
+                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            super::events::record(&mut tx, id, "failed").await?;
+            super::leases::notify_scan(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok(failed.is_some())
+    }
+
     /// Records why pending scans wait (or clears it with `None`).
     pub async fn set_waiting_reasons(&self, reasons: &[(Uuid, Option<String>)]) -> Result<(), StoreError> {
         if reasons.is_empty() {
