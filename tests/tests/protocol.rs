@@ -68,6 +68,18 @@ impl FakeAgent {
         }
     }
 
+    /// Whether the controller ended this stream (checked without waiting
+    /// long).
+    async fn rx_closed(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(5), self.rx.message()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(_) => return true,
+            }
+        }
+    }
+
     async fn beat(&self) {
         self.send(Out::Heartbeat(pb::Heartbeat::default())).await;
     }
@@ -370,4 +382,101 @@ async fn a_shard_that_keeps_failing_fails_its_scan() {
     .await;
     assert!(failed.error.contains("interface went away"), "{}", failed.error);
     assert!(failed.error.contains("4 times"), "{}", failed.error);
+}
+
+/// Fuzzes the controller's frame handling over the wire: thousands of
+/// random frames - real and bogus shard ids and epochs, ids past i64,
+/// out-of-order and zero sequence numbers, addresses of every length,
+/// ports past 65535, checkpoints past the range, a second Hello - from an
+/// agent holding a real lease. Whatever happens to that session, the
+/// controller keeps serving, never stores a result outside the scan, and a
+/// new agent still gets work. `PORTFLEET_FUZZ_FRAMES` runs more.
+#[tokio::test]
+async fn random_frames_never_break_the_controller() {
+    use rand::{Rng, seq::IndexedRandom};
+    let frames: usize = std::env::var("PORTFLEET_FUZZ_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut api = c.client().await;
+    let scan = api
+        .create_scan(pb::CreateScanRequest {
+            targets: vec!["198.51.100.0/30".into()],
+            ports: "80".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
+    let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
+    let mut rng = rand::rng();
+    let u64s = |rng: &mut rand::rngs::ThreadRng, real: u64| -> u64 {
+        *[real, real + 1, 0, 1, rng.random(), u64::MAX, i64::MAX as u64 + 1].choose(rng).unwrap()
+    };
+    let mut reopened = 0;
+    for i in 0..frames {
+        let (shard, epoch, seq) = (u64s(&mut rng, a.shard_id), u64s(&mut rng, a.lease_epoch), u64s(&mut rng, 1));
+        let results = (0..rng.random_range(0..4))
+            .map(|_| pb::PortResult {
+                ip: (0..*[0usize, 3, 4, 5, 16, 17].choose(&mut rng).unwrap()).map(|_| rng.random()).collect(),
+                port: *[80, 0, 65535, 65536, u32::MAX, rng.random()].choose(&mut rng).unwrap(),
+                state: rng.random_range(-1..4),
+                observed_at: rng
+                    .random_bool(0.5)
+                    .then(|| prost_types::Timestamp { seconds: rng.random(), nanos: rng.random() }),
+            })
+            .collect();
+        let counts = rng.random_bool(0.5).then(|| pb::ShardCounts {
+            sent: rng.random(),
+            open: rng.random(),
+            closed: rng.random(),
+            filtered: rng.random(),
+        });
+        let text: String = (0..rng.random_range(0..300)).map(|_| rng.random::<char>()).collect();
+        let frame = match rng.random_range(0..8) {
+            0 => Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results }),
+            1 => Out::Progress(pb::Progress {
+                shard_id: shard,
+                lease_epoch: epoch,
+                seq,
+                checkpoint: rng.random(),
+                counts,
+            }),
+            2 => Out::Complete(pb::ShardComplete { shard_id: shard, lease_epoch: epoch, seq, counts }),
+            3 => Out::Failed(pb::ShardFailed { shard_id: shard, lease_epoch: epoch, reason: text }),
+            4 => Out::Released(pb::ShardReleased { shard_id: shard, lease_epoch: epoch, agent_leaving: rng.random() }),
+            5 => match hello(&id, 1, 1).frame {
+                Some(Out::Hello(mut h)) => {
+                    h.name = text;
+                    Out::Hello(h)
+                }
+                _ => unreachable!(),
+            },
+            _ => Out::Heartbeat(pb::Heartbeat::default()),
+        };
+        // A session the controller ended (legitimately) is reopened.
+        if agent.tx.send(pb::AgentMessage { frame: Some(frame) }).await.is_err()
+            || i % 50 == 0 && agent.rx_closed().await
+        {
+            reopened += 1;
+            agent = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+        }
+    }
+    // Still serving: health, a new agent gets the scan's work (or it is
+    // already over), and no stored result lies outside the scan.
+    let fresh = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await;
+    assert!(fresh.is_ok(), "a new session after {frames} random frames ({reopened} reopened)");
+    let got = api.get_scan(pb::GetScanRequest { id: scan.id.clone() }).await.unwrap().into_inner();
+    let results = api
+        .list_results(pb::ListResultsRequest { scan_id: scan.id, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(results.len() <= 4, "{} results for a 4-probe scan", results.len());
+    for r in &results {
+        assert!(r.ip.starts_with("198.51.100.") && r.port == 80, "{r:?}");
+    }
+    assert!(got.probes_done <= got.probes_planned, "{got:?}");
 }

@@ -295,4 +295,25 @@ mod tests {
         let err = parse_native("scan.request", br#"{"targets":["192.0.2.1"],"portz":"80"}"#, &Properties::default());
         assert!(err.unwrap_err().0.contains("portz"));
     }
+
+    use proptest::prelude::Strategy as _;
+
+    proptest::proptest! {
+        /// Whatever arrives over AMQP, parsing returns a result (a message
+        /// to dead-letter at worst), never a panic. Longer runs:
+        /// PROPTEST_CASES=100000 cargo test -p portfleet-controller never_panic
+        #[test]
+        fn amqp_messages_never_panic(
+            key in proptest::string::string_regex("(cptm8\\.naabum8\\.(get|post)\\.scan(/domain/[a-z0-9]{0,4})?|scan\\.request|.{0,20})").unwrap(),
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+                "\\{\"(targets|payload|channel|ports|rate|version|target)\":(\\[|\"|\\{|[0-9-]{1,25}|null|true).{0,40}"
+                    .prop_map(String::into_bytes),
+            ],
+        ) {
+            let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+            let _ = parse_native(&key, &body, &props());
+            let _ = parse_naabum8(&key, &body, &props(), &d);
+        }
+    }
 }
