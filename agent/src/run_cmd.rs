@@ -156,18 +156,20 @@ fn client_tls(
         let text = String::from_utf8_lossy(&read("labels", &p)?).to_string();
         labels.extend(text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())));
     }
-    let (cert, key) = match (&args.cert, &args.key) {
-        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
-        _ => (stored("crt"), stored("key")),
+    // Only an enrolled identity (in the state dir) is renewed; files given
+    // with --cert/--key belong to whoever issued them.
+    let (cert, key, renewable) = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone()), false),
+        _ => (stored("crt"), stored("key"), true),
     };
     let Some(ca) = args.ca.clone().or_else(|| cert.as_ref().and_then(|_| stored("ca.pem"))) else {
         return Ok((None, labels));
     };
-    let identity = match (cert, key) {
-        (Some(c), Some(k)) => Some((read("--cert", &c)?, read("--key", &k)?)),
-        _ => None,
+    let (identity, renew) = match (cert, key) {
+        (Some(c), Some(k)) => (Some((read("--cert", &c)?, read("--key", &k)?)), renewable.then_some((c, k))),
+        _ => (None, None),
     };
-    Ok((Some(ClientTls { ca: read("--ca", &ca)?, identity }), labels))
+    Ok((Some(ClientTls { ca: read("--ca", &ca)?, identity, renew }), labels))
 }
 
 /// The first SIGINT/SIGTERM hands shards back and exits; a second exits at

@@ -181,7 +181,7 @@ pub struct ServeArgs {
     #[arg(long = "tls-client-ca-key", env = "PORTFLEET_TLS_CLIENT_CA_KEY", requires = "tls_client_ca")]
     pub tls_client_ca_key: Option<PathBuf>,
     /// Lifetime of the certificates enrolled agents get.
-    #[arg(long = "agent-cert-ttl", env = "PORTFLEET_AGENT_CERT_TTL", default_value = "30d", value_parser = parse_duration)]
+    #[arg(long = "agent-cert-ttl", env = "PORTFLEET_AGENT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub agent_cert_ttl: Duration,
     /// Serve plaintext gRPC, without TLS: only on a network nobody else
     /// reaches (tokens and results cross it in clear).

@@ -140,7 +140,9 @@ impl AgentCa {
         p.custom_extensions = Vec::new();
         let now = time::OffsetDateTime::now_utc();
         let ttl = time::Duration::seconds(self.cert_ttl.as_secs().min(i64::MAX as u64) as i64);
-        p.not_before = now - time::Duration::minutes(5);
+        // Backdated for clock skew, by little enough that the agent's
+        // "renew with a third left" stays meaningful for short lifetimes.
+        p.not_before = now - std::cmp::min(ttl / 10_i32, time::Duration::minutes(5));
         p.not_after = now + ttl;
         let expires = DateTime::<Utc>::from_timestamp(p.not_after.unix_timestamp(), 0).unwrap_or_else(Utc::now);
         let cert = csr.signed_by(&self.issuer).map_err(|e| EnrollError::BadRequest(e.to_string()))?;

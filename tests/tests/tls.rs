@@ -257,3 +257,68 @@ async fn enroll_once_then_revoke() {
     assert_eq!(session(ch, id).await.unwrap_err().code(), Code::PermissionDenied);
     store.close().await;
 }
+
+/// A short-lived enrolled certificate is renewed by the running agent over
+/// mTLS before it expires; the renewed files are 0600 and open a session
+/// as the same agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_renews_its_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use portfleet_controller::{
+        enroll,
+        store::{DatabaseConfig, Store},
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    enroll::init_ca(&tls_dir, &["127.0.0.1".into()]).unwrap();
+    let db = TestDb::create().await;
+    let mut config = controller_config(db.options());
+    config.tls = Some(TlsFiles {
+        cert: tls_dir.join("server.pem"),
+        key: tls_dir.join("server.key"),
+        client_ca: Some(tls_dir.join("ca.pem")),
+        client_ca_key: Some(tls_dir.join("ca.key")),
+        agent_cert_ttl: std::time::Duration::from_secs(12),
+    });
+    let ca_pem = std::fs::read(tls_dir.join("ca.pem")).unwrap();
+    let c = TestController::start_tls(config, &ca_pem).await;
+    let store = Store::connect_lazy(&DatabaseConfig {
+        options: db.options(),
+        pool_size: 2,
+        acquire_timeout: std::time::Duration::from_secs(5),
+    });
+    let token =
+        enroll::create_enroll_token(&store, &Default::default(), std::time::Duration::from_secs(60)).await.unwrap();
+    let state = dir.path().join("state");
+    let agent = |cmd: &str| {
+        let mut c2 = std::process::Command::new(portfleet_tests::binary("portfleet-agent"));
+        c2.args([cmd, "--controller", &c.url(), "--name", "r1", "--state-dir"])
+            .arg(&state)
+            .env_remove("PORTFLEET_CONTROLLER");
+        c2
+    };
+    let out = agent("enroll").args(["--token", &token, "--ca"]).arg(tls_dir.join("ca.pem")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = std::fs::read(state.join("agent-r1.crt")).unwrap();
+    // Nothing is ever assigned (no scans); the allow-list keeps it that way.
+    let mut run =
+        agent("run").args(["--allow", "198.51.100.0/30"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let renewed = portfleet_tests::eventually("the certificate renewed", std::time::Duration::from_secs(30), || {
+        let first = first.clone();
+        let path = state.join("agent-r1.crt");
+        async move { std::fs::read(&path).ok().filter(|c| *c != first) }
+    })
+    .await;
+    let _ = run.kill();
+    let _ = run.wait();
+    let key = std::fs::read(state.join("agent-r1.key")).unwrap();
+    for f in ["agent-r1.crt", "agent-r1.key"] {
+        assert_eq!(std::fs::metadata(state.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let id: uuid::Uuid = std::fs::read_to_string(state.join("agent-r1.id")).unwrap().trim().parse().unwrap();
+    let ch = connect(&c.url(), Some(client_tls(&ca_pem, Some((&renewed, &key))))).await.unwrap();
+    assert!(matches!(session(ch, id).await.unwrap(), In::Welcome(_)), "the renewed identity is the same agent");
+    store.close().await;
+}

@@ -9,6 +9,7 @@
 //! scan instead of piling results up.
 
 pub mod outbox;
+mod renew;
 mod shard;
 
 use std::{
@@ -210,6 +211,16 @@ pub struct ClientTls {
     pub ca: Vec<u8>,
     /// Certificate and key for mTLS.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Files of an enrolled identity (certificate, key): renewed in place
+    /// before the certificate expires.
+    pub renew: Option<(PathBuf, PathBuf)>,
+}
+
+impl ClientTls {
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let identity = self.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        portfleet_proto::auth::client_tls(&self.ca, identity)
+    }
 }
 
 /// Runs the daemon until `shutdown`; then hands shards back and exits.
@@ -222,21 +233,28 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    let endpoint = match &config.tls {
-        Some(t) => {
-            let identity = t.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
-            endpoint
-                .tls_config(portfleet_proto::auth::client_tls(&t.ca, identity))
-                .map_err(|e| SessionError::BadController(config.controller.clone(), format!("TLS: {e}")))?
+    if config.tls.is_none() && config.controller.starts_with("https://") {
+        return Err(SessionError::BadController(
+            config.controller.clone(),
+            "an https:// controller needs --ca (the CA that signed its certificate)".into(),
+        ));
+    }
+    // Shared with the renewal task: each connection uses the newest
+    // certificate.
+    let tls = Arc::new(Mutex::new(config.tls.clone()));
+    let controller = config.controller.clone();
+    let with_tls = move |endpoint: Endpoint, tls: &Mutex<Option<ClientTls>>| -> Result<Endpoint, SessionError> {
+        match tls.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(t) => endpoint
+                .tls_config(t.config())
+                .map_err(|e| SessionError::BadController(controller.clone(), format!("TLS: {e}"))),
+            None => Ok(endpoint),
         }
-        None if config.controller.starts_with("https://") => {
-            return Err(SessionError::BadController(
-                config.controller.clone(),
-                "an https:// controller needs --ca (the CA that signed its certificate)".into(),
-            ));
-        }
-        None => endpoint,
     };
+    with_tls(endpoint.clone(), &tls)?;
+    if config.tls.as_ref().is_some_and(|t| t.renew.is_some()) {
+        tokio::spawn(renew::run(endpoint.clone(), tls.clone(), shutdown.clone()));
+    }
     let agent = Arc::new(Agent {
         raw_socket: crate::net::has_raw_privilege(),
         ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(),
@@ -272,12 +290,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             tracing::info!("all shards handed back; exiting");
             return Ok(());
         }
+        let next = with_tls(endpoint.clone(), &tls)?;
         let connected = tokio::select! {
             _ = give_up.cancelled() => {
                 tracing::warn!("could not hand every shard back in time; their leases will lapse");
                 return Ok(());
             }
-            c = endpoint.connect() => c,
+            c = next.connect() => c,
         };
         match connected {
             Ok(channel) => match connection(&agent, channel, &give_up).await {

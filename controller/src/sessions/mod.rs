@@ -83,6 +83,23 @@ impl Fleet {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
+impl AgentApi {
+    /// The agent the caller's client certificate names, if it is not
+    /// revoked. The TLS handshake already verified the chain.
+    async fn certified_agent<T>(&self, request: &Request<T>) -> Result<Uuid, Status> {
+        let certs = request.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
+            Status::unauthenticated("agents must present a client certificate issued by the controller's CA")
+        })?;
+        let id = crate::enroll::agent_of(certs[0].as_ref())
+            .ok_or_else(|| Status::unauthenticated("the client certificate names no agent id"))?;
+        if self.fleet.store.is_agent_revoked(id).await.map_err(unavailable)? {
+            tracing::warn!(agent_id = %id, "a revoked agent tried to connect");
+            return Err(Status::permission_denied(format!("agent {id} is revoked")));
+        }
+        Ok(id)
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
@@ -90,26 +107,37 @@ impl AgentService for AgentApi {
     async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
         // With mTLS the handshake verified the chain; an agent without a
         // certificate (an operator's client, a token) gets nothing here.
-        let identity = if self.fleet.config.require_client_cert {
-            let certs = request.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
-                Status::unauthenticated("agents must present a client certificate issued by the controller's CA")
-            })?;
-            let id = crate::enroll::agent_of(certs[0].as_ref())
-                .ok_or_else(|| Status::unauthenticated("the client certificate names no agent id"))?;
-            if self.fleet.store.is_agent_revoked(id).await.map_err(unavailable)? {
-                tracing::warn!(agent_id = %id, "a revoked agent tried to connect");
-                return Err(Status::permission_denied(format!("agent {id} is revoked")));
-            }
-            Some(id)
-        } else {
-            None
-        };
+        let identity =
+            if self.fleet.config.require_client_cert { Some(self.certified_agent(&request).await?) } else { None };
         let inbound = request.into_inner();
         // Bounded: a slow agent slows its own session, nothing else.
         let (tx, rx) = mpsc::channel(256);
         let fleet = self.fleet.clone();
         self.fleet.tracker.spawn(async move { Session::run(fleet, inbound, tx, identity).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let Some(ca) = &self.fleet.agent_ca else {
+            return Err(Status::failed_precondition("this controller does not sign certificates"));
+        };
+        let agent_id = self.certified_agent(&request).await?;
+        let r = request.into_inner();
+        let (certificate_pem, expires) = ca.sign(&r.csr_pem, agent_id).map_err(|e| match e {
+            crate::enroll::EnrollError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "cannot sign an agent certificate");
+                Status::internal("the controller cannot sign certificates")
+            }
+        })?;
+        tracing::info!(%agent_id, %expires, "agent certificate renewed");
+        Ok(Response::new(pb::EnrollResponse {
+            agent_id: agent_id.to_string(),
+            certificate_pem,
+            ca_pem: ca.pem().to_string(),
+            expires_at: Some(prost_types::Timestamp { seconds: expires.timestamp(), nanos: 0 }),
+            labels: Default::default(),
+        }))
     }
 
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
