@@ -60,6 +60,9 @@ fn sessions_config(config: &ControllerConfig) -> config::FleetConfig {
     fleet
 }
 
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Reads the PEM files into tonic's server TLS settings. Client
 /// certificates are optional at the TLS layer (operators' clients use
 /// tokens); the agent service demands one when a client CA is set.
@@ -142,7 +145,10 @@ pub async fn run(
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // One connection cannot open streams without bound (an agent needs
+        // one, a client a few watches).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     match &config.tls {
         Some(files) => builder = builder.tls_config(server_tls(files)?)?,
         None => tracing::warn!("serving plaintext gRPC: tokens, results and agent sessions cross the network in clear"),
