@@ -165,6 +165,9 @@ fn client_tls(
     let Some(ca) = args.ca.clone().or_else(|| cert.as_ref().and_then(|_| stored("ca.pem"))) else {
         return Ok((None, labels));
     };
+    if renewable && let (Some(c), Some(k)) = (&cert, &key) {
+        session::renew::recover(c, k);
+    }
     let (identity, renew) = match (cert, key) {
         (Some(c), Some(k)) => (Some((read("--cert", &c)?, read("--key", &k)?)), renewable.then_some((c, k))),
         _ => (None, None),

@@ -138,6 +138,8 @@ impl AgentCa {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.custom_extensions = Vec::new();
+        // Unique even when an agent sends the same key twice.
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let now = time::OffsetDateTime::now_utc();
         let ttl = time::Duration::seconds(self.cert_ttl.as_secs().min(i64::MAX as u64) as i64);
         // Backdated for clock skew, by little enough that the agent's

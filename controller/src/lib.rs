@@ -150,7 +150,14 @@ pub async fn run(
         // one, a client a few watches).
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     match &config.tls {
-        Some(files) => builder = builder.tls_config(server_tls(files)?)?,
+        Some(files) => {
+            if files.client_ca.is_none() {
+                tracing::warn!(
+                    "no --tls-client-ca: agents are not authenticated; anyone who reaches this port can pose as one"
+                );
+            }
+            builder = builder.tls_config(server_tls(files)?)?;
+        }
         None => tracing::warn!("serving plaintext gRPC: tokens, results and agent sessions cross the network in clear"),
     }
     let server = builder

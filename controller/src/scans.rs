@@ -238,10 +238,7 @@ impl ScanManager {
         add: &crate::store::ScopeRules,
         remove: &crate::store::ScopeRules,
     ) -> Result<Vec<Uuid>, ScanError> {
-        self.store.add_scope_rules("allow", &add.allow).await?;
-        self.store.add_scope_rules("deny", &add.deny).await?;
-        self.store.remove_scope_rules("allow", &remove.allow).await?;
-        self.store.remove_scope_rules("deny", &remove.deny).await?;
+        self.store.update_scope_rules(add, remove).await?;
         self.policy.invalidate();
         let policy = self.policy.current().await?;
         let mut failed = Vec::new();

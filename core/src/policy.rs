@@ -25,6 +25,7 @@ pub const DEFAULT_DENY: &[&str] = &[
     "255.255.255.255/32", // limited broadcast
     "::/128",             // unspecified
     "::1/128",            // loopback
+    "::ffff:0:0/96",      // IPv4-mapped: an IPv4 address by another name
     "fe80::/10",          // link-local
     "ff00::/8",           // multicast
 ];
@@ -142,7 +143,16 @@ mod tests {
     #[test]
     fn the_builtin_deny_list_yields_only_to_an_allow_inside_it() {
         let broad = ScopePolicy::for_agent(&[], &[]);
-        for denied in ["127.0.0.1", "169.254.1.1", "224.0.0.1", "::1", "fe80::1", "ff02::1"] {
+        for denied in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(!broad.permits(ip(denied)), "{denied}");
         }
         assert!(broad.permits(ip("198.51.100.1")) && broad.permits(ip("2001:db8::1")));

@@ -9,7 +9,7 @@
 //! scan instead of piling results up.
 
 pub mod outbox;
-mod renew;
+pub mod renew;
 mod shard;
 
 use std::{

@@ -41,12 +41,39 @@ fn replace(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+fn staged_key(key_path: &Path) -> std::path::PathBuf {
+    key_path.with_extension("key.next")
+}
+
+/// The public key (DER) of a certificate, and of a key, to match them.
+fn cert_public_key(cert_pem: &[u8]) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// Finishes a renewal a crash interrupted: a staged key that matches the
+/// certificate becomes the key; one that does not is stale and removed.
+pub fn recover(cert_path: &Path, key_path: &Path) {
+    let staged = staged_key(key_path);
+    let Ok(next) = std::fs::read_to_string(&staged) else { return };
+    let matches = std::fs::read(cert_path).ok().and_then(|c| cert_public_key(&c)).is_some_and(|public| {
+        KeyPair::from_pem(&next).is_ok_and(|k| rcgen::PublicKeyData::der_bytes(&k) == public.as_slice())
+    });
+    let done = if matches { std::fs::rename(&staged, key_path) } else { std::fs::remove_file(&staged) };
+    match done {
+        Ok(()) if matches => tracing::warn!("finished a certificate renewal a crash interrupted"),
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot clean up {}", staged.display()),
+    }
+}
+
 async fn renew_once(endpoint: &Endpoint, tls: &Mutex<Option<ClientTls>>) -> Result<(), String> {
     let current = tls.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or("no TLS identity")?;
     let (cert_path, key_path) = current.renew.clone().ok_or("no enrolled identity")?;
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let new_key = KeyPair::generate().map_err(|e| e.to_string())?;
     let csr = CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
+        .and_then(|p| p.serialize_request(&new_key))
         .and_then(|c| c.pem())
         .map_err(|e| e.to_string())?;
     let channel = endpoint.clone().tls_config(current.config()).map_err(|e| e.to_string())?.connect().await;
@@ -57,12 +84,15 @@ async fn renew_once(endpoint: &Endpoint, tls: &Mutex<Option<ClientTls>>) -> Resu
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
     let cert = r.certificate_pem.into_bytes();
-    let key = key.serialize_pem().into_bytes();
-    validity(&cert).ok_or("the controller sent an unreadable certificate")?;
-    // Key first: a crash between the two leaves a key the old certificate
-    // does not match, which the next renewal cannot fix - so keep the old
-    // key until the certificate is in place.
-    let key_tmp = key_path.with_extension("next");
+    let key = new_key.serialize_pem().into_bytes();
+    // Never store a pair that cannot work together.
+    if cert_public_key(&cert).as_deref() != Some(rcgen::PublicKeyData::der_bytes(&new_key)) {
+        return Err("the controller's certificate is not for the key this agent sent".into());
+    }
+    // The new key is staged next to the old one before the certificate is
+    // replaced; a crash between the two renames leaves the staged key,
+    // which `recover` promotes at the next start when it matches.
+    let key_tmp = staged_key(&key_path);
     replace(&key_tmp, &key).map_err(|e| format!("{}: {e}", key_tmp.display()))?;
     replace(&cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     std::fs::rename(&key_tmp, &key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
@@ -90,17 +120,48 @@ pub async fn run(endpoint: Endpoint, tls: Arc<Mutex<Option<ClientTls>>>, cancel:
         if now() < due {
             continue;
         }
-        match renew_once(&endpoint, &tls).await {
-            Ok(()) => tracing::info!("certificate renewed"),
+        let pause = match renew_once(&endpoint, &tls).await {
+            Ok(()) => {
+                tracing::info!("certificate renewed");
+                // Even if clocks disagree so much that the new certificate
+                // looks due at once, never renew in a tight loop.
+                Duration::from_secs((lifetime / 10).clamp(1, 3600) as u64)
+            }
             Err(e) => {
                 let left = (not_after - now()).max(0);
                 tracing::warn!(error = %e, expires_in_s = left, "certificate renewal failed; retrying");
-                let retry = Duration::from_secs((left / 10).clamp(1, 300) as u64);
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
-                }
+                // Expired: renewal cannot succeed any more (re-enroll); try rarely.
+                Duration::from_secs(if left == 0 { 300 } else { (left / 10).clamp(1, 300) as u64 })
             }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recover_promotes_only_a_staged_key_that_matches_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("a.crt"), dir.path().join("a.key"));
+        let new_key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&new_key).unwrap();
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, "old key").unwrap();
+        // Crashed after the certificate was replaced: the staged key matches.
+        std::fs::write(staged_key(&key_path), new_key.serialize_pem()).unwrap();
+        recover(&cert_path, &key_path);
+        assert_eq!(std::fs::read_to_string(&key_path).unwrap(), new_key.serialize_pem());
+        assert!(!staged_key(&key_path).exists());
+        // Crashed before: the staged key does not match and is dropped.
+        std::fs::write(staged_key(&key_path), KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        recover(&cert_path, &key_path);
+        assert_eq!(std::fs::read_to_string(&key_path).unwrap(), new_key.serialize_pem());
+        assert!(!staged_key(&key_path).exists());
     }
 }

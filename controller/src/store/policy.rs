@@ -46,16 +46,28 @@ impl Store {
         Ok(())
     }
 
-    pub async fn remove_scope_rules(&self, action: &str, nets: &[IpNet]) -> Result<(), StoreError> {
-        if nets.is_empty() {
-            return Ok(());
-        }
-        let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
-        sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
+    /// Adds and removes rules in one transaction: all of it or none.
+    pub async fn update_scope_rules(&self, add: &ScopeRules, remove: &ScopeRules) -> Result<(), StoreError> {
+        let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let mut tx = self.pool.begin().await?;
+        for (action, nets) in [("allow", &add.allow), ("deny", &add.deny)] {
+            sqlx::query(
+                "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
+                 ON CONFLICT DO NOTHING",
+            )
             .bind(action)
-            .bind(&cidrs)
-            .execute(&self.pool)
+            .bind(text(nets))
+            .execute(&mut *tx)
             .await?;
+        }
+        for (action, nets) in [("allow", &remove.allow), ("deny", &remove.deny)] {
+            sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
+                .bind(action)
+                .bind(text(nets))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
