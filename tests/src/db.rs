@@ -54,9 +54,9 @@ impl TestDb {
         &self.name
     }
 
-    /// A new API token of `scope` in this database (migrated first), as
-    /// `portfleet-controller tokens create` makes it.
-    pub async fn token(&self, scope: portfleet_controller::auth::Scope) -> String {
+    /// The controller's store on this database, migrated: for making
+    /// tokens, enrollment tokens and revocations as the CLI does.
+    pub async fn store(&self) -> portfleet_controller::store::Store {
         use portfleet_controller::store::{DatabaseConfig, Store};
         let config = DatabaseConfig {
             options: self.options(),
@@ -65,6 +65,13 @@ impl TestDb {
         };
         let store = Store::connect_lazy(&config);
         store.migrate(&Default::default()).await.expect("migrate");
+        store
+    }
+
+    /// A new API token of `scope` in this database, as `portfleet-controller
+    /// tokens create` makes it.
+    pub async fn token(&self, scope: portfleet_controller::auth::Scope) -> String {
+        let store = self.store().await;
         let t = portfleet_controller::auth::create_token(&store, "test", scope, None).await.expect("create token");
         store.close().await;
         t.token

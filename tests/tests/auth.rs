@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use portfleet_controller::{
-    auth::{self, Scope},
-    store::{DatabaseConfig, Store},
-};
+use portfleet_controller::auth::{self, Scope};
 use portfleet_proto::{auth::ApiClient, v1 as pb};
 use portfleet_tests::{TestController, TestDb};
 use sqlx::Row;
@@ -134,11 +131,7 @@ async fn bad_revoked_and_expired_tokens_are_refused() {
     req.metadata_mut().insert("authorization", format!("Basic {good}").parse().unwrap());
     assert_eq!(basic.list_scans(req).await.unwrap_err().code(), Code::Unauthenticated);
 
-    let store = Store::connect_lazy(&DatabaseConfig {
-        options: db.options(),
-        pool_size: 2,
-        acquire_timeout: Duration::from_secs(5),
-    });
+    let store = db.store().await;
     // Revoked before its first use: refused at once (nothing cached).
     let doomed = auth::create_token(&store, "doomed", Scope::Admin, None).await.unwrap();
     assert!(store.revoke_token(doomed.record.id).await.unwrap());

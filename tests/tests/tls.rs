@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use portfleet_controller::config::TlsFiles;
+use portfleet_controller::{config::TlsFiles, enroll};
 use portfleet_proto::{
     auth::{Bearer, client_tls},
     v1::{
@@ -162,6 +162,39 @@ async fn tls_for_clients_and_mtls_for_agents() {
     assert_eq!(err.code(), Code::Unauthenticated);
 }
 
+/// A controller serving TLS from `ca init` files and enrolling agents,
+/// with certificates of `cert_ttl_s` seconds.
+struct Enrolling {
+    dir: tempfile::TempDir,
+    tls_dir: PathBuf,
+    ca_pem: Vec<u8>,
+    db: TestDb,
+    c: TestController,
+    store: portfleet_controller::store::Store,
+}
+
+impl Enrolling {
+    async fn start(cert_ttl_s: u64) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let tls_dir = dir.path().join("tls");
+        enroll::init_ca(&tls_dir, &["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let db = TestDb::create().await;
+        let mut config = controller_config(db.options());
+        config.tls = Some(TlsFiles {
+            cert: tls_dir.join("server.pem"),
+            key: tls_dir.join("server.key"),
+            client_ca: Some(tls_dir.join("ca.pem")),
+            client_ca_key: Some(tls_dir.join("ca.key")),
+            agent_cert_ttl: std::time::Duration::from_secs(cert_ttl_s),
+        });
+        let ca_pem = std::fs::read(tls_dir.join("ca.pem")).unwrap();
+        let c = TestController::start_tls(config, &ca_pem).await;
+        let store = db.store().await;
+        Self { dir, tls_dir, ca_pem, db, c, store }
+    }
+}
+
 /// Enrollment end to end with the real `portfleet-agent enroll`: the key is
 /// made on the agent, a token works once and expires, the certificate
 /// names the assigned id, and revoking the agent ends its live session and
@@ -172,30 +205,7 @@ async fn tls_for_clients_and_mtls_for_agents() {
 async fn enroll_once_then_revoke() {
     use std::os::unix::fs::PermissionsExt;
 
-    use portfleet_controller::{
-        enroll,
-        store::{DatabaseConfig, Store},
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let tls_dir = dir.path().join("tls");
-    enroll::init_ca(&tls_dir, &["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let db = TestDb::create().await;
-    let mut config = controller_config(db.options());
-    config.tls = Some(TlsFiles {
-        cert: tls_dir.join("server.pem"),
-        key: tls_dir.join("server.key"),
-        client_ca: Some(tls_dir.join("ca.pem")),
-        client_ca_key: Some(tls_dir.join("ca.key")),
-        agent_cert_ttl: std::time::Duration::from_secs(3600),
-    });
-    let ca_pem = std::fs::read(tls_dir.join("ca.pem")).unwrap();
-    let c = TestController::start_tls(config, &ca_pem).await;
-    let store = Store::connect_lazy(&DatabaseConfig {
-        options: db.options(),
-        pool_size: 2,
-        acquire_timeout: std::time::Duration::from_secs(5),
-    });
+    let Enrolling { dir, tls_dir, ca_pem, db: _db, c, store } = Enrolling::start(3600).await;
     let labels = [("site".to_string(), "lab".to_string())].into_iter().collect();
     let token = enroll::create_enroll_token(&store, &labels, std::time::Duration::from_secs(3600)).await.unwrap();
     let state = dir.path().join("state");
@@ -265,30 +275,7 @@ async fn enroll_once_then_revoke() {
 async fn a_running_agent_renews_its_certificate() {
     use std::os::unix::fs::PermissionsExt;
 
-    use portfleet_controller::{
-        enroll,
-        store::{DatabaseConfig, Store},
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let tls_dir = dir.path().join("tls");
-    enroll::init_ca(&tls_dir, &["127.0.0.1".into()]).unwrap();
-    let db = TestDb::create().await;
-    let mut config = controller_config(db.options());
-    config.tls = Some(TlsFiles {
-        cert: tls_dir.join("server.pem"),
-        key: tls_dir.join("server.key"),
-        client_ca: Some(tls_dir.join("ca.pem")),
-        client_ca_key: Some(tls_dir.join("ca.key")),
-        agent_cert_ttl: std::time::Duration::from_secs(12),
-    });
-    let ca_pem = std::fs::read(tls_dir.join("ca.pem")).unwrap();
-    let c = TestController::start_tls(config, &ca_pem).await;
-    let store = Store::connect_lazy(&DatabaseConfig {
-        options: db.options(),
-        pool_size: 2,
-        acquire_timeout: std::time::Duration::from_secs(5),
-    });
+    let Enrolling { dir, tls_dir, ca_pem, db: _db, c, store } = Enrolling::start(12).await;
     let token =
         enroll::create_enroll_token(&store, &Default::default(), std::time::Duration::from_secs(60)).await.unwrap();
     let state = dir.path().join("state");

@@ -303,16 +303,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if row.is_some() {
-            sqlx::query(
-                "UPDATE shards SET state = 'cancelled', updated_at = now()
-                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            super::events::record(&mut tx, id, "cancelled").await?;
-            // Controllers holding its leases tell their agents to stop.
-            super::leases::notify_scan(&mut tx, id).await?;
+            stop_unfinished_shards(&mut tx, id, "cancelled").await?;
         }
         tx.commit().await?;
         Ok(row)
@@ -331,15 +322,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if failed.is_some() {
-            sqlx::query(
-                "UPDATE shards SET state = 'cancelled', updated_at = now()
-                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            super::events::record(&mut tx, id, "failed").await?;
-            super::leases::notify_scan(&mut tx, id).await?;
+            stop_unfinished_shards(&mut tx, id, "failed").await?;
         }
         tx.commit().await?;
         Ok(failed.is_some())
@@ -375,4 +358,23 @@ impl Store {
         .await?;
         Ok(rows)
     }
+}
+
+/// After a scan ended early (`event`: cancelled, failed): its unfinished
+/// shards are cancelled, the event recorded, and the controllers holding
+/// its leases tell their agents to stop.
+async fn stop_unfinished_shards(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: Uuid,
+    event: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE shards SET state = 'cancelled', updated_at = now()
+         WHERE scan_id = $1 AND state IN ('pending', 'leased')",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    super::events::record(tx, id, event).await?;
+    super::leases::notify_scan(tx, id).await
 }

@@ -78,6 +78,25 @@ impl CommitListener {
     }
 }
 
+/// Publishes request `i` of `phase`, persistent, without waiting for its
+/// confirm (a phase awaits all of them at once).
+async fn publish(broker: &TestBroker, i: u64, phase: &str) {
+    let c = &broker.config;
+    let props = BasicProperties::default().with_message_id(format!("{phase}-{i}").into()).with_delivery_mode(2);
+    let confirm = broker
+        .channel
+        .basic_publish(
+            c.exchange.as_str().into(),
+            c.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body(i, phase),
+            props,
+        )
+        .await
+        .unwrap();
+    drop(confirm);
+}
+
 /// The controller, killed however the bench ends.
 struct Child(std::process::Child);
 
@@ -118,20 +137,7 @@ async fn main() {
     // Phase 1: a burst.
     let start = Instant::now();
     for i in 0..burst {
-        let props = BasicProperties::default().with_message_id(format!("burst-{i}").into()).with_delivery_mode(2);
-        // Confirms are awaited all at once below.
-        let confirm = broker
-            .channel
-            .basic_publish(
-                c.exchange.as_str().into(),
-                c.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &body(i, "burst"),
-                props,
-            )
-            .await
-            .unwrap();
-        drop(confirm);
+        publish(&broker, i, "burst").await;
     }
     broker.channel.wait_for_confirms().await.unwrap();
     let published = start.elapsed();
@@ -152,19 +158,7 @@ async fn main() {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
-        let props = BasicProperties::default().with_message_id(format!("paced-{i}").into()).with_delivery_mode(2);
-        let confirm = broker
-            .channel
-            .basic_publish(
-                c.exchange.as_str().into(),
-                c.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &body(i, "paced"),
-                props,
-            )
-            .await
-            .unwrap();
-        drop(confirm);
+        publish(&broker, i, "paced").await;
     }
     broker.channel.wait_for_confirms().await.unwrap();
     while count(&pool, "paced").await < total as i64 {
