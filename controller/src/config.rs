@@ -10,7 +10,7 @@ use sqlx::postgres::PgConnectOptions;
 use crate::{
     ingress::{IngressConfig, NaabuDefaults, NaabuM8Config},
     scans::ScanLimits,
-    store::{DatabaseConfig, ScopeRules},
+    store::{CapsUpdate, DatabaseConfig, ScopeRules},
 };
 
 #[derive(Parser, Debug)]
@@ -194,6 +194,22 @@ pub struct ServeArgs {
     /// Add these CIDRs to the scope policy's deny-list (deny wins).
     #[arg(long, env = "PORTFLEET_DENY", value_parser = parse_cidr_list, default_value = "")]
     pub deny: CidrList,
+    /// Set the fleet-wide cap on probes per second one target address
+    /// receives from all running scans together (kept in the database;
+    /// 0 lifts it). Unset: the database's value stays.
+    #[arg(long = "max-rate-per-host", env = "PORTFLEET_MAX_RATE_PER_HOST")]
+    pub max_rate_per_host: Option<u32>,
+    /// Likewise for one IPv4 /24 or IPv6 /64.
+    #[arg(long = "max-rate-per-block", env = "PORTFLEET_MAX_RATE_PER_BLOCK")]
+    pub max_rate_per_block: Option<u32>,
+    /// Do not serve gRPC reflection (open by default: it reveals the
+    /// schema, which is public, and lets grpcurl work without .proto files).
+    #[arg(long = "no-reflection", env = "PORTFLEET_NO_REFLECTION")]
+    pub no_reflection: bool,
+    /// Do not serve grpc.health.v1 (open by default, for load balancers
+    /// and probes; it tells whether the database is reachable).
+    #[arg(long = "no-health", env = "PORTFLEET_NO_HEALTH")]
+    pub no_health: bool,
     #[command(flatten)]
     pub amqp: AmqpArgs,
 }
@@ -341,6 +357,12 @@ pub struct ControllerConfig {
     pub ingress: Option<IngressConfig>,
     /// Scope rules added to the database's at start.
     pub policy: ScopeRules,
+    /// Politeness caps set in the database at start.
+    pub rate_caps: CapsUpdate,
+    /// Serve gRPC reflection and health (unauthenticated, like all of
+    /// their kind).
+    pub reflection: bool,
+    pub health: bool,
     /// TLS for both gRPC services; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
     pub shutdown_timeout: Duration,
@@ -355,6 +377,9 @@ impl ControllerConfig {
             fleet: FleetConfig::default(),
             ingress: None,
             policy: ScopeRules::default(),
+            rate_caps: CapsUpdate::default(),
+            reflection: true,
+            health: true,
             tls: None,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -435,6 +460,9 @@ impl From<&ServeArgs> for ControllerConfig {
             },
             ingress: a.amqp.config(),
             policy: ScopeRules { allow: a.allow.0.clone(), deny: a.deny.0.clone() },
+            rate_caps: CapsUpdate { per_host: a.max_rate_per_host, per_block: a.max_rate_per_block },
+            reflection: !a.no_reflection,
+            health: !a.no_health,
             tls: a.tls_cert.clone().zip(a.tls_key.clone()).map(|(cert, key)| TlsFiles {
                 cert,
                 key,

@@ -15,6 +15,7 @@ pub mod enroll;
 pub mod ingress;
 pub mod notify;
 pub mod policy;
+pub mod politeness;
 pub mod scans;
 pub mod scheduler;
 pub mod sessions;
@@ -95,11 +96,14 @@ pub async fn run(
     }
     store.add_scope_rules("allow", &config.policy.allow).await?;
     store.add_scope_rules("deny", &config.policy.deny).await?;
+    store.set_rate_caps(config.rate_caps).await?;
     let rules = store.scope_rules().await?;
+    let caps = store.rate_caps().await?;
     if rules.allow.is_empty() {
         tracing::warn!("the scope policy allows nothing: every scan will be refused until `serve --allow CIDR,...`");
     } else {
-        tracing::info!(allow = ?rules.allow, deny = ?rules.deny, "scope policy");
+        tracing::info!(allow = ?rules.allow, deny = ?rules.deny, max_rate_per_host = caps.per_host,
+            max_rate_per_block = caps.per_block, "scope policy");
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "controller serving");
 
@@ -162,9 +166,9 @@ pub async fn run(
     }
     let server = builder
         .layer(tower_http::trace::TraceLayer::new_for_grpc())
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(config.health.then_some(health_service))
+        .add_optional_service(config.reflection.then_some(reflection_v1))
+        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(ScanServiceServer::new(scan_api))
         .add_service(AgentServiceServer::new(agent_api))
         // Small frames (Welcome, Ack) must not wait for Nagle and a delayed

@@ -230,15 +230,17 @@ impl ScanManager {
         &self.policy
     }
 
-    /// Changes the scope rules, then fails every pending or running scan
-    /// the new policy no longer allows (their agents are told to stop).
-    /// Returns the failed scans.
+    /// Changes the scope rules and politeness caps, then fails every
+    /// pending or running scan the new policy no longer allows (their
+    /// agents are told to stop). Returns the failed scans. New caps reach
+    /// running scans at the schedulers' next rebalance (within a second).
     pub async fn update_policy(
         &self,
         add: &crate::store::ScopeRules,
         remove: &crate::store::ScopeRules,
+        caps: crate::store::CapsUpdate,
     ) -> Result<Vec<Uuid>, ScanError> {
-        self.store.update_scope_rules(add, remove).await?;
+        self.store.update_scope_rules(add, remove, caps).await?;
         self.policy.invalidate();
         let policy = self.policy.current().await?;
         let mut failed = Vec::new();

@@ -12,36 +12,109 @@ use std::{
     time::Duration,
 };
 
-use portfleet_core::ScanType;
+use portfleet_core::{AddressSet, ScanType};
 use portfleet_proto::v1::{self as pb, controller_message::Frame as Out};
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use crate::{
     notify::Notice,
+    politeness::{self, ScanLoad},
     sessions::{Fleet, LeaseInfo, registry::Candidate},
     store::{AgentClass, Grant, ScanParams, StoreError},
 };
 
-/// Immutable scan parameters, cached: every Assign of a scan carries them.
+/// Immutable scan parameters and address sets, cached: every Assign of a
+/// scan carries them, and every rebalance weighs its addresses.
 #[derive(Default)]
 struct ParamsCache {
-    map: HashMap<Uuid, Arc<ScanParams>>,
+    map: HashMap<Uuid, (Arc<ScanParams>, Option<Arc<AddressSet>>)>,
 }
 
 impl ParamsCache {
     async fn get(&mut self, fleet: &Fleet, id: Uuid) -> Result<Option<Arc<ScanParams>>, StoreError> {
-        if let Some(p) = self.map.get(&id) {
+        if let Some((p, _)) = self.map.get(&id) {
             return Ok(Some(p.clone()));
         }
         let Some(p) = fleet.store.scan_params(id).await? else { return Ok(None) };
-        if self.map.len() >= 1024 {
+        self.make_room(1);
+        Ok(Some(self.insert(p)))
+    }
+
+    /// Loads the scans of `ids` not cached yet, in one query; all of them
+    /// are cached afterwards (however many).
+    async fn load(&mut self, fleet: &Fleet, ids: &[Uuid]) -> Result<(), StoreError> {
+        let mut missing: Vec<Uuid> = ids.iter().filter(|id| !self.map.contains_key(id)).copied().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if self.make_room(missing.len()) {
+            missing = ids.to_vec();
+        }
+        for p in fleet.store.scan_params_many(&missing).await? {
+            self.insert(p);
+        }
+        Ok(())
+    }
+
+    /// Empties the cache when `n` more would overfill it; says whether.
+    fn make_room(&mut self, n: usize) -> bool {
+        let full = self.map.len() + n > 1024;
+        if full {
             self.map.clear();
         }
-        let p = Arc::new(p);
-        self.map.insert(id, p.clone());
-        Ok(Some(p))
+        full
     }
+
+    fn insert(&mut self, p: ScanParams) -> Arc<ScanParams> {
+        let addrs = match AddressSet::parse_ranges(&p.address_ranges) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::error!(scan_id = %p.id, error = %e, "scan address ranges do not parse");
+                None
+            }
+        };
+        let p = Arc::new(p);
+        self.map.insert(p.id, (p.clone(), addrs));
+        p
+    }
+
+    fn forget(&mut self, id: Uuid) {
+        self.map.remove(&id);
+    }
+}
+
+/// Each leased scan's rate after the politeness caps, and how many leases
+/// share it, fleet-wide.
+type ScanRates = HashMap<Uuid, (u32, i64)>;
+
+/// Computes [`ScanRates`] from the database: every controller gets the
+/// same answer, so together they keep the caps.
+async fn scan_rates(fleet: &Fleet, cache: &mut ParamsCache) -> Result<ScanRates, StoreError> {
+    let (leased, caps) = fleet.store.leased_scans().await?;
+    if caps.is_off() {
+        return Ok(leased.iter().map(|s| (s.id, (s.rate, s.leases))).collect());
+    }
+    let ids: Vec<Uuid> = leased.iter().map(|s| s.id).collect();
+    cache.load(fleet, &ids).await?;
+    // A scan whose addresses cannot be weighed runs at 1 probe/s.
+    let mut rates: ScanRates = HashMap::with_capacity(leased.len());
+    let mut weighed: Vec<(Uuid, i64)> = Vec::with_capacity(leased.len());
+    let mut loads: Vec<ScanLoad<'_>> = Vec::with_capacity(leased.len());
+    for s in &leased {
+        match cache.map.get(&s.id).and_then(|(_, a)| a.as_deref()) {
+            Some(addrs) => {
+                weighed.push((s.id, s.leases));
+                loads.push(ScanLoad { rate: s.rate, addrs });
+            }
+            None => {
+                rates.insert(s.id, (1, s.leases));
+            }
+        }
+    }
+    let capped = politeness::capped_rates(caps, &loads);
+    rates.extend(weighed.into_iter().zip(capped).map(|((id, leases), r)| (id, (r, leases))));
+    Ok(rates)
 }
 
 fn frame(f: Out) -> pb::ControllerMessage {
@@ -50,8 +123,8 @@ fn frame(f: Out) -> pb::ControllerMessage {
 
 /// A lease's rate: its share of the scan's rate, within the agent's own
 /// limit spread over its shards.
-fn lease_rate(scan_rate: i32, leases_of_scan: i64, agent_max_rate: u32, agent_max_shards: u32) -> u32 {
-    let share = (scan_rate.max(1) as i64 / leases_of_scan.max(1)).max(1) as u32;
+fn lease_rate(scan_rate: u32, leases_of_scan: i64, agent_max_rate: u32, agent_max_shards: u32) -> u32 {
+    let share = (i64::from(scan_rate.max(1)) / leases_of_scan.max(1)).max(1) as u32;
     if agent_max_rate == 0 { share } else { share.min((agent_max_rate / agent_max_shards.max(1)).max(1)) }
 }
 
@@ -73,7 +146,11 @@ async fn assign_loop(fleet: Arc<Fleet>) {
             _ = tick.tick() => assign(&fleet, &mut cache).await,
             notice = notices.recv() => match notice {
                 Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut cache).await,
-                Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, &mut cache, id).await,
+                // A scan started or ended: the caps split differently.
+                Ok(Notice::ScanChanged(id)) => match stop_leases_of(&fleet, &mut cache, id).await {
+                    Ok(()) => rebalance(&fleet, &mut cache).await,
+                    e => e,
+                },
                 Ok(Notice::AgentDrain(id)) => {
                     drain(&fleet, id).await;
                     Ok(())
@@ -116,7 +193,6 @@ async fn upkeep_loop(fleet: Arc<Fleet>) {
 async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
     let cfg = &fleet.config;
     let mut exhausted: HashSet<AgentClass> = HashSet::new();
-    let mut touched: HashSet<Uuid> = HashSet::new();
     let mut granted: Vec<(Candidate, Grant)> = Vec::new();
     for agent in fleet.registry.candidates() {
         if exhausted.contains(&agent.class) {
@@ -129,21 +205,19 @@ async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError
         if (grants.len() as u32) < agent.free {
             exhausted.insert(agent.class.clone());
         }
-        for g in grants {
-            touched.insert(g.scan_id);
-            granted.push((agent.clone(), g));
-        }
+        granted.extend(grants.into_iter().map(|g| (agent.clone(), g)));
     }
     if granted.is_empty() {
         return Ok(());
     }
-    let scans: Vec<Uuid> = touched.into_iter().collect();
-    let counts: HashMap<Uuid, i64> = fleet.store.active_lease_counts(&scans).await?.into_iter().collect();
+    // Rates with the new leases counted; running leases slow down first, so
+    // new work never adds to a block before the old work has made room.
+    let rates = scan_rates(fleet, cache).await?;
+    apply_rates(fleet, &rates);
     for (agent, g) in granted {
-        let leases_of_scan = counts.get(&g.scan_id).copied().unwrap_or(1);
-        deliver(fleet, cache, &agent, g, leases_of_scan).await?;
+        deliver(fleet, cache, &agent, g, &rates).await?;
     }
-    rebalance(fleet, cache, &scans).await
+    Ok(())
 }
 
 async fn deliver(
@@ -151,7 +225,7 @@ async fn deliver(
     cache: &mut ParamsCache,
     agent: &Candidate,
     g: Grant,
-    leases_of_scan: i64,
+    rates: &ScanRates,
 ) -> Result<(), StoreError> {
     let params = cache.get(fleet, g.scan_id).await?;
     let Some(params) = params.filter(|p| p.state == "pending" || p.state == "running") else {
@@ -164,7 +238,8 @@ async fn deliver(
         Some(ScanType::Syn) if agent.class.raw_socket => pb::ScanType::Syn,
         _ => pb::ScanType::Connect,
     };
-    let rate = lease_rate(params.rate, leases_of_scan, agent.max_rate, agent.max_shards);
+    let (scan_rate, leases) = rates.get(&g.scan_id).copied().unwrap_or((params.rate.max(1) as u32, 1));
+    let rate = lease_rate(scan_rate, leases, agent.max_rate, agent.max_shards);
     let assign = pb::Assign {
         shard_id: g.shard_id as u64,
         lease_epoch: g.lease_epoch as u64,
@@ -197,17 +272,21 @@ async fn deliver(
     Ok(())
 }
 
-/// Re-splits the rate of `scans` over their leases, fleet-wide, and tells
-/// local agents whose share changed.
-async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache, scans: &[Uuid]) -> Result<(), StoreError> {
-    if scans.is_empty() {
+/// Re-splits every scan's (capped) rate over its leases, fleet-wide, and
+/// tells local agents whose share changed.
+async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+    if fleet.registry.leases().is_empty() {
         return Ok(());
     }
-    let counts: HashMap<Uuid, i64> = fleet.store.active_lease_counts(scans).await?.into_iter().collect();
-    for lease in fleet.registry.leases().into_iter().filter(|l| scans.contains(&l.info.scan_id)) {
-        let Some(params) = cache.get(fleet, lease.info.scan_id).await? else { continue };
-        let count = counts.get(&lease.info.scan_id).copied().unwrap_or(1);
-        let rate = lease_rate(params.rate, count, lease.max_rate, lease.max_shards);
+    let rates = scan_rates(fleet, cache).await?;
+    apply_rates(fleet, &rates);
+    Ok(())
+}
+
+fn apply_rates(fleet: &Fleet, rates: &ScanRates) {
+    for lease in fleet.registry.leases() {
+        let Some(&(scan_rate, leases)) = rates.get(&lease.info.scan_id) else { continue };
+        let rate = lease_rate(scan_rate, leases, lease.max_rate, lease.max_shards);
         if rate != lease.info.rate {
             let update =
                 pb::RateUpdate { shard_id: lease.shard_id as u64, lease_epoch: lease.info.lease_epoch as u64, rate };
@@ -216,7 +295,6 @@ async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache, scans: &[Uuid]) -> Re
             }
         }
     }
-    Ok(())
 }
 
 /// Tells local agents to stop the leases of a scan that is over.
@@ -225,7 +303,7 @@ async fn stop_leases_of(fleet: &Fleet, cache: &mut ParamsCache, scan_id: Uuid) -
     if local.is_empty() {
         return Ok(());
     }
-    cache.map.remove(&scan_id);
+    cache.forget(scan_id);
     let Some(params) = cache.get(fleet, scan_id).await? else { return Ok(()) };
     if params.state == "running" || params.state == "pending" {
         return Ok(());
@@ -313,9 +391,7 @@ async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), Stor
     store.complete_finished_scans().await?;
     store.roll_up_progress().await?;
     explain_waiting(fleet).await?;
-    let scans: Vec<Uuid> =
-        fleet.registry.leases().iter().map(|l| l.info.scan_id).collect::<HashSet<_>>().into_iter().collect();
-    rebalance(fleet, cache, &scans).await
+    rebalance(fleet, cache).await
 }
 
 /// Sets `waiting_reason` on pending scans no connected agent can run.

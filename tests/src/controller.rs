@@ -54,10 +54,10 @@ impl TestController {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let cancel = CancellationToken::new();
-        let database = config.database.clone();
+        let (database, health) = (config.database.clone(), config.health);
         let handle = tokio::spawn(portfleet_controller::run(config, listener, cancel.clone()));
         let mut this = Self { addr, token: String::new(), database, ca, cancel, handle: Some(handle) };
-        this.wait_serving().await;
+        this.wait_serving(health).await;
         this.token = this.new_token(Scope::Admin).await;
         this
     }
@@ -99,9 +99,16 @@ impl TestController {
         portfleet_proto::auth::client(self.channel().await, Bearer::new(token).expect("token"))
     }
 
-    async fn wait_serving(&self) {
-        eventually("controller health SERVING", Duration::from_secs(30), || async move {
+    /// Until health says SERVING, or without health, until the API
+    /// answers (refusing a call without a token).
+    async fn wait_serving(&self, health: bool) {
+        eventually("the controller serving", Duration::from_secs(30), || async move {
             let channel = self.try_channel().await.ok()?;
+            if !health {
+                let mut api = portfleet_proto::auth::client(channel, Bearer::new("").expect("no token"));
+                let err = api.list_scans(portfleet_proto::v1::ListScansRequest::default()).await.err()?;
+                return (err.code() == tonic::Code::Unauthenticated).then_some(());
+            }
             let resp = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
             (resp.into_inner().status == 1).then_some(())
         })

@@ -174,17 +174,12 @@ impl NetTopology {
 
     /// Packets the target side has received so far.
     pub fn target_rx_packets(&self) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.target,
-                "cat",
-                &format!("/sys/class/net/{}/statistics/rx_packets", self.target_if),
-            ])
-            .output()
-            .expect("read rx_packets");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets is a number")
+        self.rx_counter().read()
+    }
+
+    /// [`NetTopology::target_rx_packets`] for another thread to sample.
+    pub fn rx_counter(&self) -> RxCounter {
+        RxCounter { namespace: self.target.clone(), interface: self.target_if.clone() }
     }
 
     /// Opens TCP listeners inside `namespace` (the target's unless given)
@@ -237,6 +232,24 @@ impl Drop for NetTopology {
         }
         let _ = ip(&["netns", "del", &self.scanner]);
         let _ = ip(&["netns", "del", &self.target]);
+    }
+}
+
+/// Reads the target interface's received-packet count.
+#[derive(Clone, Debug)]
+pub struct RxCounter {
+    namespace: String,
+    interface: String,
+}
+
+impl RxCounter {
+    pub fn read(&self) -> u64 {
+        let stat = format!("/sys/class/net/{}/statistics/rx_packets", self.interface);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "cat", &stat])
+            .output()
+            .expect("read rx_packets");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets is a number")
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use portfleet_controller::ControllerConfig;
+use portfleet_controller::{ControllerConfig, store::CapsUpdate};
 use portfleet_core::policy::parse_cidrs;
 use portfleet_proto::v1 as pb;
 use portfleet_tests::{
@@ -164,4 +164,30 @@ async fn a_policy_change_fails_the_scans_it_puts_out_of_scope() {
     assert_eq!(err.code(), Code::PermissionDenied);
     let got = api.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
     assert_eq!(got.allow, p.allow);
+}
+
+#[tokio::test]
+async fn politeness_caps_are_seeded_at_start_and_changed_by_admins() {
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.rate_caps = CapsUpdate { per_host: Some(50), per_block: Some(2000) };
+    let c = TestController::start(config).await;
+    let mut api = c.client().await;
+    let caps = |p: pb::ScopePolicy| (p.max_rate_per_host, p.max_rate_per_block);
+    assert_eq!(caps(api.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner()), (50, 2000));
+    // A bad request changes nothing, caps included.
+    let bad = pb::UpdateScopePolicyRequest {
+        add_allow: vec!["nonsense".into()],
+        max_rate_per_host: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(api.update_scope_policy(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    let lifted = pb::UpdateScopePolicyRequest { max_rate_per_block: Some(0), ..Default::default() };
+    let r = api.update_scope_policy(lifted).await.unwrap().into_inner();
+    assert_eq!(caps(r.policy.unwrap()), (50, 0), "only the cap asked for changed");
+    c.stop().await.unwrap();
+    // A controller started without cap flags keeps the database's caps.
+    let c = TestController::start(ControllerConfig::new(db.options())).await;
+    let got = c.client().await.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
+    assert_eq!(caps(got), (50, 0));
 }

@@ -68,3 +68,24 @@ async fn reflection_lists_services_and_health_is_serving() {
         assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
     }
 }
+
+#[tokio::test]
+async fn reflection_and_health_can_be_turned_off() {
+    let db = TestDb::create().await;
+    let mut config = portfleet_tests::controller_config(db.options());
+    (config.reflection, config.health) = (false, false);
+    let controller = TestController::start(config).await;
+    let channel = controller.channel().await;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let err = client.server_reflection_info(tokio_stream::iter([req])).await.expect_err("reflection is off");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    let err = HealthClient::new(channel).check(HealthCheckRequest::default()).await.expect_err("health is off");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    // The API itself still answers.
+    let mut api = controller.client().await;
+    api.list_scans(portfleet_proto::v1::ListScansRequest::default()).await.expect("ScanService serves");
+}

@@ -15,7 +15,7 @@ use portfleet_proto::{
 };
 use portfleet_tests::{
     TestDb,
-    netns::{DEAD_V4, LIVE_V4, NetTopology, random_open_set},
+    netns::{DEAD_V4, LIVE_V4, NetTopology, RxCounter, random_open_set},
     procs::{self, Proc, free_port},
 };
 use sqlx::Row;
@@ -528,4 +528,90 @@ async fn an_enrolled_agent_scans_end_to_end_over_mtls() {
     let agents = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
     let a = agents.iter().find(|a| a.name == "mtls").expect("the enrolled agent");
     assert_eq!(a.labels.get("site").map(String::as_str), Some("lab"), "the token's labels");
+}
+
+/// Samples the target side's received-packet count until `stop`.
+fn sample_rx(rx: &RxCounter, stop: &std::sync::atomic::AtomicBool) -> Vec<(std::time::Instant, u64)> {
+    let mut samples = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        samples.push((std::time::Instant::now(), rx.read()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    samples.push((std::time::Instant::now(), rx.read()));
+    samples
+}
+
+/// The highest rate over any window of at least a second between samples.
+fn peak_rate(samples: &[(std::time::Instant, u64)]) -> f64 {
+    let mut peak = 0.0f64;
+    for (i, &(t0, c0)) in samples.iter().enumerate() {
+        if let Some(&(t1, c1)) = samples[i..].iter().find(|(t, _)| t.duration_since(t0) >= Duration::from_secs(1)) {
+            peak = peak.max((c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64());
+        }
+    }
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_scans_of_one_slash_24_never_exceed_the_per_block_cap_together() {
+    const CAP: u32 = 1000;
+    let Some(mut s) = Setup::new().await else { return };
+    // Two controllers and one agent on each, one shard at a time: the two
+    // scans run on different agents of different controllers.
+    let url_a = s.start_controller("controller-a", None);
+    let url_b = s.start_controller("controller-b", None);
+    s.start_agent("agent-a", &url_a, &["--max-shards", "1"]);
+    s.start_agent("agent-b", &url_b, &["--max-shards", "1"]);
+    let mut client = s.client(&url_a).await;
+    portfleet_tests::eventually("both agents connected", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { (agent_ids(&mut c).await.len() == 2).then_some(()) }
+    })
+    .await;
+    let policy = client
+        .update_scope_policy(pb::UpdateScopePolicyRequest { max_rate_per_block: Some(CAP), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!((policy.max_rate_per_block, policy.max_rate_per_host), (CAP, 0));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, rx) = (stop.clone(), s.topo.rx_counter());
+        std::thread::spawn(move || sample_rx(&rx, &stop))
+    };
+    // Each scan alone asks for five times the cap.
+    let first = client.create_scan(scan_request(5 * CAP, "1-16")).await.unwrap().into_inner();
+    wait_until(&mut client, &first.id, Duration::from_secs(30), "the first scan probing", |s| s.probes_done > 0).await;
+    let second = client.create_scan(scan_request(5 * CAP, "1-16")).await.unwrap().into_inner();
+    let second = completed(&mut client, &second.id).await;
+    let first = completed(&mut client, &first.id).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+
+    let at = |t: &Option<prost_types::Timestamp>| t.map(|t| (t.seconds, t.nanos)).expect("a timestamp");
+    assert!(at(&second.start_time) < at(&first.end_time), "the scans ran at the same time: {first:?} {second:?}");
+    let holders = |leases: Vec<(i64, i64, String, String, i64)>| -> BTreeSet<String> {
+        leases.into_iter().map(|l| l.3).collect()
+    };
+    let (ca, cb) = (
+        holders(assert_no_overlapping_leases(&s.db, &first.id).await),
+        holders(assert_no_overlapping_leases(&s.db, &second.id).await),
+    );
+    assert!(ca.len() == 1 && cb.len() == 1 && ca != cb, "each scan on its own controller: {ca:?} {cb:?}");
+    let probes = first.probes_planned + second.probes_planned;
+    let (t0, c0) = samples[0];
+    let (t1, c1) = *samples.last().unwrap();
+    let peak = peak_rate(&samples);
+    eprintln!(
+        "politeness: {probes} probes, {} packets in {:.1} s at the target; peak {peak:.0}/s over 1 s windows (cap {CAP})",
+        c1 - c0,
+        t1.duration_since(t0).as_secs_f64()
+    );
+    assert!(c1 - c0 >= probes, "every probe reached the target");
+    // 10% for sampling jitter and the agents' token buckets.
+    assert!(peak <= f64::from(CAP) * 1.1, "the /24 got {peak:.0} probes/s, over the cap of {CAP}");
+    assert!(peak >= f64::from(CAP) * 0.5, "the scans ran near the cap, not far below it: {peak:.0}/s");
 }

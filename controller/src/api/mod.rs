@@ -20,7 +20,7 @@ use crate::{
     auth::{Authorizer, Scope},
     notify::Notifier,
     scans::{ScanManager, ScanRequestInput},
-    store::{NewTarget, Page, ScopeRules, Store, TargetFilter},
+    store::{CapsUpdate, NewTarget, Page, ScopeRules, Store, TargetFilter},
 };
 
 /// Most targets one CreateTargets call may carry.
@@ -239,8 +239,9 @@ impl ScanService for ScanApi {
         let add = ScopeRules { allow: nets("add_allow", &r.add_allow)?, deny: nets("add_deny", &r.add_deny)? };
         let remove =
             ScopeRules { allow: nets("remove_allow", &r.remove_allow)?, deny: nets("remove_deny", &r.remove_deny)? };
-        let failed = self.scans.update_policy(&add, &remove).await.map_err(to_status)?;
-        tracing::info!(?add, ?remove, failed = failed.len(), "scope policy updated");
+        let caps = CapsUpdate { per_host: r.max_rate_per_host, per_block: r.max_rate_per_block };
+        let failed = self.scans.update_policy(&add, &remove, caps).await.map_err(to_status)?;
+        tracing::info!(?add, ?remove, ?caps, failed = failed.len(), "scope policy updated");
         Ok(Response::new(pb::UpdateScopePolicyResponse {
             policy: Some(self.scope_policy().await?),
             failed_scan_ids: failed.iter().map(ToString::to_string).collect(),
@@ -251,11 +252,14 @@ impl ScanService for ScanApi {
 impl ScanApi {
     async fn scope_policy(&self) -> Result<pb::ScopePolicy, Status> {
         let rules = self.store.scope_rules().await.map_err(store_status)?;
+        let caps = self.store.rate_caps().await.map_err(store_status)?;
         let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect();
         Ok(pb::ScopePolicy {
             allow: text(&rules.allow),
             deny: text(&rules.deny),
             builtin_deny: text(self.scans.policy().builtin()),
+            max_rate_per_host: caps.per_host,
+            max_rate_per_block: caps.per_block,
         })
     }
 }

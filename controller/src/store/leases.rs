@@ -14,6 +14,7 @@ use sqlx::{Postgres, Transaction, types::Json};
 use uuid::Uuid;
 
 use super::{Store, StoreError, scans::Labels};
+use crate::politeness::RateCaps;
 
 /// What an agent can run, for matching it to scans.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +46,14 @@ pub struct ScanParams {
     pub probes_planned: i64,
     pub rate: i32,
     pub state: String,
+}
+
+/// A scan some agent is working on.
+#[derive(Clone, Copy, Debug)]
+pub struct LeasedScan {
+    pub id: Uuid,
+    pub leases: i64,
+    pub rate: u32,
 }
 
 /// One open port reported by an agent, with its position in the scan's
@@ -224,12 +233,34 @@ impl Store {
         Ok(id)
     }
 
-    /// Leases of a scan in force now, across every controller.
-    pub async fn active_lease_counts(&self, scans: &[Uuid]) -> Result<Vec<(Uuid, i64)>, StoreError> {
-        let rows = sqlx::query_as::<_, (Uuid, i64)>(
-            "SELECT scan_id, count(*) FROM shards WHERE state = 'leased' AND scan_id = ANY($1) GROUP BY scan_id",
+    /// Every scan with leases in force now, across every controller: its
+    /// lease count and configured rate; with the politeness caps.
+    pub async fn leased_scans(&self) -> Result<(Vec<LeasedScan>, RateCaps), StoreError> {
+        let rows = sqlx::query_as::<_, (Uuid, i64, i32, i32, i32)>(
+            "SELECT sh.scan_id, count(*), s.rate, c.per_host, c.per_block
+             FROM shards sh JOIN scans s ON s.id = sh.scan_id CROSS JOIN rate_caps c
+             WHERE sh.state = 'leased'
+             GROUP BY sh.scan_id, s.rate, c.per_host, c.per_block",
         )
-        .bind(scans)
+        .fetch_all(&self.pool)
+        .await?;
+        let caps = rows
+            .first()
+            .map_or_else(RateCaps::default, |r| RateCaps { per_host: r.3.max(0) as u32, per_block: r.4.max(0) as u32 });
+        let scans = rows
+            .into_iter()
+            .map(|(id, leases, rate, ..)| LeasedScan { id, leases, rate: rate.max(1) as u32 })
+            .collect();
+        Ok((scans, caps))
+    }
+
+    /// Parameters of many scans in one query.
+    pub async fn scan_params_many(&self, ids: &[Uuid]) -> Result<Vec<ScanParams>, StoreError> {
+        let rows = sqlx::query_as::<_, ScanParams>(
+            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, state
+             FROM scans WHERE id = ANY($1)",
+        )
+        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)

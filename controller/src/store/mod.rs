@@ -25,10 +25,10 @@ pub use agents::{AgentIntro, AgentRecord, Beat};
 pub use error::StoreError;
 pub use events::{PendingEvent, PendingEvents};
 pub use leases::{
-    Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, PortRecord, ScanParams,
-    ShardProgress,
+    Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, LeasedScan, PortRecord,
+    ScanParams, ShardProgress,
 };
-pub use policy::ScopeRules;
+pub use policy::{CapsUpdate, ScopeRules};
 pub use results::{ResultKey, ResultRecord};
 pub use scans::{Labels, NewScan, NewShard, ScanRecord, ScanState};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};

@@ -3,6 +3,21 @@
 use ipnet::IpNet;
 
 use super::{Store, StoreError};
+use crate::politeness::RateCaps;
+
+/// Politeness caps to set; `None` leaves one as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapsUpdate {
+    pub per_host: Option<u32>,
+    pub per_block: Option<u32>,
+}
+
+const SET_CAPS: &str = "UPDATE rate_caps SET per_host = coalesce($1, per_host), per_block = coalesce($2, per_block),
+     updated_at = now()";
+
+fn cap_arg(v: Option<u32>) -> Option<i32> {
+    v.map(|v| v.min(i32::MAX as u32) as i32)
+}
 
 /// The operator's allow and deny rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,8 +61,30 @@ impl Store {
         Ok(())
     }
 
-    /// Adds and removes rules in one transaction: all of it or none.
-    pub async fn update_scope_rules(&self, add: &ScopeRules, remove: &ScopeRules) -> Result<(), StoreError> {
+    /// The fleet-wide politeness caps.
+    pub async fn rate_caps(&self) -> Result<RateCaps, StoreError> {
+        let row: Option<(i32, i32)> =
+            sqlx::query_as("SELECT per_host, per_block FROM rate_caps").fetch_optional(&self.pool).await?;
+        let (h, b) = row.unwrap_or_default();
+        Ok(RateCaps { per_host: h.max(0) as u32, per_block: b.max(0) as u32 })
+    }
+
+    pub async fn set_rate_caps(&self, caps: CapsUpdate) -> Result<(), StoreError> {
+        if caps == CapsUpdate::default() {
+            return Ok(());
+        }
+        sqlx::query(SET_CAPS).bind(cap_arg(caps.per_host)).bind(cap_arg(caps.per_block)).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Adds and removes rules and sets caps in one transaction: all of it
+    /// or none.
+    pub async fn update_scope_rules(
+        &self,
+        add: &ScopeRules,
+        remove: &ScopeRules,
+        caps: CapsUpdate,
+    ) -> Result<(), StoreError> {
         let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         let mut tx = self.pool.begin().await?;
         for (action, nets) in [("allow", &add.allow), ("deny", &add.deny)] {
@@ -66,6 +103,9 @@ impl Store {
                 .bind(text(nets))
                 .execute(&mut *tx)
                 .await?;
+        }
+        if caps != CapsUpdate::default() {
+            sqlx::query(SET_CAPS).bind(cap_arg(caps.per_host)).bind(cap_arg(caps.per_block)).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
