@@ -21,6 +21,8 @@ pub enum Notice {
     ScanChanged(Uuid),
     /// New results for a scan were committed.
     Results(Uuid),
+    /// A running scan gained leases: its shares split differently.
+    Leases(Uuid),
     /// An operator asked this agent to drain.
     AgentDrain(Uuid),
     /// Notifications may have been missed: re-check.
@@ -28,13 +30,14 @@ pub enum Notice {
 }
 
 impl Notice {
-    /// Parses a payload: `c:`, `s:`, `r:` or `d:` and a UUID.
+    /// Parses a payload: `c:`, `s:`, `l:`, `r:` or `d:` and a UUID.
     pub fn parse(payload: &str) -> Option<Self> {
         let (kind, id) = payload.split_once(':')?;
         let id = Uuid::try_parse(id).ok()?;
         Some(match kind {
             "c" => Self::ScanCreated(id),
             "s" => Self::ScanChanged(id),
+            "l" => Self::Leases(id),
             "r" => Self::Results(id),
             "d" => Self::AgentDrain(id),
             _ => return None,

@@ -5,8 +5,11 @@
 //! A scan's probes are spread evenly over its addresses (the permutation
 //! visits (address, port) pairs uniformly), so a scan of rate `r` over `n`
 //! addresses sends `r / n` probes/s to each of them and `r * k / n` to a
-//! block holding `k` of them. The load on an address or block is the sum
-//! over the scans that touch it. Each scan's rate is scaled down by the
+//! block holding `k` of them. Retries share the rate but go only to
+//! addresses that did not answer, so a silent address may get up to
+//! `1 + retries` times its share: the load is counted that way (and never
+//! above the scan's whole rate). The load on an address or block is the
+//! sum over the scans that touch it. Each scan's rate is scaled down by the
 //! tightest ratio of cap to load over everything it touches: then no
 //! address or block is over its cap, because every scan adding to it was
 //! scaled by at least that block's own ratio.
@@ -35,6 +38,10 @@ impl RateCaps {
 #[derive(Clone, Copy, Debug)]
 pub struct ScanLoad<'a> {
     pub rate: u32,
+    /// Resends of an unanswered probe: they share the rate but land only on
+    /// silent addresses, which can so get up to `1 + retries` times their
+    /// share.
+    pub retries: u32,
     pub addrs: &'a AddressSet,
 }
 
@@ -42,15 +49,20 @@ pub struct ScanLoad<'a> {
 const V4_BLOCK_BITS: u32 = 8;
 const V6_BLOCK_BITS: u32 = 64;
 
+/// IPv4 addresses are keyed as IPv4-mapped IPv6 ones (`::ffff:a.b.c.d`):
+/// the same host either way, in the same /24.
+const MAPPED_LO: u128 = 0xffff_0000_0000;
+const MAPPED_HI: u128 = 0xffff_ffff_ffff;
+
 /// Each scan's rate under `caps` (at least 1 probe/s), in input order.
 pub fn capped_rates(caps: RateCaps, scans: &[ScanLoad<'_>]) -> Vec<u32> {
     let mut factor = vec![1.0f64; scans.len()];
     if caps.per_host > 0 {
-        let peaks = peak_loads(scans.iter().enumerate().flat_map(|(i, s)| host_segments(i, s)), scans.len());
+        let peaks = peak_loads(scans.iter().enumerate().flat_map(|(i, s)| host_segments(i, s)).collect(), scans.len());
         tighten(&mut factor, &peaks, caps.per_host);
     }
     if caps.per_block > 0 {
-        let peaks = peak_loads(scans.iter().enumerate().flat_map(|(i, s)| block_segments(i, s)), scans.len());
+        let peaks = peak_loads(scans.iter().enumerate().flat_map(|(i, s)| block_segments(i, s)).collect(), scans.len());
         tighten(&mut factor, &peaks, caps.per_block);
     }
     scans.iter().zip(factor).map(|(s, f)| ((f64::from(s.rate) * f).floor() as u32).clamp(1, s.rate.max(1))).collect()
@@ -74,108 +86,139 @@ struct Segment {
     weight: f64,
 }
 
-/// IPv4 addresses are keyed as IPv4-mapped IPv6 ones: the same host either
-/// way.
 fn key(ip: IpAddr) -> u128 {
     match ip {
-        IpAddr::V4(v4) => 0xffff_0000_0000 | u128::from(u32::from(v4)),
+        IpAddr::V4(v4) => MAPPED_LO | u128::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6),
     }
 }
 
+/// The most a scan puts on each of its addresses: its share, times the
+/// resends a silent address gets, never more than the whole rate.
 fn per_address(s: &ScanLoad<'_>) -> f64 {
-    f64::from(s.rate) / (s.addrs.len().max(1) as f64)
+    f64::from(s.rate) * f64::from(s.retries.saturating_add(1)) / (s.addrs.len().max(1) as f64)
+}
+
+/// A scan's ranges as key intervals, cut where the IPv4-mapped block
+/// begins and ends so each piece has one kind of block.
+fn key_pieces<'a>(s: &'a ScanLoad<'a>) -> impl Iterator<Item = (u128, u128)> + 'a {
+    s.addrs.ranges().iter().flat_map(|r| {
+        let (lo, hi) = (key(r.first()), key(r.last()));
+        [(lo, hi.min(MAPPED_LO - 1)), (lo.max(MAPPED_LO), hi.min(MAPPED_HI)), (lo.max(MAPPED_HI + 1), hi)]
+            .into_iter()
+            .filter(|(l, h)| l <= h)
+    })
 }
 
 fn host_segments<'a>(scan: usize, s: &'a ScanLoad<'a>) -> impl Iterator<Item = Segment> + 'a {
-    let weight = per_address(s);
-    s.addrs.ranges().iter().map(move |r| Segment { lo: key(r.first()), hi: key(r.last()), scan, weight })
+    let weight = per_address(s).min(f64::from(s.rate));
+    key_pieces(s).map(move |(lo, hi)| Segment { lo, hi, scan, weight })
 }
 
-/// Block keys: IPv6 /64s are 0..2^64, IPv4 /24s above them.
-fn block_key(ip: IpAddr) -> (u128, u32) {
-    match ip {
-        IpAddr::V4(v4) => ((1u128 << 64) | u128::from(u32::from(v4) >> V4_BLOCK_BITS), V4_BLOCK_BITS),
-        IpAddr::V6(v6) => (u128::from(v6) >> V6_BLOCK_BITS, V6_BLOCK_BITS),
+/// The block of a key, and the block's size in bits: IPv6 /64s are keyed
+/// 0..2^64, IPv4 /24s above them.
+fn block_of(key: u128) -> (u128, u32) {
+    if (MAPPED_LO..=MAPPED_HI).contains(&key) {
+        ((1u128 << 64) | ((key & 0xffff_ffff) >> V4_BLOCK_BITS), V4_BLOCK_BITS)
+    } else {
+        (key >> V6_BLOCK_BITS, V6_BLOCK_BITS)
     }
 }
 
-/// A scan's blocks, each loaded with the share of its rate that the
-/// addresses it holds there receive. One segment per block at most: ranges
-/// that share a block (sorted and disjoint, so only ever the last block of
-/// one and the first of the next) are summed.
+/// A scan's blocks, each loaded with what the addresses it holds there
+/// receive (at most the scan's whole rate). Partial first and last blocks
+/// count their own addresses; two pieces in one block are two segments,
+/// which the sweep adds up.
 fn block_segments(scan: usize, s: &ScanLoad<'_>) -> Vec<Segment> {
-    let each = per_address(s);
-    let mut out: Vec<Segment> = Vec::new();
-    for r in s.addrs.ranges() {
-        let ((lb, bits), (hb, _)) = (block_key(r.first()), block_key(r.last()));
-        let size = 1u128 << bits;
-        let (lo, hi) = (key(r.first()), key(r.last()));
+    let (each, rate) = (per_address(s), f64::from(s.rate));
+    let mut out = Vec::new();
+    for (lo, hi) in key_pieces(s) {
+        let ((lb, bits), (hb, _)) = (block_of(lo), block_of(hi));
+        let mask = (1u128 << bits) - 1;
         let mut push = |lo_b: u128, hi_b: u128, count: u128| {
-            let weight = each * count as f64;
-            match out.last_mut() {
-                Some(last) if last.lo == lo_b && last.hi == lo_b && lo_b == hi_b => last.weight += weight,
-                _ => out.push(Segment { lo: lo_b, hi: hi_b, scan, weight }),
-            }
+            out.push(Segment { lo: lo_b, hi: hi_b, scan, weight: (each * count as f64).min(rate) });
         };
         if lb == hb {
             push(lb, lb, hi - lo + 1);
             continue;
         }
-        // Addresses in the first and last (maybe partial) blocks.
-        let first = size - (lo & (size - 1));
-        let last = (hi & (size - 1)) + 1;
-        push(lb, lb, first);
+        push(lb, lb, mask - (lo & mask) + 1);
         if hb > lb + 1 {
-            push(lb + 1, hb - 1, size);
+            push(lb + 1, hb - 1, mask + 1);
         }
-        push(hb, hb, last);
+        push(hb, hb, (hi & mask) + 1);
     }
     out
 }
 
-/// For each scan, the highest total load at any key it touches: a sweep
-/// over interval ends, recording the load of every point where it rises.
-fn peak_loads(segments: impl Iterator<Item = Segment>, scans: usize) -> Vec<f64> {
-    // (position, 0 = starts / 1 = ends, segment): starts at a position come
-    // before ends there, since intervals are inclusive.
-    let segments: Vec<Segment> = segments.collect();
-    let mut events: Vec<(u128, u8, usize)> = Vec::with_capacity(segments.len() * 2);
-    for (i, s) in segments.iter().enumerate() {
-        events.push((s.lo, 0, i));
-        events.push((s.hi, 1, i));
+/// For each scan, the highest total load at any key it touches, in
+/// O(n log n): the load of every elementary interval by a sweep, then a
+/// range-maximum query per segment on a segment tree.
+fn peak_loads(segments: Vec<Segment>, scans: usize) -> Vec<f64> {
+    // Interval ends as half-open bounds; `None` past the last key.
+    let end = |s: &Segment| s.hi.checked_add(1);
+    let mut coords: Vec<u128> = Vec::with_capacity(segments.len() * 2);
+    for s in &segments {
+        coords.push(s.lo);
+        coords.extend(end(s));
     }
-    events.sort_unstable();
+    coords.sort_unstable();
+    coords.dedup();
+    let at = |k: u128| coords.partition_point(|&c| c < k);
+    let mut delta = vec![0.0f64; coords.len() + 1];
+    for s in &segments {
+        delta[at(s.lo)] += s.weight;
+        delta[end(s).map_or(coords.len(), at)] -= s.weight;
+    }
+    // load[i]: keys from coords[i] to the next coordinate.
+    let mut load = Vec::with_capacity(coords.len());
+    let mut running = 0.0f64;
+    for d in &delta[..coords.len()] {
+        running += d;
+        load.push(running);
+    }
+    let tree = MaxTree::new(&load);
     let mut peak = vec![0.0f64; scans];
-    let mut active: Vec<usize> = Vec::new();
-    let mut load = 0.0f64;
-    let mut i = 0;
-    while i < events.len() {
-        let pos = events[i].0;
-        let mut rose = false;
-        while i < events.len() && events[i].0 == pos && events[i].1 == 0 {
-            let seg = &segments[events[i].2];
-            load += seg.weight;
-            active.push(events[i].2);
-            rose = true;
-            i += 1;
-        }
-        if rose {
-            for &a in &active {
-                let s = segments[a].scan;
-                peak[s] = peak[s].max(load);
-            }
-        }
-        while i < events.len() && events[i].0 == pos && events[i].1 == 1 {
-            let seg = events[i].2;
-            load -= segments[seg].weight;
-            if let Some(at) = active.iter().position(|&a| a == seg) {
-                active.swap_remove(at);
-            }
-            i += 1;
-        }
+    for s in &segments {
+        let m = tree.max(at(s.lo), end(s).map_or(coords.len(), at));
+        peak[s.scan] = peak[s.scan].max(m);
     }
     peak
+}
+
+/// An iterative segment tree answering the maximum of `v[lo..hi]`.
+struct MaxTree {
+    n: usize,
+    t: Vec<f64>,
+}
+
+impl MaxTree {
+    fn new(v: &[f64]) -> Self {
+        let n = v.len();
+        let mut t = vec![f64::MIN; 2 * n];
+        t[n..].copy_from_slice(v);
+        for i in (1..n).rev() {
+            t[i] = t[2 * i].max(t[2 * i + 1]);
+        }
+        Self { n, t }
+    }
+
+    fn max(&self, lo: usize, hi: usize) -> f64 {
+        let (mut l, mut r, mut m) = (lo + self.n, hi + self.n, f64::MIN);
+        while l < r {
+            if l & 1 == 1 {
+                m = m.max(self.t[l]);
+                l += 1;
+            }
+            if r & 1 == 1 {
+                r -= 1;
+                m = m.max(self.t[r]);
+            }
+            l /= 2;
+            r /= 2;
+        }
+        m
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +230,8 @@ mod tests {
     }
 
     fn rates(caps: RateCaps, scans: &[(u32, &AddressSet)]) -> Vec<u32> {
-        let loads: Vec<ScanLoad<'_>> = scans.iter().map(|&(rate, addrs)| ScanLoad { rate, addrs }).collect();
+        let loads: Vec<ScanLoad<'_>> =
+            scans.iter().map(|&(rate, addrs)| ScanLoad { rate, retries: 0, addrs }).collect();
         capped_rates(caps, &loads)
     }
 
@@ -272,10 +316,42 @@ mod tests {
     #[test]
     fn ranges_sharing_a_block_are_summed_once() {
         let s = set(&["10.0.0.1-10.0.0.10", "10.0.0.20-10.0.1.5", "10.0.1.9"]);
-        let segs = block_segments(0, &ScanLoad { rate: 17, addrs: &s });
+        let segs = block_segments(0, &ScanLoad { rate: 17, retries: 0, addrs: &s });
         let total: f64 = segs.iter().map(|g| g.weight).sum();
         assert!((total - 17.0).abs() < 1e-9, "{segs:?}");
-        assert_eq!(segs.len(), 2, "{segs:?}");
+        let peaks = peak_loads(segs, 1);
+        // 10 + 236 of 253 addresses in 10.0.0.0/24.
+        assert!((peaks[0] - 17.0 * 246.0 / 253.0).abs() < 1e-9, "{peaks:?}");
+    }
+
+    #[test]
+    fn retries_count_where_they_can_land() {
+        // A /23 at 2000/s puts 1000/s on each /24, or up to 2000/s on a
+        // silent one when every probe there is sent twice.
+        let a = set(&["10.0.0.0/23"]);
+        let one_retry = |rate| capped_rates(BLOCK_1000, &[ScanLoad { rate, retries: 1, addrs: &a }]);
+        assert_eq!(one_retry(2000), vec![1000]);
+        // One host: the whole rate is the most it can get.
+        let h = set(&["10.0.0.1"]);
+        let host = RateCaps { per_host: 500, per_block: 0 };
+        assert_eq!(capped_rates(host, &[ScanLoad { rate: 400, retries: 3, addrs: &h }]), vec![400]);
+    }
+
+    #[test]
+    fn the_ipv4_mapped_block_is_the_ipv4_slash_24() {
+        let v4 = set(&["10.0.0.0/24"]);
+        let mapped = set(&["::ffff:10.0.0.0/120"]);
+        let r = rates(BLOCK_1000, &[(900, &v4), (900, &mapped)]);
+        assert!(r[0] + r[1] <= 1000, "{r:?}");
+        // A range across the start of the mapped block: half in ::/64,
+        // half in 0.0.0.0/24.
+        let across = set(&["::fffe:ffff:ff00-::ffff:0:ff"]);
+        let segs = block_segments(0, &ScanLoad { rate: 512, retries: 0, addrs: &across });
+        let weights: Vec<(u128, f64)> = segs.iter().map(|g| (g.lo, g.weight)).collect();
+        assert_eq!(weights, vec![(0, 256.0), (1u128 << 64, 256.0)]);
+        // The top of the IPv6 space has no key past it.
+        let top = set(&["ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120"]);
+        assert_eq!(rates(BLOCK_1000, &[(900, &top), (900, &top)]).iter().sum::<u32>(), 1000);
     }
 
     #[test]
@@ -290,37 +366,46 @@ mod tests {
         #[test]
         fn no_host_or_block_is_over_its_cap(
             scans in proptest::collection::vec(
-                (1u32..50_000, proptest::collection::vec((0u32..1024, 0u32..300), 1..4)), 1..6),
+                (1u32..50_000, 0u32..3, proptest::collection::vec((0u32..1024, 0u32..300), 1..4)), 1..6),
             per_host in 0u32..400,
             per_block in 0u32..20_000,
         ) {
             let caps = RateCaps { per_host, per_block };
-            let sets: Vec<(u32, AddressSet)> = scans.iter().map(|(rate, ranges)| {
+            let sets: Vec<(u32, u32, AddressSet)> = scans.iter().map(|(rate, retries, ranges)| {
                 let items: Vec<String> = ranges.iter().map(|&(lo, len)| {
                     let hi = (lo + len).min(1023);
                     format!("10.0.{}.{}-10.0.{}.{}", lo / 256, lo % 256, hi / 256, hi % 256)
                 }).collect();
-                (*rate, portfleet_core::targets::parse_cidr_list(&items).unwrap())
+                (*rate, *retries, portfleet_core::targets::parse_cidr_list(&items).unwrap())
             }).collect();
-            let loads: Vec<ScanLoad<'_>> = sets.iter().map(|(rate, addrs)| ScanLoad { rate: *rate, addrs }).collect();
+            let loads: Vec<ScanLoad<'_>> =
+                sets.iter().map(|(rate, retries, addrs)| ScanLoad { rate: *rate, retries: *retries, addrs }).collect();
             let capped = capped_rates(caps, &loads);
             // The 1 probe/s floor may exceed a tiny cap: not this property.
             proptest::prop_assume!(capped.iter().all(|&r| r > 1));
+            // The worst case: every address as silent as can be (its share
+            // times 1 + retries, at most the scan's rate), per scan and block.
             let mut host = [0.0f64; 1024];
-            for ((_, addrs), &rate) in sets.iter().zip(&capped) {
-                let each = f64::from(rate) / addrs.len() as f64;
+            let mut block = [0.0f64; 4];
+            for ((_, retries, addrs), &rate) in sets.iter().zip(&capped) {
+                let rate = f64::from(rate);
+                let each = (rate * f64::from(retries + 1) / addrs.len() as f64).min(rate);
+                let mut mine = [0.0f64; 4];
                 for h in 0..1024u32 {
                     if addrs.contains(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, (h / 256) as u8, (h % 256) as u8))) {
                         host[h as usize] += each;
+                        mine[(h / 256) as usize] += each;
                     }
+                }
+                for b in 0..4 {
+                    block[b] += mine[b].min(rate);
                 }
             }
             for (h, load) in host.iter().enumerate() {
                 proptest::prop_assert!(per_host == 0 || *load <= f64::from(per_host) + 1e-6, "host {h}: {load}");
             }
-            for b in 0..4 {
-                let load: f64 = host[b * 256..(b + 1) * 256].iter().sum();
-                proptest::prop_assert!(per_block == 0 || load <= f64::from(per_block) + 1e-6, "block {b}: {load}");
+            for (b, load) in block.iter().enumerate() {
+                proptest::prop_assert!(per_block == 0 || *load <= f64::from(per_block) + 1e-6, "block {b}: {load}");
             }
         }
     }

@@ -14,7 +14,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::task::JoinHandle;
@@ -174,12 +178,37 @@ impl NetTopology {
 
     /// Packets the target side has received so far.
     pub fn target_rx_packets(&self) -> u64 {
-        self.rx_counter().read()
+        let stat = format!("/sys/class/net/{}/statistics/rx_packets", self.target_if);
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.target, "cat", &stat]).output().expect("read rx_packets");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets is a number")
     }
 
-    /// [`NetTopology::target_rx_packets`] for another thread to sample.
-    pub fn rx_counter(&self) -> RxCounter {
-        RxCounter { namespace: self.target.clone(), interface: self.target_if.clone() }
+    /// Starts sampling the target's received packets every `every`.
+    pub fn sample_target_rx(&self, every: Duration) -> RxSampler {
+        let ns = format!("/run/netns/{}", self.target);
+        let interface = self.target_if.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let file = std::fs::File::open(&ns).expect("open namespace");
+            // SAFETY: setns on this thread only; the fd is valid.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let read = || {
+                let text = std::fs::read_to_string("/proc/thread-self/net/dev").expect("read net/dev");
+                let n = rx_packets(&text, &interface).unwrap_or_else(|| panic!("no {interface} in {text}"));
+                (Instant::now(), n)
+            };
+            let mut samples = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                samples.push(read());
+                std::thread::sleep(every);
+            }
+            samples.push(read());
+            samples
+        });
+        RxSampler { stop, handle }
     }
 
     /// Opens TCP listeners inside `namespace` (the target's unless given)
@@ -235,22 +264,26 @@ impl Drop for NetTopology {
     }
 }
 
-/// Reads the target interface's received-packet count.
-#[derive(Clone, Debug)]
-pub struct RxCounter {
-    namespace: String,
-    interface: String,
+/// Samples the target interface's received-packet count until finished,
+/// from a thread inside the target namespace: reading
+/// `/proc/thread-self/net/dev` takes microseconds, so each sample's time is
+/// the time of its count (a process per sample would blur both).
+pub struct RxSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(Instant, u64)>>,
 }
 
-impl RxCounter {
-    pub fn read(&self) -> u64 {
-        let stat = format!("/sys/class/net/{}/statistics/rx_packets", self.interface);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.namespace, "cat", &stat])
-            .output()
-            .expect("read rx_packets");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets is a number")
+impl RxSampler {
+    /// Stops sampling (one last sample first) and returns the samples.
+    pub fn finish(self) -> Vec<(Instant, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("sampler thread")
     }
+}
+
+fn rx_packets(net_dev: &str, interface: &str) -> Option<u64> {
+    let line = net_dev.lines().find_map(|l| l.trim_start().strip_prefix(interface)?.strip_prefix(':'))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub struct Listeners {

@@ -197,7 +197,8 @@ impl Store {
             scans.sort_unstable();
             scans.dedup();
             // A separate statement: claims lock shards, cancels lock the scan
-            // first; holding both in one statement could deadlock.
+            // first; holding both in one statement could deadlock. Started
+            // scans notify `s:`, running ones `l:` (their shares change).
             sqlx::query(
                 "WITH started AS (
                     UPDATE scans SET state = 'running', started_at = coalesce(started_at, now()),
@@ -205,7 +206,10 @@ impl Store {
                     WHERE id = ANY($1) AND state = 'pending'
                     RETURNING id
                  )
-                 SELECT pg_notify('portfleet', 's:' || id) FROM started",
+                 SELECT pg_notify('portfleet', 's:' || id) FROM started
+                 UNION ALL
+                 SELECT pg_notify('portfleet', 'l:' || id) FROM unnest($1::uuid[]) AS id
+                 WHERE id NOT IN (SELECT id FROM started)",
             )
             .bind(&scans)
             .execute(&self.pool)
@@ -237,10 +241,11 @@ impl Store {
     /// lease count and configured rate; with the politeness caps.
     pub async fn leased_scans(&self) -> Result<(Vec<LeasedScan>, RateCaps), StoreError> {
         let rows = sqlx::query_as::<_, (Uuid, i64, i32, i32, i32)>(
-            "SELECT sh.scan_id, count(*), s.rate, c.per_host, c.per_block
-             FROM shards sh JOIN scans s ON s.id = sh.scan_id CROSS JOIN rate_caps c
+            "SELECT sh.scan_id, count(*), s.rate, coalesce(c.per_host, 0), coalesce(c.per_block, 0)
+             FROM shards sh JOIN scans s ON s.id = sh.scan_id LEFT JOIN rate_caps c ON true
              WHERE sh.state = 'leased'
-             GROUP BY sh.scan_id, s.rate, c.per_host, c.per_block",
+             GROUP BY sh.scan_id, s.rate, c.per_host, c.per_block
+             ORDER BY sh.scan_id",
         )
         .fetch_all(&self.pool)
         .await?;

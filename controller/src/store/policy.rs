@@ -12,8 +12,9 @@ pub struct CapsUpdate {
     pub per_block: Option<u32>,
 }
 
-const SET_CAPS: &str = "UPDATE rate_caps SET per_host = coalesce($1, per_host), per_block = coalesce($2, per_block),
-     updated_at = now()";
+const SET_CAPS: &str = "INSERT INTO rate_caps (id, per_host, per_block) VALUES (true, coalesce($1, 0), coalesce($2, 0))
+     ON CONFLICT (id) DO UPDATE SET per_host = coalesce($1, rate_caps.per_host),
+         per_block = coalesce($2, rate_caps.per_block), updated_at = now()";
 
 fn cap_arg(v: Option<u32>) -> Option<i32> {
     v.map(|v| v.min(i32::MAX as u32) as i32)

@@ -3,12 +3,17 @@
 //!
 //!   cargo run --release -p portfleet-tests --bin session-bench -- ingest [--results 10000000] [--agents 16]
 //!   cargo run --release -p portfleet-tests --bin session-bench -- fleet [--agents 1000] [--scans 100]
+//!   cargo run --release -p portfleet-tests --bin session-bench -- caps [--agents 100] [--running 500] [--scans 100]
 //!
 //! `ingest`: agents stream result batches (1000 results each, up to 64
 //! unacked per lease, as the real agent does); reports results committed
 //! per second and the controller's RSS before and after.
 //! `fleet`: many idle agents heartbeating; reports the controller's RSS and
 //! CPU, then the time from CreateScan to the first Assign, p50 and p99.
+//! `caps`: the cost of the politeness caps: with `--running` scans holding
+//! leases (each over 20 /24s and 20 addresses of 10.0.0.0/14), CreateScan
+//! -> first Assign and the controller's CPU with the caps off, then on, in
+//! the same run.
 //! Needs `cargo build --release -p portfleet-controller` first.
 
 use std::{
@@ -285,62 +290,47 @@ async fn ingest_agent(mut sim: Sim, committed: Arc<AtomicU64>, target: u64) {
     }
 }
 
-async fn fleet(args: &[String]) {
-    let agents = arg(args, "--agents", 1000) as usize;
-    let scans = arg(args, "--scans", 100) as usize;
-    let db = TestDb::create().await;
-    let ctl = start_controller(&db).await;
-    let pid = ctl.child.id();
-    let rss_empty = rss_mb(pid);
-    let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let connect_start = Instant::now();
-    for i in 0..agents {
-        let mut sim = connect(&ctl.url, &format!("fleet-{i}"), 1).await;
-        let assigned = assigned_tx.clone();
-        let tx = sim.tx.clone();
-        tokio::spawn(async move {
-            // Heartbeats at the controller's default interval (2 s), spread.
-            tokio::time::sleep(Duration::from_millis(rand::random_range(0..2000))).await;
-            loop {
-                if tx.send(heartbeat()).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+/// Heartbeats (every 2 s, spread) and answers Assigns: reports each, then
+/// completes the shard at once (freeing the slot) unless `hold` says to
+/// keep it.
+fn run_sim(mut sim: Sim, assigned: mpsc::UnboundedSender<(String, Instant)>, hold: fn(&pb::Assign) -> bool) {
+    let tx = sim.tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..2000))).await;
+        loop {
+            if tx.send(heartbeat()).await.is_err() {
+                return;
             }
-        });
-        let tx = sim.tx.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = sim.rx.message().await {
-                if let Some(In::Assign(a)) = m.frame {
-                    let scan_id = a.scan.as_ref().map(|s| s.scan_id.clone()).unwrap_or_default();
-                    let _ = assigned.send((scan_id, Instant::now()));
-                    // Finish at once, freeing the slot.
-                    let done = Out::Complete(pb::ShardComplete {
-                        shard_id: a.shard_id,
-                        lease_epoch: a.lease_epoch,
-                        seq: 1,
-                        counts: None,
-                    });
-                    let _ = tx.send(pb::AgentMessage { frame: Some(done) }).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let tx = sim.tx.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = sim.rx.message().await {
+            if let Some(In::Assign(a)) = m.frame {
+                let scan_id = a.scan.as_ref().map(|s| s.scan_id.clone()).unwrap_or_default();
+                let _ = assigned.send((scan_id, Instant::now()));
+                if hold(&a) {
+                    continue;
                 }
+                let done = Out::Complete(pb::ShardComplete {
+                    shard_id: a.shard_id,
+                    lease_epoch: a.lease_epoch,
+                    seq: 1,
+                    counts: None,
+                });
+                let _ = tx.send(pb::AgentMessage { frame: Some(done) }).await;
             }
-        });
-    }
-    eprintln!("  {agents} agents connected in {:.1} s", connect_start.elapsed().as_secs_f64());
-    // Idle: heartbeats only.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (cpu0, t0) = (cpu_secs(pid), Instant::now());
-    let mut rss_idle = 0f64;
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        rss_idle = rss_idle.max(rss_mb(pid));
-    }
-    let idle_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let token = db.token(portfleet_controller::auth::Scope::Admin).await;
-    let mut api = portfleet_proto::auth::client(
-        Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
-        portfleet_proto::auth::Bearer::new(&token).unwrap(),
-    );
+        }
+    });
+}
+
+/// CreateScan -> first Assign of one-address scans, in ms, sorted.
+async fn assign_latencies(
+    api: &mut portfleet_proto::auth::ApiClient,
+    assigned_rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    scans: usize,
+) -> Vec<f64> {
     let mut latencies = Vec::new();
     for i in 0..scans {
         let start = Instant::now();
@@ -363,7 +353,109 @@ async fn fleet(args: &[String]) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    latencies
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn admin_client(db: &TestDb, ctl: &Controller) -> portfleet_proto::auth::ApiClient {
+    let token = db.token(portfleet_controller::auth::Scope::Admin).await;
+    portfleet_proto::auth::client(
+        Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
+        portfleet_proto::auth::Bearer::new(&token).unwrap(),
+    )
+}
+
+/// Controller CPU over 10 s (after 3 s to settle), % of one core.
+async fn cpu_percent(pid: u32) -> f64 {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu0, t0) = (cpu_secs(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0
+}
+
+async fn caps(args: &[String]) {
+    let agents = arg(args, "--agents", 100) as usize;
+    let running = arg(args, "--running", 500) as usize;
+    let scans = arg(args, "--scans", 100) as usize;
+    let db = TestDb::create().await;
+    let ctl = start_controller(&db).await;
+    let pid = ctl.child.id();
+    let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let slots = running.div_ceil(agents) as u32 + 1;
+    for i in 0..agents {
+        let sim = connect(&ctl.url, &format!("caps-{i}"), slots).await;
+        // Background scans (10.x) keep their leases: they are running.
+        run_sim(sim, assigned_tx.clone(), |a| {
+            a.scan.as_ref().is_some_and(|s| s.address_ranges.iter().any(|r| r.starts_with("10.")))
+        });
+    }
+    let mut api = admin_client(&db, &ctl).await;
+    let mut specs = 0usize;
+    let octet = || rand::random_range(0..=255u8);
+    for _ in 0..running {
+        let mut targets: Vec<String> =
+            (0..20).map(|_| format!("10.{}.{}.0/24", rand::random_range(0..4u8), octet())).collect();
+        targets.extend((0..20).map(|_| format!("10.{}.{}.{}", rand::random_range(0..4u8), octet(), octet())));
+        specs += targets.len();
+        let req = pb::CreateScanRequest { targets, ports: "80".into(), rate: 50_000, ..Default::default() };
+        api.create_scan(req).await.unwrap();
+    }
+    for _ in 0..running {
+        tokio::time::timeout(Duration::from_secs(60), assigned_rx.recv()).await.expect("background scans leased");
+    }
+    eprintln!("  {running} scans over {specs} target specs running on {agents} agents");
+    let cpu_off = cpu_percent(pid).await;
+    let off = assign_latencies(&mut api, &mut assigned_rx, scans).await;
+    let caps = pb::UpdateScopePolicyRequest {
+        max_rate_per_host: Some(100),
+        max_rate_per_block: Some(5000),
+        ..Default::default()
+    };
+    api.update_scope_policy(caps).await.unwrap();
+    let cpu_on = cpu_percent(pid).await;
+    let on = assign_latencies(&mut api, &mut assigned_rx, scans).await;
+    println!("caps: {running} running scans ({specs} target specs) on {agents} simulated agents");
+    println!("  controller CPU with the leases held: caps off {cpu_off:.1}%, on {cpu_on:.1}% of one core");
+    for (label, l) in [("off", &off), ("on", &on)] {
+        println!(
+            "  CreateScan -> first Assign, caps {label}: p50 {:.1} ms, p99 {:.1} ms over {} scans",
+            pct(l, 0.5),
+            pct(l, 0.99),
+            l.len()
+        );
+    }
+    println!("  on/off: p50 {:.2}x, p99 {:.2}x", pct(&on, 0.5) / pct(&off, 0.5), pct(&on, 0.99) / pct(&off, 0.99));
+}
+
+async fn fleet(args: &[String]) {
+    let agents = arg(args, "--agents", 1000) as usize;
+    let scans = arg(args, "--scans", 100) as usize;
+    let db = TestDb::create().await;
+    let ctl = start_controller(&db).await;
+    let pid = ctl.child.id();
+    let rss_empty = rss_mb(pid);
+    let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let connect_start = Instant::now();
+    for i in 0..agents {
+        let sim = connect(&ctl.url, &format!("fleet-{i}"), 1).await;
+        run_sim(sim, assigned_tx.clone(), |_| false);
+    }
+    eprintln!("  {agents} agents connected in {:.1} s", connect_start.elapsed().as_secs_f64());
+    // Idle: heartbeats only.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, t0) = (cpu_secs(pid), Instant::now());
+    let mut rss_idle = 0f64;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss_idle = rss_idle.max(rss_mb(pid));
+    }
+    let idle_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let mut api = admin_client(&db, &ctl).await;
+    let latencies = assign_latencies(&mut api, &mut assigned_rx, scans).await;
+    let pct = |p: f64| pct(&latencies, p);
     println!("fleet: {agents} simulated agents on one controller, heartbeats every 2 s");
     println!("  controller RSS: {rss_empty:.1} MB with no agents, {rss_idle:.1} MB with {agents} idle agents");
     println!("  controller CPU while idle: {idle_cpu:.1}% of one core");
@@ -384,8 +476,9 @@ async fn main() {
     match args.get(1).map(String::as_str) {
         Some("ingest") => ingest(&args).await,
         Some("fleet") => fleet(&args).await,
+        Some("caps") => caps(&args).await,
         _ => {
-            eprintln!("usage: session-bench ingest|fleet [options] (see the file's header)");
+            eprintln!("usage: session-bench ingest|fleet|caps [options] (see the file's header)");
             std::process::exit(2);
         }
     }

@@ -12,151 +12,73 @@ use std::{
     time::Duration,
 };
 
-use portfleet_core::{AddressSet, ScanType};
+use portfleet_core::ScanType;
 use portfleet_proto::v1::{self as pb, controller_message::Frame as Out};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::{
+    sync::{Notify, broadcast::error::RecvError},
+    time::Instant,
+};
 use uuid::Uuid;
 
 use crate::{
     notify::Notice,
-    politeness::{self, ScanLoad},
     sessions::{Fleet, LeaseInfo, registry::Candidate},
-    store::{AgentClass, Grant, ScanParams, StoreError},
+    store::{AgentClass, Grant, StoreError},
 };
 
-/// Immutable scan parameters and address sets, cached: every Assign of a
-/// scan carries them, and every rebalance weighs its addresses.
-#[derive(Default)]
-struct ParamsCache {
-    map: HashMap<Uuid, (Arc<ScanParams>, Option<Arc<AddressSet>>)>,
-}
+mod rates;
 
-impl ParamsCache {
-    async fn get(&mut self, fleet: &Fleet, id: Uuid) -> Result<Option<Arc<ScanParams>>, StoreError> {
-        if let Some((p, _)) = self.map.get(&id) {
-            return Ok(Some(p.clone()));
-        }
-        let Some(p) = fleet.store.scan_params(id).await? else { return Ok(None) };
-        self.make_room(1);
-        Ok(Some(self.insert(p)))
-    }
+use rates::{ParamsCache, ScanRates, apply_rates, lease_rate, scan_rates};
 
-    /// Loads the scans of `ids` not cached yet, in one query; all of them
-    /// are cached afterwards (however many).
-    async fn load(&mut self, fleet: &Fleet, ids: &[Uuid]) -> Result<(), StoreError> {
-        let mut missing: Vec<Uuid> = ids.iter().filter(|id| !self.map.contains_key(id)).copied().collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        if self.make_room(missing.len()) {
-            missing = ids.to_vec();
-        }
-        for p in fleet.store.scan_params_many(&missing).await? {
-            self.insert(p);
-        }
-        Ok(())
-    }
-
-    /// Empties the cache when `n` more would overfill it; says whether.
-    fn make_room(&mut self, n: usize) -> bool {
-        let full = self.map.len() + n > 1024;
-        if full {
-            self.map.clear();
-        }
-        full
-    }
-
-    fn insert(&mut self, p: ScanParams) -> Arc<ScanParams> {
-        let addrs = match AddressSet::parse_ranges(&p.address_ranges) {
-            Ok(a) => Some(Arc::new(a)),
-            Err(e) => {
-                tracing::error!(scan_id = %p.id, error = %e, "scan address ranges do not parse");
-                None
-            }
-        };
-        let p = Arc::new(p);
-        self.map.insert(p.id, (p.clone(), addrs));
-        p
-    }
-
-    fn forget(&mut self, id: Uuid) {
-        self.map.remove(&id);
-    }
-}
-
-/// Each leased scan's rate after the politeness caps, and how many leases
-/// share it, fleet-wide.
-type ScanRates = HashMap<Uuid, (u32, i64)>;
-
-/// Computes [`ScanRates`] from the database: every controller gets the
-/// same answer, so together they keep the caps.
-async fn scan_rates(fleet: &Fleet, cache: &mut ParamsCache) -> Result<ScanRates, StoreError> {
-    let (leased, caps) = fleet.store.leased_scans().await?;
-    if caps.is_off() {
-        return Ok(leased.iter().map(|s| (s.id, (s.rate, s.leases))).collect());
-    }
-    let ids: Vec<Uuid> = leased.iter().map(|s| s.id).collect();
-    cache.load(fleet, &ids).await?;
-    // A scan whose addresses cannot be weighed runs at 1 probe/s.
-    let mut rates: ScanRates = HashMap::with_capacity(leased.len());
-    let mut weighed: Vec<(Uuid, i64)> = Vec::with_capacity(leased.len());
-    let mut loads: Vec<ScanLoad<'_>> = Vec::with_capacity(leased.len());
-    for s in &leased {
-        match cache.map.get(&s.id).and_then(|(_, a)| a.as_deref()) {
-            Some(addrs) => {
-                weighed.push((s.id, s.leases));
-                loads.push(ScanLoad { rate: s.rate, addrs });
-            }
-            None => {
-                rates.insert(s.id, (1, s.leases));
-            }
-        }
-    }
-    let capped = politeness::capped_rates(caps, &loads);
-    rates.extend(weighed.into_iter().zip(capped).map(|((id, leases), r)| (id, (r, leases))));
-    Ok(rates)
-}
+/// Rate passes asked for within this long are done once.
+const REBALANCE_DEBOUNCE: Duration = Duration::from_millis(5);
 
 fn frame(f: Out) -> pb::ControllerMessage {
     pb::ControllerMessage { frame: Some(f) }
 }
 
-/// A lease's rate: its share of the scan's rate, within the agent's own
-/// limit spread over its shards.
-fn lease_rate(scan_rate: u32, leases_of_scan: i64, agent_max_rate: u32, agent_max_shards: u32) -> u32 {
-    let share = (i64::from(scan_rate.max(1)) / leases_of_scan.max(1)).max(1) as u32;
-    if agent_max_rate == 0 { share } else { share.min((agent_max_rate / agent_max_shards.max(1)).max(1)) }
-}
-
 /// Runs the scheduler until shutdown: assignment and upkeep in two loops,
 /// so a slow upkeep pass (a large fleet) never delays handing out work.
 pub async fn run(fleet: Arc<Fleet>) {
-    tokio::join!(assign_loop(fleet.clone()), upkeep_loop(fleet));
+    let rebalance_due = Arc::new(Notify::new());
+    tokio::join!(assign_loop(fleet.clone(), rebalance_due.clone()), upkeep_loop(fleet, rebalance_due));
 }
 
-async fn assign_loop(fleet: Arc<Fleet>) {
+/// Assignment, and every rate pass: one task does both, so a pass computed
+/// from older rows can never overwrite a newer one.
+async fn assign_loop(fleet: Arc<Fleet>, rebalance_due: Arc<Notify>) {
     let mut notices = fleet.notifier.subscribe();
     let mut cache = ParamsCache::default();
     let mut tick = tokio::time::interval(fleet.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rebalance_at: Option<Instant> = None;
     loop {
+        let due = rebalance_at;
+        let mut later = || {
+            rebalance_at.get_or_insert_with(|| Instant::now() + REBALANCE_DEBOUNCE);
+            Ok(())
+        };
         let result = tokio::select! {
             _ = fleet.shutdown.cancelled() => return,
+            () = async { tokio::time::sleep_until(due.unwrap_or_else(Instant::now)).await }, if due.is_some() => {
+                rebalance_at = None;
+                rebalance(&fleet, &mut cache).await
+            }
+            _ = rebalance_due.notified() => later(),
             _ = fleet.wake.notified() => assign(&fleet, &mut cache).await,
             _ = tick.tick() => assign(&fleet, &mut cache).await,
             notice = notices.recv() => match notice {
                 Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut cache).await,
-                // A scan started or ended: the caps split differently.
-                Ok(Notice::ScanChanged(id)) => match stop_leases_of(&fleet, &mut cache, id).await {
-                    Ok(()) => rebalance(&fleet, &mut cache).await,
-                    e => e,
-                },
+                // A scan started or ended, or gained leases (here or on
+                // another controller): shares and caps split differently.
+                Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, &mut cache, id).await.and_then(|()| later()),
+                Ok(Notice::Leases(_)) => later(),
                 Ok(Notice::AgentDrain(id)) => {
                     drain(&fleet, id).await;
                     Ok(())
                 }
                 Ok(Notice::Results(_)) => Ok(()),
-                Ok(Notice::Resync) | Err(RecvError::Lagged(_)) => check_leases(&fleet).await,
+                Ok(Notice::Resync) | Err(RecvError::Lagged(_)) => check_leases(&fleet).await.and_then(|()| later()),
                 Err(RecvError::Closed) => return,
             },
         };
@@ -166,8 +88,7 @@ async fn assign_loop(fleet: Arc<Fleet>) {
     }
 }
 
-async fn upkeep_loop(fleet: Arc<Fleet>) {
-    let mut cache = ParamsCache::default();
+async fn upkeep_loop(fleet: Arc<Fleet>, rebalance_due: Arc<Notify>) {
     let mut chores = tokio::time::interval(Duration::from_secs(1));
     chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rounds = 0u64;
@@ -176,9 +97,11 @@ async fn upkeep_loop(fleet: Arc<Fleet>) {
             _ = fleet.shutdown.cancelled() => return,
             _ = chores.tick() => {}
         }
-        if let Err(e) = housekeeping(&fleet, &mut cache).await {
+        if let Err(e) = housekeeping(&fleet).await {
             tracing::warn!(error = %e, "scheduler upkeep failed; retrying");
         }
+        // Shares change as leases come and go anywhere in the fleet.
+        rebalance_due.notify_one();
         rounds += 1;
         // Events no ingress published within a day (none configured).
         if rounds.is_multiple_of(60)
@@ -213,7 +136,12 @@ async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError
     // Rates with the new leases counted; running leases slow down first, so
     // new work never adds to a block before the old work has made room.
     let rates = scan_rates(fleet, cache).await?;
-    apply_rates(fleet, &rates);
+    if !apply_rates(fleet, &rates) {
+        for (_, g) in granted {
+            fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
+        }
+        return Ok(());
+    }
     for (agent, g) in granted {
         deliver(fleet, cache, &agent, g, &rates).await?;
     }
@@ -238,7 +166,9 @@ async fn deliver(
         Some(ScanType::Syn) if agent.class.raw_socket => pb::ScanType::Syn,
         _ => pb::ScanType::Connect,
     };
-    let (scan_rate, leases) = rates.get(&g.scan_id).copied().unwrap_or((params.rate.max(1) as u32, 1));
+    // Not leased by the time rates were read (it lapsed meanwhile): the
+    // next pass sets its share; until then the least.
+    let (scan_rate, leases) = rates.get(&g.scan_id).copied().unwrap_or((1, 1));
     let rate = lease_rate(scan_rate, leases, agent.max_rate, agent.max_shards);
     let assign = pb::Assign {
         shard_id: g.shard_id as u64,
@@ -281,20 +211,6 @@ async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreEr
     let rates = scan_rates(fleet, cache).await?;
     apply_rates(fleet, &rates);
     Ok(())
-}
-
-fn apply_rates(fleet: &Fleet, rates: &ScanRates) {
-    for lease in fleet.registry.leases() {
-        let Some(&(scan_rate, leases)) = rates.get(&lease.info.scan_id) else { continue };
-        let rate = lease_rate(scan_rate, leases, lease.max_rate, lease.max_shards);
-        if rate != lease.info.rate {
-            let update =
-                pb::RateUpdate { shard_id: lease.shard_id as u64, lease_epoch: lease.info.lease_epoch as u64, rate };
-            if lease.tx.try_send(Ok(frame(Out::Rate(update)))).is_ok() {
-                fleet.registry.set_lease_rate(lease.agent_id, lease.shard_id, rate);
-            }
-        }
-    }
 }
 
 /// Tells local agents to stop the leases of a scan that is over.
@@ -355,7 +271,7 @@ async fn drain(fleet: &Fleet, agent_id: Uuid) {
 
 /// Once a second: heartbeats, lease upkeep, completion, progress, and why
 /// waiting scans wait.
-async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     let cfg = &fleet.config;
     let store = &fleet.store;
     let (beats, agents) = fleet.registry.take_beats();
@@ -390,8 +306,7 @@ async fn housekeeping(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), Stor
     }
     store.complete_finished_scans().await?;
     store.roll_up_progress().await?;
-    explain_waiting(fleet).await?;
-    rebalance(fleet, cache).await
+    explain_waiting(fleet).await
 }
 
 /// Sets `waiting_reason` on pending scans no connected agent can run.
@@ -452,14 +367,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-
-    #[test]
-    fn rate_is_split_and_capped() {
-        assert_eq!(lease_rate(1000, 1, 0, 2), 1000);
-        assert_eq!(lease_rate(1000, 3, 0, 2), 333);
-        assert_eq!(lease_rate(1000, 1, 600, 2), 300);
-        assert_eq!(lease_rate(1, 5, 0, 1), 1);
-    }
 
     #[test]
     fn explains_why_a_scan_waits() {
