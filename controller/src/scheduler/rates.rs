@@ -19,6 +19,10 @@ use crate::{
     store::{ScanParams, StoreError},
 };
 
+/// What capped rates depend on: the caps and each leased scan's id, rate
+/// and retries, by id.
+type RatesKey = (RateCaps, Vec<(Uuid, u32, u32)>);
+
 /// Entries kept before the least needed are dropped.
 const CACHE_SIZE: usize = 1024;
 
@@ -29,7 +33,7 @@ const CACHE_SIZE: usize = 1024;
 #[derive(Default)]
 pub(super) struct ParamsCache {
     map: HashMap<Uuid, (Arc<ScanParams>, Option<Arc<AddressSet>>)>,
-    last: Option<(RateCaps, Vec<(Uuid, u32, u32)>, Vec<u32>)>,
+    last: Option<(RatesKey, Vec<u32>)>,
 }
 
 impl ParamsCache {
@@ -96,23 +100,24 @@ pub(super) async fn scan_rates(fleet: &Fleet, cache: &mut ParamsCache) -> Result
         .iter()
         .map(|s| (s.id, s.rate, cache.map.get(&s.id).map_or(0, |(p, _)| p.retries.max(0) as u32)))
         .collect();
+    let key = (caps, key);
     let capped = match &cache.last {
-        Some((c, k, capped)) if *c == caps && *k == key => capped.clone(),
+        Some((k, capped)) if *k == key => capped.clone(),
         _ => {
             // A scan whose addresses cannot be weighed runs at 1 probe/s.
-            let mut loads: Vec<ScanLoad<'_>> = Vec::with_capacity(key.len());
-            let mut weighed: Vec<usize> = Vec::with_capacity(key.len());
-            for (i, &(id, rate, retries)) in key.iter().enumerate() {
+            let mut loads: Vec<ScanLoad<'_>> = Vec::with_capacity(key.1.len());
+            let mut weighed: Vec<usize> = Vec::with_capacity(key.1.len());
+            for (i, &(id, rate, retries)) in key.1.iter().enumerate() {
                 if let Some(addrs) = cache.map.get(&id).and_then(|(_, a)| a.as_deref()) {
                     weighed.push(i);
                     loads.push(ScanLoad { rate, retries, addrs });
                 }
             }
-            let mut capped = vec![1u32; key.len()];
+            let mut capped = vec![1u32; key.1.len()];
             for (i, r) in weighed.into_iter().zip(politeness::capped_rates(caps, &loads)) {
                 capped[i] = r;
             }
-            cache.last = Some((caps, key, capped.clone()));
+            cache.last = Some((key, capped.clone()));
             capped
         }
     };
