@@ -36,6 +36,14 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP (`false`) or SIGCONT (`true`): a process frozen in place,
+    /// its sockets open and silent.
+    pub fn set_running(&self, running: bool) {
+        let signal = if running { "-CONT" } else { "-STOP" };
+        let ok = Command::new("kill").args([signal, &self.child.id().to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} {}", self.name);
+    }
+
     /// SIGTERM, then waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

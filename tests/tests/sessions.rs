@@ -608,3 +608,36 @@ async fn two_scans_of_one_slash_24_never_exceed_the_per_block_cap_together() {
     assert!(peak <= f64::from(CAP) * 1.05, "the /24 got {peak:.0} probes/s, over the cap of {CAP}");
     assert!(peak >= f64::from(CAP) * 0.5, "the scans ran near the cap, not far below it: {peak:.0}/s");
 }
+
+#[tokio::test]
+async fn an_agent_holds_its_probes_while_the_controller_is_silent() {
+    let Some(mut s) = Setup::new().await else { return };
+    let url = s.start_controller("controller", None);
+    s.start_agent("agent-a", &url, &[]);
+    let mut client = s.client(&url).await;
+    // Slow enough that the outbox (64 unacked frames) would not fill and
+    // pause the engine for many seconds: only the hold stops it in time.
+    let scan = client.create_scan(scan_request(2_000, "1-100")).await.unwrap().into_inner();
+    let open: BTreeSet<SocketAddr> = s.open.iter().filter(|a| a.port() <= 100).copied().collect();
+    let before = s.topo.target_out_rsts();
+    portfleet_tests::eventually("probes arriving", Duration::from_secs(30), || {
+        let n = s.topo.target_out_rsts();
+        async move { (n > before + 1_000).then_some(()) }
+    })
+    .await;
+    // Frozen: its sockets stay open, nothing answers. With a 2 s lease TTL
+    // the agent holds after 1.5 s of silence.
+    s.controllers[0].0.set_running(false);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let held = s.topo.target_out_rsts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = s.topo.target_out_rsts();
+    s.controllers[0].0.set_running(true);
+    assert_eq!(still, held, "probes went out while the controller was silent past the lease TTL");
+    // Its leases lapsed meanwhile: they are dropped and the work resumes
+    // from their checkpoints, nothing lost or doubled.
+    completed(&mut client, &scan.id).await;
+    assert_exact(&results(&mut client, &scan.id).await, &open);
+    assert_written_once(&s.db, &scan.id, open.len()).await;
+    assert_no_overlapping_leases(&s.db, &scan.id).await;
+}

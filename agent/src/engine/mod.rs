@@ -78,18 +78,21 @@ impl ScanJob {
 }
 
 /// Knobs a running engine reads between batches: the session lowers a
-/// lease's rate when its scan gains agents, and pauses probing while the
+/// lease's rate when its scan gains agents, pauses probing while the
 /// controller is not taking results (so backpressure slows the scan rather
-/// than piling results up).
+/// than piling results up), and holds it while the controller is silent.
 #[derive(Debug)]
 pub struct EngineControl {
     rate: AtomicU32,
     paused: AtomicBool,
+    /// The controller has been silent so long that the lease may have
+    /// lapsed there: no probe until it is heard again.
+    offline: AtomicBool,
 }
 
 impl EngineControl {
     pub fn new(rate: u32) -> Self {
-        Self { rate: AtomicU32::new(rate.max(1)), paused: AtomicBool::new(false) }
+        Self { rate: AtomicU32::new(rate.max(1)), paused: AtomicBool::new(false), offline: AtomicBool::new(false) }
     }
 
     pub fn rate(&self) -> u32 {
@@ -101,7 +104,11 @@ impl EngineControl {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
+        self.paused.load(Ordering::Relaxed) || self.offline.load(Ordering::Relaxed)
+    }
+
+    pub fn set_offline(&self, offline: bool) {
+        self.offline.store(offline, Ordering::Relaxed);
     }
 
     pub fn set_paused(&self, paused: bool) {

@@ -97,6 +97,24 @@ pub(crate) struct Agent {
     draining: AtomicBool,
     stopping: AtomicBool,
     limits: Mutex<Limits>,
+    contact: Mutex<Contact>,
+}
+
+/// When the controller was last heard from, and how long its silence may
+/// last before this agent's leases could have lapsed there.
+#[derive(Clone, Copy, Debug)]
+struct Contact {
+    last_heard: Instant,
+    /// A quarter short of the shortest lapse the Welcome announced.
+    hold_after: Option<Duration>,
+    /// The controller echoes heartbeats (older ones do not: no hold then).
+    echoes: bool,
+}
+
+impl Contact {
+    fn silent_too_long(&self) -> bool {
+        self.echoes && self.hold_after.is_some_and(|d| self.last_heard.elapsed() > d)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +130,16 @@ impl Agent {
 
     fn limits(&self) -> Limits {
         *self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contact(&self) -> std::sync::MutexGuard<'_, Contact> {
+        self.contact.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn heard(&self, echo: bool) {
+        let mut c = self.contact();
+        c.last_heard = Instant::now();
+        c.echoes |= echo;
     }
 
     /// Queues a sequenced frame for `shard`, waiting while its outbox is
@@ -265,8 +293,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         limits: Mutex::new(Limits { max_batch: 1000, max_unacked: 64 }),
+        contact: Mutex::new(Contact { last_heard: Instant::now(), hold_after: None, echoes: false }),
         config,
     });
+    let _watchdog = {
+        let done = CancellationToken::new();
+        tokio::spawn(hold_while_silent(agent.clone(), done.clone()));
+        done.drop_guard()
+    };
     tracing::info!(agent_id = %id, name = %agent.config.name, raw_socket = agent.raw_socket, "agent starting");
     // After a shutdown request: hand back, flush, exit by this time.
     let give_up = CancellationToken::new();
@@ -313,6 +347,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tokio::select! {
             _ = give_up.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Holds every shard's engine while the controller is silent for longer
+/// than its leases are sure to last (a partition, a frozen controller), so
+/// this agent never probes under a lease the fleet may have handed to
+/// another agent; releases them when the controller is heard again (a
+/// reconnect drops the leases that did lapse first).
+async fn hold_while_silent(agent: Arc<Agent>, done: CancellationToken) {
+    let mut held = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let contact = *agent.contact();
+        let hold = contact.silent_too_long();
+        let slots = agent.lock();
+        if hold != held {
+            held = hold;
+            if hold {
+                tracing::warn!(silent_for = ?contact.last_heard.elapsed(), shards = slots.len(),
+                    "no word from the controller: holding probes until it answers (leases may have lapsed)");
+            } else {
+                tracing::info!("controller heard again: probing resumes");
+            }
+        }
+        for slot in slots.values() {
+            slot.control.set_offline(hold);
         }
     }
 }
@@ -374,6 +439,14 @@ async fn connection(agent: &Arc<Agent>, channel: Channel, give_up: &Cancellation
     for r in &welcome.revoked {
         tracing::warn!(shard_id = r.shard_id, "lease lapsed while disconnected; dropping it");
         agent.stop_slot(r.shard_id, StopMode::Drop);
+    }
+    {
+        // Leases lapse after the TTL without heartbeats, or the grace after
+        // the session ends; hold probing a quarter before the shorter.
+        let lapse = [limits.lease_ttl_ms, limits.disconnect_grace_ms].into_iter().filter(|&ms| ms > 0).min();
+        let mut c = agent.contact();
+        c.hold_after = lapse.map(|ms| Duration::from_millis(u64::from(ms) * 3 / 4));
+        c.last_heard = Instant::now();
     }
     {
         let max_unacked = agent.limits().max_unacked;
@@ -480,6 +553,7 @@ async fn read(agent: Arc<Agent>, mut inbound: tonic::Streaming<pb::ControllerMes
             }
         };
         let Some(frame) = msg.frame else { continue };
+        agent.heard(matches!(frame, In::Heartbeat(_)));
         match frame {
             In::Assign(a) => shard::start(&agent, a),
             In::Ack(a) => {

@@ -308,6 +308,7 @@ impl Session {
                 max_batch_results: cfg.max_batch_results,
                 max_unacked_frames: cfg.max_unacked_frames,
                 lease_ttl_ms: cfg.lease_ttl.as_millis() as u32,
+                disconnect_grace_ms: cfg.disconnect_grace.as_millis() as u32,
             }),
             controller_id: cfg.controller_id.clone(),
             revoked,
@@ -447,6 +448,10 @@ impl Session {
                     current_rate: h.current_rate.min(i32::MAX as u32) as i32,
                     active_shards: h.active_shards.min(i32::MAX as u32) as i32,
                 });
+                // The echo tells the agent its leases are alive; without it
+                // for long, the agent stops probing (docs/protocol.md).
+                let echo = pb::Heartbeat { sent_at: h.sent_at, ..Default::default() };
+                let _ = self.tx.try_send(Ok(frame(Out::Heartbeat(echo))));
                 Ok(())
             }
             In::Results(b) => {
