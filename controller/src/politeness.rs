@@ -155,32 +155,42 @@ fn block_segments(scan: usize, s: &ScanLoad<'_>) -> Vec<Segment> {
 /// O(n log n): the load of every elementary interval by a sweep, then a
 /// range-maximum query per segment on a segment tree.
 fn peak_loads(segments: Vec<Segment>, scans: usize) -> Vec<f64> {
-    // Interval ends as half-open bounds; `None` past the last key.
-    let end = |s: &Segment| s.hi.checked_add(1);
-    let mut coords: Vec<u128> = Vec::with_capacity(segments.len() * 2);
-    for s in &segments {
-        coords.push(s.lo);
-        coords.extend(end(s));
+    // Interval ends as half-open bounds (`None`: past the last key), ranked
+    // by one sort: `span[i]` is segment i's run of elementary intervals.
+    let mut bounds: Vec<(u128, u32)> = Vec::with_capacity(segments.len() * 2);
+    for (i, s) in segments.iter().enumerate() {
+        bounds.push((s.lo, (i as u32) << 1));
+        if let Some(end) = s.hi.checked_add(1) {
+            bounds.push((end, (i as u32) << 1 | 1));
+        }
     }
-    coords.sort_unstable();
-    coords.dedup();
-    let at = |k: u128| coords.partition_point(|&c| c < k);
-    let mut delta = vec![0.0f64; coords.len() + 1];
-    for s in &segments {
-        delta[at(s.lo)] += s.weight;
-        delta[end(s).map_or(coords.len(), at)] -= s.weight;
+    bounds.sort_unstable_by_key(|b| b.0);
+    let mut span = vec![(0usize, usize::MAX); segments.len()];
+    let mut rank = 0usize;
+    for (j, &(key, tag)) in bounds.iter().enumerate() {
+        if j > 0 && key != bounds[j - 1].0 {
+            rank += 1;
+        }
+        let seg = &mut span[(tag >> 1) as usize];
+        if tag & 1 == 0 { seg.0 = rank } else { seg.1 = rank }
     }
-    // load[i]: keys from coords[i] to the next coordinate.
-    let mut load = Vec::with_capacity(coords.len());
+    let intervals = rank + 1;
+    let mut delta = vec![0.0f64; intervals + 1];
+    for (s, &(lo, end)) in segments.iter().zip(&span) {
+        delta[lo] += s.weight;
+        delta[end.min(intervals)] -= s.weight;
+    }
+    // load[i]: keys from the i-th bound to the next.
+    let mut load = Vec::with_capacity(intervals);
     let mut running = 0.0f64;
-    for d in &delta[..coords.len()] {
+    for d in &delta[..intervals] {
         running += d;
         load.push(running);
     }
     let tree = MaxTree::new(&load);
     let mut peak = vec![0.0f64; scans];
-    for s in &segments {
-        let m = tree.max(at(s.lo), end(s).map_or(coords.len(), at));
+    for (s, &(lo, end)) in segments.iter().zip(&span) {
+        let m = tree.max(lo, end.min(intervals));
         peak[s.scan] = peak[s.scan].max(m);
     }
     peak
@@ -407,6 +417,40 @@ mod tests {
             for (b, load) in block.iter().enumerate() {
                 proptest::prop_assert!(per_block == 0 || *load <= f64::from(per_block) + 1e-6, "block {b}: {load}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release -p portfleet-controller --lib time_500 -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, run by hand in release"]
+    fn time_500_scans() {
+        let sets: Vec<AddressSet> = (0..500)
+            .map(|_| {
+                let mut items: Vec<String> = (0..20)
+                    .map(|_| format!("10.{}.{}.0/24", rand::random_range(0..4u8), rand::random_range(0..=255u8)))
+                    .collect();
+                items.extend((0..20).map(|_| {
+                    format!(
+                        "10.{}.{}.{}",
+                        rand::random_range(0..4u8),
+                        rand::random_range(0..=255u8),
+                        rand::random_range(1..255u8)
+                    )
+                }));
+                portfleet_core::targets::parse_cidr_list(&items).unwrap()
+            })
+            .collect();
+        let loads: Vec<ScanLoad<'_>> = sets.iter().map(|addrs| ScanLoad { rate: 50_000, retries: 1, addrs }).collect();
+        let caps = RateCaps { per_host: 100, per_block: 5000 };
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let r = capped_rates(caps, &loads);
+            eprintln!("{} scans: {:?} ({})", r.len(), t.elapsed(), r[0]);
         }
     }
 }

@@ -105,18 +105,27 @@ pub(super) async fn scan_rates(fleet: &Fleet, cache: &mut ParamsCache) -> Result
         Some((k, capped)) if *k == key => capped.clone(),
         _ => {
             // A scan whose addresses cannot be weighed runs at 1 probe/s.
-            let mut loads: Vec<ScanLoad<'_>> = Vec::with_capacity(key.1.len());
-            let mut weighed: Vec<usize> = Vec::with_capacity(key.1.len());
-            for (i, &(id, rate, retries)) in key.1.iter().enumerate() {
-                if let Some(addrs) = cache.map.get(&id).and_then(|(_, a)| a.as_deref()) {
-                    weighed.push(i);
-                    loads.push(ScanLoad { rate, retries, addrs });
+            let weighed: Vec<(usize, u32, u32, Arc<AddressSet>)> = key
+                .1
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &(id, rate, retries))| Some((i, rate, retries, cache.map.get(&id)?.1.clone()?)))
+                .collect();
+            let n = key.1.len();
+            // Milliseconds for hundreds of scans: off the async threads.
+            let capped = tokio::task::spawn_blocking(move || {
+                let loads: Vec<ScanLoad<'_>> = weighed
+                    .iter()
+                    .map(|(_, rate, retries, addrs)| ScanLoad { rate: *rate, retries: *retries, addrs })
+                    .collect();
+                let mut capped = vec![1u32; n];
+                for ((i, ..), r) in weighed.iter().zip(politeness::capped_rates(caps, &loads)) {
+                    capped[*i] = r;
                 }
-            }
-            let mut capped = vec![1u32; key.1.len()];
-            for (i, r) in weighed.into_iter().zip(politeness::capped_rates(caps, &loads)) {
-                capped[i] = r;
-            }
+                capped
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("rate computation failed: {e}")))?;
             cache.last = Some((key, capped.clone()));
             capped
         }
