@@ -8,3 +8,13 @@ CREATE TABLE rate_caps (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO rate_caps DEFAULT VALUES;
+
+-- The scope rules' version, bumped with every change in the same
+-- transaction. A scan is stored only if the version it was checked against
+-- is still current (read FOR SHARE in the storing transaction), so no scan
+-- checked against old rules lands after a change's sweep of active scans.
+CREATE TABLE policy_state (
+    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
+    version bigint NOT NULL DEFAULT 0
+);
+INSERT INTO policy_state DEFAULT VALUES;

@@ -12,12 +12,29 @@ use portfleet_core::{ScopePolicy, policy::default_deny};
 
 use crate::store::{Store, StoreError};
 
-/// Rules are re-read at most this often; a change applies to new scans
-/// within it, on every controller.
+/// Rules are re-read at most this often; a change applies to new scans at
+/// once all the same, on every controller: storing a scan checked against
+/// an older version fails, and the scan is checked again.
 const REFRESH: Duration = Duration::from_secs(2);
 
 /// The policy and when it was read.
-type Cached = Option<(Instant, Arc<ScopePolicy>)>;
+type Cached = Option<(Instant, Arc<CurrentPolicy>)>;
+
+/// The policy in force and the version of the rules it was built from:
+/// scans checked against it are stored only while that version is current.
+#[derive(Debug)]
+pub struct CurrentPolicy {
+    pub version: i64,
+    pub policy: ScopePolicy,
+}
+
+impl std::ops::Deref for CurrentPolicy {
+    type Target = ScopePolicy;
+
+    fn deref(&self) -> &ScopePolicy {
+        &self.policy
+    }
+}
 
 #[derive(Clone)]
 pub struct PolicySource {
@@ -61,14 +78,15 @@ impl PolicySource {
     }
 
     /// The policy now in force.
-    pub async fn current(&self) -> Result<Arc<ScopePolicy>, StoreError> {
+    pub async fn current(&self) -> Result<Arc<CurrentPolicy>, StoreError> {
         if let Some((at, p)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
             && at.elapsed() < REFRESH
         {
             return Ok(p.clone());
         }
-        let rules = self.store.scope_rules().await?;
-        let policy = Arc::new(ScopePolicy::new(&rules.allow, &rules.deny, &self.builtin));
+        let (version, rules) = self.store.versioned_scope_rules().await?;
+        let policy =
+            Arc::new(CurrentPolicy { version, policy: ScopePolicy::new(&rules.allow, &rules.deny, &self.builtin) });
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), policy.clone()));
         Ok(policy)
     }

@@ -292,32 +292,41 @@ impl ScanManager {
             .into_iter()
             .filter_map(|r| Some((r.request_id.clone()?, r)))
             .collect();
-        // One policy for the whole batch.
-        let policy = self.policy.current().await?;
-        let prepared: Vec<Result<Prepared, ScanError>> = stream::iter(requests)
-            .map(|req| async {
-                let req = req?;
-                match req.request_id.as_ref().and_then(|id| known.get(id)) {
-                    Some(existing) => Ok(Prepared::Existing(Box::new(existing.clone()))),
-                    None => self.prepare(&req, &policy).await.map(|new| Prepared::New(Box::new(new))),
+        // One policy for the whole batch; checked again if it changes
+        // before the batch is stored (a policy update on any controller).
+        let mut attempts = 0;
+        let (prepared, stored) = loop {
+            attempts += 1;
+            let policy = self.policy.current().await?;
+            // Owned copies: a stream of borrowed requests trips the compiler's
+            // higher-ranked lifetime inference in Send futures.
+            let owned: Vec<Option<ScanRequest>> = requests.iter().map(|r| r.as_ref().ok().cloned()).collect();
+            let prepared: Vec<Option<Result<Prepared, ScanError>>> =
+                stream::iter(owned).map(|req| self.prepare_known(req, &known, &policy)).buffered(32).collect().await;
+            let new: Vec<NewScan> = prepared
+                .iter()
+                .filter_map(|p| match p {
+                    Some(Ok(Prepared::New(n))) => Some((**n).clone()),
+                    _ => None,
+                })
+                .collect();
+            match self.store.insert_scans(&new, policy.version).await {
+                Err(StoreError::PolicyChanged) if attempts < 3 => {
+                    tracing::info!("the scope policy changed while scans were checked; checking them again");
+                    self.policy.invalidate();
                 }
-            })
-            .buffered(32)
-            .collect()
-            .await;
-        let new: Vec<NewScan> = prepared
-            .iter()
-            .filter_map(|p| match p {
-                Ok(Prepared::New(n)) => Some((**n).clone()),
-                _ => None,
-            })
-            .collect();
-        let mut stored = self.store.insert_scans(&new).await?.into_iter();
-        let outcomes = prepared
+                stored => break (prepared, stored?),
+            }
+        };
+        let mut stored = stored.into_iter();
+        let outcomes = requests
             .into_iter()
-            .map(|p| match p? {
-                Prepared::Existing(r) => Ok((*r, false)),
-                Prepared::New(n) => {
+            .zip(prepared)
+            .map(|(req, p)| match (req, p) {
+                (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+                (Ok(_), None) => Err(StoreError::Corrupt("a checked scan went missing".into()).into()),
+                (Ok(_), Some(Ok(Prepared::Existing(r)))) => Ok((*r, false)),
+                (Ok(_), Some(Ok(Prepared::New(n)))) => {
                     let (record, created) =
                         stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;
                     if created {
@@ -329,6 +338,21 @@ impl ScanManager {
             })
             .collect();
         Ok(outcomes)
+    }
+
+    /// A scan its request id already names, or `prepare`d; `None` for a
+    /// request that did not validate.
+    async fn prepare_known(
+        &self,
+        req: Option<ScanRequest>,
+        known: &std::collections::HashMap<String, ScanRecord>,
+        policy: &ScopePolicy,
+    ) -> Option<Result<Prepared, ScanError>> {
+        let req = req?;
+        Some(match req.request_id.as_ref().and_then(|id| known.get(id)) {
+            Some(existing) => Ok(Prepared::Existing(Box::new(existing.clone()))),
+            None => self.prepare(&req, policy).await.map(|new| Prepared::New(Box::new(new))),
+        })
     }
 
     /// Expands the group, resolves names and plans: everything but storing.

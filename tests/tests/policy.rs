@@ -191,3 +191,29 @@ async fn politeness_caps_are_seeded_at_start_and_changed_by_admins() {
     let got = c.client().await.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
     assert_eq!(caps(got), (50, 0));
 }
+
+#[tokio::test]
+async fn a_policy_change_binds_every_controller_at_once() {
+    let db = TestDb::create().await;
+    let config = || {
+        let mut c = ControllerConfig::new(db.options());
+        c.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
+        c
+    };
+    let (a, b) = (TestController::start(config()).await, TestController::start(config()).await);
+    let (mut api_a, mut api_b) = (a.client().await, b.client().await);
+    // B has read (and caches) the policy.
+    api_b.create_scan(scan(&["198.51.100.1"])).await.unwrap();
+    api_a
+        .update_scope_policy(pb::UpdateScopePolicyRequest {
+            add_deny: vec!["198.51.100.128/25".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Within B's cache lifetime: B must not store a scan its cached rules
+    // allow, or it would escape the change's sweep of active scans.
+    let err = api_b.create_scan(scan(&["198.51.100.200"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    api_b.create_scan(scan(&["198.51.100.2"])).await.expect("still allowed");
+}

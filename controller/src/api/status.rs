@@ -22,6 +22,7 @@ pub fn store_status(err: StoreError) -> Status {
             Status::unavailable("database unavailable, try again")
         }
         StoreError::Cancelled => Status::unavailable("controller is shutting down"),
+        StoreError::PolicyChanged => Status::unavailable("the scope policy kept changing, try again"),
         other => {
             tracing::error!(error = %other, "internal error");
             Status::internal("internal error")

@@ -14,6 +14,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cancelled")]
     Cancelled,
+    /// The scope rules changed after the scans being stored were checked
+    /// against them: check again.
+    #[error("the scope policy changed meanwhile")]
+    PolicyChanged,
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
 }

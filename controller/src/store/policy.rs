@@ -27,8 +27,18 @@ pub struct ScopeRules {
     pub deny: Vec<IpNet>,
 }
 
+const BUMP_VERSION: &str = "UPDATE policy_state SET version = version + 1";
+
 impl Store {
     pub async fn scope_rules(&self) -> Result<ScopeRules, StoreError> {
+        Ok(self.versioned_scope_rules().await?.1)
+    }
+
+    /// The rules and their version. The version is read first: rules newer
+    /// than their version can only make a later store fail and retry,
+    /// never pass with stale rules.
+    pub async fn versioned_scope_rules(&self) -> Result<(i64, ScopeRules), StoreError> {
+        let version: i64 = sqlx::query_scalar("SELECT version FROM policy_state").fetch_one(&self.pool).await?;
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT action, cidr::text FROM scope_rules ORDER BY action, cidr")
                 .fetch_all(&self.pool)
@@ -42,7 +52,7 @@ impl Store {
                 _ => rules.deny.push(net),
             }
         }
-        Ok(rules)
+        Ok((version, rules))
     }
 
     /// Adds rules (existing ones stay); one statement.
@@ -51,14 +61,17 @@ impl Store {
             return Ok(());
         }
         let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
         sqlx::query(
             "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
              ON CONFLICT DO NOTHING",
         )
         .bind(action)
         .bind(&cidrs)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -88,6 +101,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         let mut tx = self.pool.begin().await?;
+        // First: scans being stored wait for this change, or it for them.
+        sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
         for (action, nets) in [("allow", &add.allow), ("deny", &add.deny)] {
             sqlx::query(
                 "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c

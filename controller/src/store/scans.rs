@@ -139,8 +139,15 @@ impl Store {
     /// statement (so one transaction, one commit, one notification for the
     /// whole batch). A scan whose request id another scan already holds is
     /// not written; that scan comes back instead, flagged `false`. Results
-    /// are in input order.
-    pub async fn insert_scans(&self, scans: &[NewScan]) -> Result<Vec<(ScanRecord, bool)>, StoreError> {
+    /// are in input order. Nothing is stored, and `PolicyChanged` returned,
+    /// unless `policy_version` is still the scope rules' version; the check
+    /// holds the version (FOR SHARE) until the scans commit, so a policy
+    /// change either waits for them (and its sweep sees them) or they see it.
+    pub async fn insert_scans(
+        &self,
+        scans: &[NewScan],
+        policy_version: i64,
+    ) -> Result<Vec<(ScanRecord, bool)>, StoreError> {
         if scans.is_empty() {
             return Ok(Vec::new());
         }
@@ -173,6 +180,11 @@ impl Store {
                 host_ip.push(*ip);
                 host_name.push(name.as_str());
             }
+        }
+        let mut tx = self.pool.begin().await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM policy_state FOR SHARE").fetch_one(&mut *tx).await?;
+        if version != policy_version {
+            return Err(StoreError::PolicyChanged);
         }
         let inserted = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
             "WITH ins AS (
@@ -217,8 +229,9 @@ impl Store {
         .bind(&host_scan)
         .bind(&host_ip)
         .bind(&host_name)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut by_id: std::collections::HashMap<Uuid, ScanRecord> = inserted.into_iter().map(|r| (r.id, r)).collect();
         // Lost races on idempotency keys: the holders are committed.
         let missing: Vec<String> =
