@@ -66,6 +66,52 @@ pub enum Command {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Show the scope policy and politeness caps; with options, change
+    /// them (an admin token; pending and running scans put out of scope
+    /// fail).
+    Policy(PolicyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    /// Allow these CIDR blocks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Deny these CIDR blocks (deny wins).
+    #[arg(long, value_delimiter = ',')]
+    pub deny: Vec<String>,
+    #[arg(long = "remove-allow", value_delimiter = ',')]
+    pub remove_allow: Vec<String>,
+    #[arg(long = "remove-deny", value_delimiter = ',')]
+    pub remove_deny: Vec<String>,
+    /// Probes per second one address may receive from all scans together
+    /// (0: no cap).
+    #[arg(long = "max-rate-per-host")]
+    pub max_rate_per_host: Option<u32>,
+    /// Probes per second one /24 (IPv6 /64) may receive (0: no cap).
+    #[arg(long = "max-rate-per-block")]
+    pub max_rate_per_block: Option<u32>,
+}
+
+impl PolicyArgs {
+    fn changes(&self) -> bool {
+        !(self.allow.is_empty() && self.deny.is_empty() && self.remove_allow.is_empty() && self.remove_deny.is_empty())
+            || self.max_rate_per_host.is_some()
+            || self.max_rate_per_block.is_some()
+    }
+}
+
+fn describe_policy(p: &pb::ScopePolicy) -> String {
+    let list = |v: &[String]| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
+    let cap = |n: u32| if n == 0 { "no cap".to_string() } else { format!("{n} probes/s") };
+    format!(
+        "allow     {}\ndeny      {}\nbuilt-in  {}\nper host  {}\nper block {} (IPv4 /24, IPv6 /64)",
+        list(&p.allow),
+        list(&p.deny),
+        list(&p.builtin_deny),
+        cap(p.max_rate_per_host),
+        cap(p.max_rate_per_block)
+    )
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +291,28 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
                     a.controller_id
                 );
             }
+        }
+        Command::Policy(a) if a.changes() => {
+            let r = c
+                .update_scope_policy(pb::UpdateScopePolicyRequest {
+                    add_allow: a.allow,
+                    add_deny: a.deny,
+                    remove_allow: a.remove_allow,
+                    remove_deny: a.remove_deny,
+                    max_rate_per_host: a.max_rate_per_host,
+                    max_rate_per_block: a.max_rate_per_block,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let _ = writeln!(out, "{}", describe_policy(&r.policy.unwrap_or_default()));
+            for id in r.failed_scan_ids {
+                let _ = writeln!(out, "failed (now out of scope): {id}");
+            }
+        }
+        Command::Policy(_) => {
+            let p = c.get_scope_policy(pb::GetScopePolicyRequest {}).await.map_err(status)?.into_inner();
+            let _ = writeln!(out, "{}", describe_policy(&p));
         }
         Command::Drain { id } => {
             let a = c.drain_agent(pb::DrainAgentRequest { id }).await.map_err(status)?.into_inner();

@@ -217,3 +217,28 @@ async fn a_policy_change_binds_every_controller_at_once() {
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
     api_b.create_scan(scan(&["198.51.100.2"])).await.expect("still allowed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_and_changes_the_policy() {
+    let db = TestDb::create().await;
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
+    let c = TestController::start(config).await;
+    let url = c.url();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(portfleet_tests::binary("portfleet"))
+            .args(["--controller", &url, "--token", &c.token, "policy"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, shown) = cli(&[]);
+    assert!(ok && shown.contains("198.51.100.0/24") && shown.contains("per block no cap"), "{shown}");
+    let (ok, changed) = cli(&["--deny", "198.51.100.128/25", "--max-rate-per-block", "2000"]);
+    assert!(ok && changed.contains("198.51.100.128/25") && changed.contains("2000 probes/s"), "{changed}");
+    let (ok, bad) = cli(&["--allow", "not-a-cidr"]);
+    assert!(!ok && bad.contains("InvalidArgument"), "{bad}");
+    let got = c.client().await.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
+    assert_eq!((got.deny, got.max_rate_per_block), (vec!["198.51.100.128/25".to_string()], 2000));
+}
