@@ -80,8 +80,10 @@ pub struct PolicyArgs {
     /// Deny these CIDR blocks (deny wins).
     #[arg(long, value_delimiter = ',')]
     pub deny: Vec<String>,
+    /// Remove these allow rules.
     #[arg(long = "remove-allow", value_delimiter = ',')]
     pub remove_allow: Vec<String>,
+    /// Remove these deny rules.
     #[arg(long = "remove-deny", value_delimiter = ',')]
     pub remove_deny: Vec<String>,
     /// Probes per second one address may receive from all scans together

@@ -393,9 +393,11 @@ impl ControllerConfig {
         if f.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be above zero".into());
         }
-        if f.lease_ttl < f.heartbeat_interval * 2 {
+        // Upkeep extends leases once a second: a lease must outlive a
+        // missed heartbeat and a pass, or agents hold their probes.
+        if f.lease_ttl < (f.heartbeat_interval * 2).max(f.heartbeat_interval + Duration::from_millis(1500)) {
             return Err(format!(
-                "--lease-ttl ({:?}) must be at least twice --heartbeat-interval ({:?})",
+                "--lease-ttl ({:?}) must be at least twice --heartbeat-interval ({:?}) and 1.5 s longer",
                 f.lease_ttl, f.heartbeat_interval
             ));
         }
@@ -454,7 +456,11 @@ impl From<&ServeArgs> for ControllerConfig {
                 controller_id: a.controller_id.clone().unwrap_or_else(default_controller_id),
                 heartbeat_interval: a.heartbeat_interval,
                 lease_ttl: a.lease_ttl,
-                disconnect_grace: a.lease_ttl.min(Duration::from_secs(5)),
+                // Long enough for a heartbeat and an upkeep pass: an agent
+                // holds its probes when it outlasts them (docs/protocol.md).
+                disconnect_grace: a
+                    .lease_ttl
+                    .min((a.heartbeat_interval * 2 + Duration::from_secs(1)).max(Duration::from_secs(5))),
                 max_shard_failures: a.max_shard_failures,
                 ..FleetConfig::default()
             },

@@ -607,6 +607,9 @@ async fn two_scans_of_one_slash_24_never_exceed_the_per_block_cap_together() {
     // 5% for timer jitter and the agents' token buckets.
     assert!(peak <= f64::from(CAP) * 1.05, "the /24 got {peak:.0} probes/s, over the cap of {CAP}");
     assert!(peak >= f64::from(CAP) * 0.5, "the scans ran near the cap, not far below it: {peak:.0}/s");
+    for agent in &s.agents {
+        assert!(!agent.log().contains("holding probes"), "an agent held its probes with its controller up");
+    }
 }
 
 #[tokio::test]
@@ -634,6 +637,7 @@ async fn an_agent_holds_its_probes_while_the_controller_is_silent() {
     let still = s.topo.target_out_rsts();
     s.controllers[0].0.set_running(true);
     assert_eq!(still, held, "probes went out while the controller was silent past the lease TTL");
+    assert!(s.agents[0].log().contains("holding probes"), "the agent held (not merely backpressure)");
     // Its leases lapsed meanwhile: they are dropped and the work resumes
     // from their checkpoints, nothing lost or doubled.
     completed(&mut client, &scan.id).await;

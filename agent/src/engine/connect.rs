@@ -49,6 +49,10 @@ async fn probe(
         if attempt > 0 {
             limiter.acquire().await;
         }
+        // Held (controller silent, outbox full): no attempt goes out.
+        while job.control.is_paused() && !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if cancel.is_cancelled() {
             return Outcome::Filtered;
         }
@@ -96,9 +100,6 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        while job.control.is_paused() && !cancel.is_cancelled() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,

@@ -98,22 +98,25 @@ pub(crate) struct Agent {
     stopping: AtomicBool,
     limits: Mutex<Limits>,
     contact: Mutex<Contact>,
+    clock: Clock,
 }
 
-/// When the controller was last heard from, and how long its silence may
-/// last before this agent's leases could have lapsed there.
+/// How fresh this agent's leases are known to be: the send time of the
+/// latest heartbeat the controller echoed (it echoes only after extending
+/// the leases, which it did after receiving that heartbeat), so a lease
+/// lapses no sooner than `fresh + lapse`.
 #[derive(Clone, Copy, Debug)]
 struct Contact {
-    last_heard: Instant,
-    /// A quarter short of the shortest lapse the Welcome announced.
+    fresh: Instant,
+    /// `min(lease TTL, disconnect grace)` from the Welcome, less a margin.
     hold_after: Option<Duration>,
-    /// The controller echoes heartbeats (older ones do not: no hold then).
+    /// This controller echoes heartbeats (older ones do not: no hold then).
     echoes: bool,
 }
 
 impl Contact {
     fn silent_too_long(&self) -> bool {
-        self.echoes && self.hold_after.is_some_and(|d| self.last_heard.elapsed() > d)
+        self.echoes && self.hold_after.is_some_and(|d| self.fresh.elapsed() > d)
     }
 }
 
@@ -121,6 +124,34 @@ impl Contact {
 struct Limits {
     max_batch: usize,
     max_unacked: usize,
+}
+
+/// Heartbeat times on this agent's monotonic clock, as timestamps the
+/// controller echoes back unchanged.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    wall: std::time::SystemTime,
+    mono: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self { wall: std::time::SystemTime::now(), mono: Instant::now() }
+    }
+
+    fn stamp(&self, at: Instant) -> prost_types::Timestamp {
+        let d = (self.wall + at.duration_since(self.mono)).duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    }
+
+    /// The instant a stamp of ours names; `None` for anything else.
+    fn unstamp(&self, ts: &prost_types::Timestamp) -> Option<Instant> {
+        let nanos = u32::try_from(ts.nanos).ok()?;
+        let at = std::time::UNIX_EPOCH + Duration::new(u64::try_from(ts.seconds).ok()?, nanos);
+        let since = at.duration_since(self.wall).ok()?;
+        let at = self.mono.checked_add(since)?;
+        (at <= Instant::now()).then_some(at)
+    }
 }
 
 impl Agent {
@@ -136,10 +167,10 @@ impl Agent {
         self.contact.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn heard(&self, echo: bool) {
+    /// The controller extended this agent's leases after `at`.
+    fn fresh_as_of(&self, at: Instant) {
         let mut c = self.contact();
-        c.last_heard = Instant::now();
-        c.echoes |= echo;
+        c.fresh = c.fresh.max(at);
     }
 
     /// Queues a sequenced frame for `shard`, waiting while its outbox is
@@ -293,7 +324,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         limits: Mutex::new(Limits { max_batch: 1000, max_unacked: 64 }),
-        contact: Mutex::new(Contact { last_heard: Instant::now(), hold_after: None, echoes: false }),
+        contact: Mutex::new(Contact { fresh: Instant::now(), hold_after: None, echoes: false }),
+        clock: Clock::new(),
         config,
     });
     let _watchdog = {
@@ -370,7 +402,7 @@ async fn hold_while_silent(agent: Arc<Agent>, done: CancellationToken) {
         if hold != held {
             held = hold;
             if hold {
-                tracing::warn!(silent_for = ?contact.last_heard.elapsed(), shards = slots.len(),
+                tracing::warn!(silent_for = ?contact.fresh.elapsed(), shards = slots.len(),
                     "no word from the controller: holding probes until it answers (leases may have lapsed)");
             } else {
                 tracing::info!("controller heard again: probing resumes");
@@ -421,6 +453,7 @@ async fn connection(agent: &Arc<Agent>, channel: Channel, give_up: &Cancellation
         max_shards: agent.config.max_shards,
         held: agent.held(),
     };
+    let hello_sent = Instant::now();
     tx.send(pb::AgentMessage { frame: Some(Out::Hello(hello)) }).await.map_err(|_| "stream closed")?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(|s| s.to_string())?.into_inner();
     let first = tokio::time::timeout(Duration::from_secs(15), inbound.message())
@@ -441,12 +474,17 @@ async fn connection(agent: &Arc<Agent>, channel: Channel, give_up: &Cancellation
         agent.stop_slot(r.shard_id, StopMode::Drop);
     }
     {
-        // Leases lapse after the TTL without heartbeats, or the grace after
-        // the session ends; hold probing a quarter before the shorter.
+        // Leases lapse no sooner than the TTL after an extension, or the
+        // grace after the session ends: hold probing a margin before the
+        // shorter. Held leases were just extended (adopted) or revoked.
         let lapse = [limits.lease_ttl_ms, limits.disconnect_grace_ms].into_iter().filter(|&ms| ms > 0).min();
         let mut c = agent.contact();
-        c.hold_after = lapse.map(|ms| Duration::from_millis(u64::from(ms) * 3 / 4));
-        c.last_heard = Instant::now();
+        c.hold_after = lapse.map(|ms| {
+            let lapse = Duration::from_millis(u64::from(ms));
+            lapse.saturating_sub((lapse / 10).max(Duration::from_millis(250)))
+        });
+        c.echoes = limits.disconnect_grace_ms > 0;
+        c.fresh = c.fresh.max(hello_sent);
     }
     {
         let max_unacked = agent.limits().max_unacked;
@@ -487,7 +525,11 @@ async fn write(
         if beat {
             let (rate, active) = current_rate(agent, &mut last_sent, last_beat.elapsed());
             last_beat = Instant::now();
-            let hb = pb::Heartbeat { sent_at: Some(now()), current_rate: rate, active_shards: active };
+            let hb = pb::Heartbeat {
+                sent_at: Some(agent.clock.stamp(Instant::now())),
+                current_rate: rate,
+                active_shards: active,
+            };
             send(&tx, broken, pb::AgentMessage { frame: Some(Out::Heartbeat(hb)) }).await?;
         }
         let pending: Vec<pb::AgentMessage> = {
@@ -514,11 +556,6 @@ async fn send(
         _ = broken.cancelled() => Err("connection lost".into()),
         r = tx.send(msg) => r.map_err(|_| "connection lost".to_string()),
     }
-}
-
-fn now() -> prost_types::Timestamp {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 /// Probes per second since the last heartbeat, and active shards.
@@ -553,7 +590,6 @@ async fn read(agent: Arc<Agent>, mut inbound: tonic::Streaming<pb::ControllerMes
             }
         };
         let Some(frame) = msg.frame else { continue };
-        agent.heard(matches!(frame, In::Heartbeat(_)));
         match frame {
             In::Assign(a) => shard::start(&agent, a),
             In::Ack(a) => {
@@ -585,8 +621,32 @@ async fn read(agent: Arc<Agent>, mut inbound: tonic::Streaming<pb::ControllerMes
                     agent.stop_slot(r.shard_id, StopMode::Drop);
                 }
             }
-            In::Heartbeat(_) | In::Welcome(_) => {}
+            In::Heartbeat(echo) => {
+                if let Some(at) = echo.sent_at.as_ref().and_then(|t| agent.clock.unstamp(t)) {
+                    agent.fresh_as_of(at);
+                }
+            }
+            In::Welcome(_) => {}
         }
     }
     broken.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_stamps_come_back_as_the_same_instant() {
+        let clock = Clock::new();
+        let at = Instant::now();
+        let back = clock.unstamp(&clock.stamp(at)).expect("our own stamp");
+        let diff = if back > at { back - at } else { at - back };
+        assert!(diff < Duration::from_micros(1), "{diff:?}");
+        // Not ours: before the clock started, in the future, nonsense.
+        assert_eq!(clock.unstamp(&prost_types::Timestamp { seconds: 1, nanos: 0 }), None);
+        let future = clock.stamp(Instant::now() + Duration::from_secs(60));
+        assert_eq!(clock.unstamp(&future), None);
+        assert_eq!(clock.unstamp(&prost_types::Timestamp { seconds: -5, nanos: -1 }), None);
+    }
 }

@@ -252,7 +252,7 @@ async fn handle(
             .collect(),
         Err(e) => {
             let why = e.to_string();
-            if matches!(e, StoreError::Unavailable(_)) {
+            if matches!(e, StoreError::Unavailable(_) | StoreError::PolicyChanged) {
                 tracing::warn!(error = %why, requests = keys.len(), "database unavailable; the requests go back");
             } else {
                 tracing::error!(error = %why, requests = keys.len(), "storing scans failed; the requests go back");

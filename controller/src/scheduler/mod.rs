@@ -282,6 +282,9 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     }
     store.expire_agents(cfg.lease_ttl * 3).await?;
     check_leases(fleet).await?;
+    // Leases extended, and those no longer held cancelled (ahead on the
+    // same streams): now the agents may know.
+    fleet.registry.echo_heartbeats(&agents);
     let local = fleet.registry.generations();
     if !local.is_empty() {
         let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();

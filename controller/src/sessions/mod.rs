@@ -442,16 +442,15 @@ impl Session {
         match f {
             In::Hello(_) => self.refuse(0, 0, 0, pb::RefusalReason::Invalid, "Hello after the handshake".into()).await,
             In::Heartbeat(h) => {
-                self.fleet.registry.record_beat(Beat {
-                    agent_id: self.agent_id,
-                    generation: self.generation,
-                    current_rate: h.current_rate.min(i32::MAX as u32) as i32,
-                    active_shards: h.active_shards.min(i32::MAX as u32) as i32,
-                });
-                // The echo tells the agent its leases are alive; without it
-                // for long, the agent stops probing (docs/protocol.md).
-                let echo = pb::Heartbeat { sent_at: h.sent_at, ..Default::default() };
-                let _ = self.tx.try_send(Ok(frame(Out::Heartbeat(echo))));
+                self.fleet.registry.record_beat(
+                    Beat {
+                        agent_id: self.agent_id,
+                        generation: self.generation,
+                        current_rate: h.current_rate.min(i32::MAX as u32) as i32,
+                        active_shards: h.active_shards.min(i32::MAX as u32) as i32,
+                    },
+                    h.sent_at,
+                );
                 Ok(())
             }
             In::Results(b) => {

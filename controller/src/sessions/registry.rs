@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use portfleet_proto::v1::ControllerMessage;
+use portfleet_proto::v1::{self as pb, ControllerMessage, controller_message::Frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -36,6 +36,9 @@ struct Entry {
     draining: bool,
     leases: HashMap<i64, LeaseInfo>,
     beat: Option<Beat>,
+    /// `sent_at` of the agent's latest heartbeat, echoed back once its
+    /// leases have been extended after it.
+    last_sent_at: Option<prost_types::Timestamp>,
     closer: CancellationToken,
 }
 
@@ -96,6 +99,7 @@ impl Registry {
                 draining: false,
                 leases: s.leases,
                 beat: None,
+                last_sent_at: None,
                 closer: s.closer,
             },
         );
@@ -181,9 +185,24 @@ impl Registry {
             .collect()
     }
 
-    pub fn record_beat(&self, beat: Beat) {
+    pub fn record_beat(&self, beat: Beat, sent_at: Option<prost_types::Timestamp>) {
         if let Some(e) = self.lock().get_mut(&beat.agent_id) {
             e.beat = Some(beat);
+            e.last_sent_at = sent_at.or(e.last_sent_at);
+        }
+    }
+
+    /// Tells each of `agents` that its leases were extended after the
+    /// latest heartbeat it sent (echoing that heartbeat's `sent_at`): the
+    /// agent keeps probing only while such echoes keep coming.
+    pub fn echo_heartbeats(&self, agents: &[Uuid]) {
+        let map = self.lock();
+        for id in agents {
+            let Some(e) = map.get(id) else { continue };
+            let Some(sent_at) = e.last_sent_at else { continue };
+            let echo = pb::Heartbeat { sent_at: Some(sent_at), ..Default::default() };
+            // A full queue skips one echo; the next comes within a second.
+            let _ = e.tx.try_send(Ok(pb::ControllerMessage { frame: Some(Frame::Heartbeat(echo)) }));
         }
     }
 

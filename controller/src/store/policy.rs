@@ -62,15 +62,19 @@ impl Store {
         }
         let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
-        sqlx::query(
+        let added = sqlx::query(
             "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
              ON CONFLICT DO NOTHING",
         )
         .bind(action)
         .bind(&cidrs)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        // Only a real change makes other controllers check scans again.
+        if added > 0 {
+            sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -101,24 +105,30 @@ impl Store {
     ) -> Result<(), StoreError> {
         let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         let mut tx = self.pool.begin().await?;
-        // First: scans being stored wait for this change, or it for them.
-        sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
+        let mut changed = 0;
         for (action, nets) in [("allow", &add.allow), ("deny", &add.deny)] {
-            sqlx::query(
+            changed += sqlx::query(
                 "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
                  ON CONFLICT DO NOTHING",
             )
             .bind(action)
             .bind(text(nets))
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         }
         for (action, nets) in [("allow", &remove.allow), ("deny", &remove.deny)] {
-            sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
+            changed += sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
                 .bind(action)
                 .bind(text(nets))
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+        }
+        // Scans being stored hold the version FOR SHARE: this waits for
+        // them (its sweep then sees them), or they see the new version.
+        if changed > 0 {
+            sqlx::query(BUMP_VERSION).execute(&mut *tx).await?;
         }
         if caps != CapsUpdate::default() {
             sqlx::query(SET_CAPS).bind(cap_arg(caps.per_host)).bind(cap_arg(caps.per_block)).execute(&mut *tx).await?;
