@@ -15,6 +15,13 @@ use portfleet_tests::{
 };
 use tonic::Code;
 
+/// A controller config whose scope policy allows `cidrs`.
+fn allowing(db: &TestDb, cidrs: &str) -> ControllerConfig {
+    let mut config = ControllerConfig::new(db.options());
+    config.policy.allow = parse_cidrs(cidrs).unwrap();
+    config
+}
+
 fn scan(targets: &[&str]) -> pb::CreateScanRequest {
     pb::CreateScanRequest {
         targets: targets.iter().map(|t| t.to_string()).collect(),
@@ -35,8 +42,7 @@ async fn nothing_is_scannable_until_allowed() {
 #[tokio::test]
 async fn scans_outside_the_allow_list_are_refused_naming_the_first_offending_range() {
     let db = TestDb::create().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("198.51.100.0/24,203.0.113.0/24").unwrap();
+    let mut config = allowing(&db, "198.51.100.0/24,203.0.113.0/24");
     config.policy.deny = parse_cidrs("203.0.113.128/25").unwrap();
     let c = TestController::start(config).await;
     let mut api = c.client().await;
@@ -64,9 +70,7 @@ async fn scans_outside_the_allow_list_are_refused_naming_the_first_offending_ran
 #[tokio::test]
 async fn loopback_and_own_addresses_need_an_explicit_allow() {
     let db = TestDb::create().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("0.0.0.0/0,::/0").unwrap();
-    let c = TestController::start(config).await;
+    let c = TestController::start(allowing(&db, "0.0.0.0/0,::/0")).await;
     let mut api = c.client().await;
     for target in ["127.0.0.1", "::1", "169.254.1.1", "224.0.0.1", "localhost"] {
         let err = api.create_scan(scan(&[target])).await.unwrap_err();
@@ -85,9 +89,7 @@ async fn loopback_and_own_addresses_need_an_explicit_allow() {
 
     // An allow inside the built-in deny-list opts that range in.
     let db = TestDb::create().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("0.0.0.0/0,127.0.0.1/32").unwrap();
-    let c = TestController::start(config).await;
+    let c = TestController::start(allowing(&db, "0.0.0.0/0,127.0.0.1/32")).await;
     c.client().await.create_scan(scan(&["127.0.0.1"])).await.unwrap();
     let err = c.client().await.create_scan(scan(&["127.0.0.2"])).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -97,8 +99,7 @@ async fn loopback_and_own_addresses_need_an_explicit_allow() {
 async fn amqp_scans_pass_the_same_policy() {
     let db = TestDb::create().await;
     let broker = TestBroker::new().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
+    let mut config = allowing(&db, "198.51.100.0/24");
     config.ingress = Some(broker.config.clone());
     let _c = TestController::start(config).await;
     broker.wait_ready().await;
@@ -123,9 +124,7 @@ async fn amqp_scans_pass_the_same_policy() {
 #[tokio::test]
 async fn a_policy_change_fails_the_scans_it_puts_out_of_scope() {
     let db = TestDb::create().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("198.51.100.0/24,203.0.113.0/24").unwrap();
-    let c = TestController::start(config).await;
+    let c = TestController::start(allowing(&db, "198.51.100.0/24,203.0.113.0/24")).await;
     let mut api = c.client().await;
     let keep = api.create_scan(scan(&["198.51.100.0/25"])).await.unwrap().into_inner();
     let doomed = api.create_scan(scan(&["203.0.113.0/25"])).await.unwrap().into_inner();
@@ -195,11 +194,7 @@ async fn politeness_caps_are_seeded_at_start_and_changed_by_admins() {
 #[tokio::test]
 async fn a_policy_change_binds_every_controller_at_once() {
     let db = TestDb::create().await;
-    let config = || {
-        let mut c = ControllerConfig::new(db.options());
-        c.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
-        c
-    };
+    let config = || allowing(&db, "198.51.100.0/24");
     let (a, b) = (TestController::start(config()).await, TestController::start(config()).await);
     let (mut api_a, mut api_b) = (a.client().await, b.client().await);
     // B has read (and caches) the policy.
@@ -221,9 +216,7 @@ async fn a_policy_change_binds_every_controller_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_shows_and_changes_the_policy() {
     let db = TestDb::create().await;
-    let mut config = ControllerConfig::new(db.options());
-    config.policy.allow = parse_cidrs("198.51.100.0/24").unwrap();
-    let c = TestController::start(config).await;
+    let c = TestController::start(allowing(&db, "198.51.100.0/24")).await;
     let url = c.url();
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(portfleet_tests::binary("portfleet"))

@@ -101,6 +101,12 @@ fn refused(f: In, reason: pb::RefusalReason) {
     }
 }
 
+/// Four probes of TEST-NET-2: the agents here are test doubles that never
+/// send a packet.
+fn small_scan() -> pb::CreateScanRequest {
+    pb::CreateScanRequest { targets: vec!["198.51.100.0/30".into()], ports: "80".into(), ..Default::default() }
+}
+
 fn config(db: &TestDb) -> ControllerConfig {
     let mut c = portfleet_tests::controller_config(db.options());
     c.fleet.hello_timeout = Duration::from_millis(500);
@@ -132,15 +138,7 @@ async fn bad_frames_are_refused_and_the_session_survives() {
     let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
     let mut api = c.client().await;
     // Nothing probes: this agent is a test double that never sends a packet.
-    let scan = api
-        .create_scan(pb::CreateScanRequest {
-            targets: vec!["198.51.100.0/30".into()],
-            ports: "80".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let scan = api.create_scan(small_scan()).await.unwrap().into_inner();
     let In::Assign(first) = agent.next().await else { panic!("expected Assign") };
     assert_eq!(first.scan.as_ref().unwrap().total, 4);
     let (shard, e1) = (first.shard_id, first.lease_epoch);
@@ -197,13 +195,7 @@ async fn a_silent_agent_loses_its_session_and_its_lease() {
     let id = uuid::Uuid::new_v4().to_string();
     let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
     let mut api = c.client().await;
-    api.create_scan(pb::CreateScanRequest {
-        targets: vec!["198.51.100.0/30".into()],
-        ports: "80".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    api.create_scan(small_scan()).await.unwrap();
     assert!(matches!(agent.next().await, In::Assign(_)));
     // No heartbeats: the controller ends the session after the lease TTL.
     let end = tokio::time::timeout(Duration::from_secs(10), async {
@@ -398,15 +390,7 @@ async fn random_frames_never_break_the_controller() {
     let db = TestDb::create().await;
     let c = TestController::start(config(&db)).await;
     let mut api = c.client().await;
-    let scan = api
-        .create_scan(pb::CreateScanRequest {
-            targets: vec!["198.51.100.0/30".into()],
-            ports: "80".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let scan = api.create_scan(small_scan()).await.unwrap().into_inner();
     let id = uuid::Uuid::new_v4().to_string();
     let mut agent = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
     let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
