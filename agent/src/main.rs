@@ -2,10 +2,14 @@
 
 use clap::{Parser, Subcommand};
 use portfleet_agent::{enroll_cmd, run_cmd, scan_cmd};
+use portfleet_telemetry::LogFormat;
 
 #[derive(Parser, Debug)]
 #[command(name = "portfleet-agent", version, about = "The portfleet scanning agent.")]
 struct Cli {
+    /// Log format: plain lines for people, JSON lines for log pipelines.
+    #[arg(long, env = "PORTFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,8 +28,7 @@ fn main() {
     let cli = Cli::parse();
     // The standalone scanner is quiet; the daemon reports what it does.
     let default = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    portfleet_telemetry::init(cli.log_format, default);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

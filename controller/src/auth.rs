@@ -109,6 +109,14 @@ pub(crate) fn hash_secret(secret: &[u8]) -> [u8; 32] {
     digest(secret)
 }
 
+/// Now plus `ttl`, refusing lifetimes the calendar cannot hold.
+pub(crate) fn expiry(ttl: Duration) -> Result<DateTime<Utc>, StoreError> {
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|t| Utc::now().checked_add_signed(t))
+        .ok_or_else(|| StoreError::Invalid(format!("a lifetime of {} is too long", humantime::format_duration(ttl))))
+}
+
 /// Creates a token (shown once; only its hash is stored).
 pub async fn create_token(
     store: &Store,
@@ -117,7 +125,7 @@ pub async fn create_token(
     ttl: Option<Duration>,
 ) -> Result<NewToken, StoreError> {
     let (id, secret, hash) = new_secret();
-    let expires_at = ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|t| Utc::now() + t);
+    let expires_at = ttl.map(expiry).transpose()?;
     let record = store.insert_token(id, name, scope.as_str(), &hash, expires_at).await?;
     Ok(NewToken { record, token: format!("pft_{}_{secret}", id.simple()) })
 }

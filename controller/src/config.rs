@@ -3,11 +3,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use portfleet_core::ShardPolicy;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::{
+    conn::ConnectionLimits,
     ingress::{IngressConfig, NaabuDefaults, NaabuM8Config},
     scans::ScanLimits,
     store::{CapsUpdate, DatabaseConfig, ScopeRules},
@@ -80,7 +81,7 @@ pub enum AgentCommand {
         #[arg(long, value_delimiter = ',', value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// The token expires after this long.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
     /// Revoke an agent: its session closes within seconds and its
@@ -104,8 +105,9 @@ pub enum TokenCommand {
         /// What the token is for, shown by `tokens list`.
         #[arg(long, default_value = "")]
         name: String,
-        /// Expire after this long (e.g. 30d, 12h); default never.
-        #[arg(long, value_parser = parse_duration)]
+        /// Expire after this long (e.g. 30d, 12h; at most 10 years);
+        /// default never.
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
     },
     /// List tokens (never their secrets).
@@ -114,11 +116,7 @@ pub enum TokenCommand {
     Revoke { id: uuid::Uuid },
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use portfleet_telemetry::LogFormat;
 
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
@@ -150,9 +148,37 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTFLEET_MAX_SCAN_TARGETS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_scan_targets: u32,
+    /// Most hostnames one scan may name (after expanding a target group):
+    /// each is a DNS lookup before the scan is stored.
+    #[arg(long, env = "PORTFLEET_MAX_SCAN_HOSTNAMES", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_scan_hostnames: u32,
+    /// How long resolving one scan's hostnames may take in all; a scan
+    /// whose names are not resolved by then is refused.
+    #[arg(long, env = "PORTFLEET_RESOLVE_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    pub resolve_deadline: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "PORTFLEET_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Most client connections open at once; more are closed as soon as
+    /// they are accepted.
+    #[arg(long, env = "PORTFLEET_MAX_CONNECTIONS", default_value_t = ConnectionLimits::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: u32,
+    /// Most connections open at once from one client address (IPv6: one
+    /// /64). Raise it when many agents or clients share an address (NAT).
+    #[arg(long, env = "PORTFLEET_MAX_CONNECTIONS_PER_IP",
+          default_value_t = ConnectionLimits::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections_per_ip: u32,
+    /// A new connection that has not opened a call within this long (TLS
+    /// handshake included) is closed.
+    #[arg(long, env = "PORTFLEET_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed; a long call
+    /// (agent session, WatchScan) keeps its connection however long it lasts.
+    #[arg(long, env = "PORTFLEET_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Names this controller in leases (default: hostname and a random suffix).
     #[arg(long, env = "PORTFLEET_CONTROLLER_ID")]
     pub controller_id: Option<String>,
@@ -181,7 +207,7 @@ pub struct ServeArgs {
     #[arg(long = "tls-client-ca-key", env = "PORTFLEET_TLS_CLIENT_CA_KEY", requires = "tls_client_ca")]
     pub tls_client_ca_key: Option<PathBuf>,
     /// Lifetime of the certificates enrolled agents get.
-    #[arg(long = "agent-cert-ttl", env = "PORTFLEET_AGENT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long = "agent-cert-ttl", env = "PORTFLEET_AGENT_CERT_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub agent_cert_ttl: Duration,
     /// Serve plaintext gRPC, without TLS: only on a network nobody else
     /// reaches (tokens and results cross it in clear).
@@ -202,6 +228,23 @@ pub struct ServeArgs {
     /// Likewise for one IPv4 /24 or IPv6 /64.
     #[arg(long = "max-rate-per-block", env = "PORTFLEET_MAX_RATE_PER_BLOCK")]
     pub max_rate_per_block: Option<u32>,
+    /// Connections of a second pool that serves API clients (ScanService
+    /// calls, WatchScan, the RabbitMQ ingress), opened on top of
+    /// --db-pool-size's, which agent sessions and the scheduler keep to
+    /// themselves: no API load can take their connections. Default: half
+    /// of --db-pool-size, at least 2.
+    #[arg(long, env = "PORTFLEET_DB_API_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_api_pool_size: Option<u32>,
+    /// Most WatchScan streams this controller serves at once; past it a
+    /// watch is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PORTFLEET_MAX_WATCHES", default_value_t = ApiConfig::DEFAULT_MAX_WATCHES,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watches: u32,
+    /// Most WatchScan streams one API token may hold open on this
+    /// controller at once.
+    #[arg(long, env = "PORTFLEET_MAX_WATCHES_PER_TOKEN", default_value_t = ApiConfig::DEFAULT_MAX_WATCHES_PER_TOKEN,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watches_per_token: u32,
     /// Do not serve gRPC reflection (open by default: it reveals the
     /// schema, which is public, and lets grpcurl work without .proto files).
     #[arg(long = "no-reflection", env = "PORTFLEET_NO_REFLECTION")]
@@ -230,10 +273,17 @@ pub struct AmqpArgs {
     pub dead_letter_exchange: String,
     #[arg(long = "amqp-events-exchange", env = "PORTFLEET_AMQP_EVENTS_EXCHANGE", default_value = "portfleet.events")]
     pub events_exchange: String,
-    /// Unacked requests in hand at once, per queue.
-    #[arg(long = "amqp-prefetch", env = "PORTFLEET_AMQP_PREFETCH", default_value_t = 1000,
+    /// Unacked requests in hand at once, per queue (memory: up to
+    /// prefetch x --amqp-max-message-size).
+    #[arg(long = "amqp-prefetch", env = "PORTFLEET_AMQP_PREFETCH", default_value_t = crate::ingress::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Largest request body, in bytes; larger ones are dead-lettered
+    /// unparsed.
+    #[arg(long = "amqp-max-message-size", env = "PORTFLEET_AMQP_MAX_MESSAGE_SIZE",
+          default_value_t = crate::ingress::DEFAULT_MAX_MESSAGE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..=(128 << 20)))]
+    pub max_message_size: usize,
     /// Attempts before a request that keeps failing is dead-lettered.
     #[arg(long = "amqp-delivery-limit", env = "PORTFLEET_AMQP_DELIVERY_LIMIT", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -273,6 +323,7 @@ impl AmqpArgs {
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             events_exchange: self.events_exchange.clone(),
             prefetch: self.prefetch,
+            max_message_bytes: self.max_message_size,
             delivery_limit: self.delivery_limit,
             naabum8: self.naabum8.then(|| NaabuM8Config {
                 exchange: self.naabum8_exchange.clone(),
@@ -296,6 +347,22 @@ fn parse_database_url(s: &str) -> Result<PgConnectOptions, String> {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 3s, 1m)"))
+}
+
+/// The longest lifetime a token or certificate may be given.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A lifetime: more than zero (a zero TTL would print something already
+/// expired) and at most [`MAX_TTL`].
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl.is_zero() {
+        return Err("a lifetime of zero would be expired at once; give e.g. 1h or 30d".into());
+    }
+    if ttl > MAX_TTL {
+        return Err(format!("longer than the maximum of {}", humantime::format_duration(MAX_TTL)));
+    }
+    Ok(ttl)
 }
 
 /// Agent sessions and scheduling.
@@ -347,10 +414,49 @@ pub fn default_controller_id() -> String {
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
+/// What API clients may hold of this controller, so they cannot starve the
+/// agent protocol (docs/security.md).
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Connections of the client-facing pool, apart from the fleet's
+    /// `DatabaseConfig::pool_size`.
+    pub db_pool_size: u32,
+    /// Most WatchScan streams at once on this controller.
+    pub max_watches: u32,
+    /// Most WatchScan streams at once per API token.
+    pub max_watches_per_token: u32,
+    /// Steps a watched scan's feed keeps for watchers that fall behind; one
+    /// further behind reads its gap from the database.
+    pub watch_backlog: usize,
+}
+
+impl ApiConfig {
+    pub const DEFAULT_MAX_WATCHES: u32 = 1000;
+    pub const DEFAULT_MAX_WATCHES_PER_TOKEN: u32 = 32;
+    pub const DEFAULT_WATCH_BACKLOG: usize = 32;
+
+    /// Half the fleet's pool, at least 2.
+    pub fn default_pool_size(fleet_pool_size: u32) -> u32 {
+        (fleet_pool_size / 2).max(2)
+    }
+
+    pub fn new(fleet_pool_size: u32) -> Self {
+        Self {
+            db_pool_size: Self::default_pool_size(fleet_pool_size),
+            max_watches: Self::DEFAULT_MAX_WATCHES,
+            max_watches_per_token: Self::DEFAULT_MAX_WATCHES_PER_TOKEN,
+            watch_backlog: Self::DEFAULT_WATCH_BACKLOG,
+        }
+    }
+}
+
 /// Everything the controller needs to run, whatever the source.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
+    /// The fleet's pool: agent sessions, scheduler, upkeep, notifications.
     pub database: DatabaseConfig,
+    /// API clients' pool size and watch caps.
+    pub api: ApiConfig,
     pub limits: ScanLimits,
     pub fleet: FleetConfig,
     /// The RabbitMQ ingress, when configured.
@@ -366,6 +472,8 @@ pub struct ControllerConfig {
     /// TLS for both gRPC services; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
     pub shutdown_timeout: Duration,
+    /// Connection counts and timeouts (`conn`).
+    pub connections: ConnectionLimits,
 }
 
 impl ControllerConfig {
@@ -373,6 +481,7 @@ impl ControllerConfig {
     pub fn new(database: PgConnectOptions) -> Self {
         Self {
             database: DatabaseConfig { options: database, pool_size: 10, acquire_timeout: Duration::from_secs(3) },
+            api: ApiConfig::new(10),
             limits: ScanLimits::default(),
             fleet: FleetConfig::default(),
             ingress: None,
@@ -382,6 +491,7 @@ impl ControllerConfig {
             health: true,
             tls: None,
             shutdown_timeout: Duration::from_secs(10),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -412,6 +522,7 @@ impl ControllerConfig {
                 portfleet_core::PortSet::parse(&n.defaults.ports).map_err(|e| format!("--naabum8-ports: {e}"))?;
             }
         }
+        self.connections.validate()?;
         Ok(())
     }
 }
@@ -446,9 +557,19 @@ impl From<&ServeArgs> for ControllerConfig {
     fn from(a: &ServeArgs) -> Self {
         Self {
             database: DatabaseConfig::from(&a.database),
+            api: ApiConfig {
+                db_pool_size: a
+                    .db_api_pool_size
+                    .unwrap_or_else(|| ApiConfig::default_pool_size(a.database.db_pool_size)),
+                max_watches: a.max_watches,
+                max_watches_per_token: a.max_watches_per_token,
+                watch_backlog: ApiConfig::DEFAULT_WATCH_BACKLOG,
+            },
             limits: ScanLimits {
                 max_probes: a.max_scan_probes,
                 max_targets: a.max_scan_targets,
+                max_hostnames: a.max_scan_hostnames,
+                resolve_deadline: a.resolve_deadline,
                 shards: ShardPolicy::default(),
                 ..ScanLimits::default()
             },
@@ -477,6 +598,12 @@ impl From<&ServeArgs> for ControllerConfig {
                 agent_cert_ttl: a.agent_cert_ttl,
             }),
             shutdown_timeout: a.shutdown_timeout,
+            connections: ConnectionLimits {
+                max_connections: a.max_connections,
+                max_connections_per_ip: a.max_connections_per_ip,
+                handshake_timeout: a.handshake_timeout,
+                idle_timeout: a.idle_timeout,
+            },
         }
     }
 }

@@ -141,11 +141,13 @@ impl AgentCa {
         // Unique even when an agent sends the same key twice.
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let now = time::OffsetDateTime::now_utc();
-        let ttl = time::Duration::seconds(self.cert_ttl.as_secs().min(i64::MAX as u64) as i64);
+        let ttl = time::Duration::seconds(self.cert_ttl.as_secs().min(crate::config::MAX_TTL.as_secs()) as i64);
         // Backdated for clock skew, by little enough that the agent's
         // "renew with a third left" stays meaningful for short lifetimes.
         p.not_before = now - std::cmp::min(ttl / 10_i32, time::Duration::minutes(5));
-        p.not_after = now + ttl;
+        p.not_after = now
+            .checked_add(ttl)
+            .ok_or_else(|| EnrollError::Ca(format!("a certificate lifetime of {ttl} is too long")))?;
         let expires = DateTime::<Utc>::from_timestamp(p.not_after.unix_timestamp(), 0).unwrap_or_else(Utc::now);
         let cert = csr.signed_by(&self.issuer).map_err(|e| EnrollError::BadRequest(e.to_string()))?;
         Ok((cert.pem(), expires))
@@ -155,7 +157,7 @@ impl AgentCa {
 /// `agents enroll-token`: a one-time token (`pfe_<id>_<secret>`).
 pub async fn create_enroll_token(store: &Store, labels: &Labels, ttl: Duration) -> Result<String, StoreError> {
     let (id, secret, hash) = auth::new_secret();
-    let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+    let expires = auth::expiry(ttl)?;
     store.insert_enroll_token(id, &hash, labels, expires).await?;
     Ok(format!("pfe_{}_{secret}", id.simple()))
 }

@@ -11,7 +11,9 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod enroll;
+pub mod health;
 pub mod ingress;
 pub mod notify;
 pub mod policy;
@@ -29,8 +31,7 @@ use std::sync::Arc;
 use portfleet_proto::v1::{agent_service_server::AgentServiceServer, scan_service_server::ScanServiceServer};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::server::TcpIncoming;
-use tonic_health::server::HealthReporter;
+use tonic::server::NamedService;
 
 pub use config::ControllerConfig;
 use store::{Store, StoreError};
@@ -66,13 +67,18 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Reads the PEM files into tonic's server TLS settings. Client
 /// certificates are optional at the TLS layer (operators' clients use
-/// tokens); the agent service demands one when a client CA is set.
-fn server_tls(files: &config::TlsFiles) -> Result<tonic::transport::ServerTlsConfig, ControllerError> {
+/// tokens); the agent service demands one when a client CA is set. A
+/// handshake must finish within `timeout` (`--handshake-timeout`, which
+/// `conn` also enforces on the socket).
+fn server_tls(
+    files: &config::TlsFiles,
+    timeout: Duration,
+) -> Result<tonic::transport::ServerTlsConfig, ControllerError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| ControllerError::Tls(format!("{}: {e}", p.display())));
     let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10));
+    let mut tls = ServerTlsConfig::new().identity(identity).timeout(timeout);
     if let Some(ca) = &files.client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?)).client_auth_optional(true);
     }
@@ -88,7 +94,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
+    // Two pools: the fleet's (agent sessions, scheduler, upkeep,
+    // notifications) and the API clients' (ScanService, WatchScan, the
+    // AMQP ingress), so no client load can take the agent protocol's
+    // connections.
     let store = Store::connect_lazy(&config.database);
+    let api_store =
+        Store::connect_lazy(&store::DatabaseConfig { pool_size: config.api.db_pool_size, ..config.database.clone() });
     match store.migrate(&shutdown).await {
         Ok(()) => {}
         Err(StoreError::Cancelled) => return Ok(()),
@@ -106,6 +118,8 @@ pub async fn run(
             max_rate_per_block = caps.per_block, "scope policy");
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "controller serving");
+    conn::raise_open_files_limit(&config.connections);
+    let connections = conn::Connections::new(config.connections.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
@@ -113,7 +127,12 @@ pub async fn run(
     let tasks = TaskTracker::new();
     // Background work stops before the pool closes.
     let background = shutdown.child_token();
-    tasks.spawn(watch_database(store.clone(), health.clone(), background.clone()));
+    tasks.spawn(health::watch_database(
+        config.database.options.clone(),
+        health.clone(),
+        vec![ScanServiceServer::<api::ScanApi>::NAME, AgentServiceServer::<sessions::AgentApi>::NAME],
+        background.clone(),
+    ));
     let notifier = notify::Notifier::start(store.pool().clone(), background.clone(), &tasks);
     let fleet = Arc::new(sessions::Fleet {
         store: store.clone(),
@@ -138,12 +157,13 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let scans = scans::ScanManager::new(store.clone(), config.limits.clone());
+    let scans = scans::ScanManager::new(api_store.clone(), config.limits.clone());
     if let Some(mut ingress) = config.ingress.clone() {
         ingress.connection_name = format!("{} {}", ingress.connection_name, config.fleet.controller_id);
-        tasks.spawn(ingress::run(ingress, scans.clone(), store.clone(), notifier.clone(), background.clone()));
+        tasks.spawn(ingress::run(ingress, scans.clone(), api_store.clone(), notifier.clone(), background.clone()));
     }
-    let scan_api = api::ScanApi::new(scans, store.clone(), notifier, background.clone(), tasks.clone());
+    let watches = api::WatchHub::new(api_store.clone(), notifier, background.clone(), tasks.clone(), &config.api);
+    let scan_api = api::ScanApi::new(scans, api_store.clone(), watches);
     let agent_api = sessions::AgentApi::new(fleet);
 
     let mut builder = tonic::transport::Server::builder()
@@ -160,24 +180,23 @@ pub async fn run(
                     "no --tls-client-ca: agents are not authenticated; anyone who reaches this port can pose as one"
                 );
             }
-            builder = builder.tls_config(server_tls(files)?)?;
+            builder = builder.tls_config(server_tls(files, config.connections.handshake_timeout)?)?;
         }
         None => tracing::warn!("serving plaintext gRPC: tokens, results and agent sessions cross the network in clear"),
     }
     let server = builder
-        .layer(tower_http::trace::TraceLayer::new_for_grpc())
+        // Counts each connection's open calls, for its idle deadline.
+        .layer(connections.stream_layer())
+        .layer(telemetry::grpc_trace_layer())
         .add_optional_service(config.health.then_some(health_service))
         .add_optional_service(config.reflection.then_some(reflection_v1))
         .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(ScanServiceServer::new(scan_api))
         .add_service(AgentServiceServer::new(agent_api))
-        // Small frames (Welcome, Ack) must not wait for Nagle and a delayed
-        // ACK: 40 ms per handshake otherwise. The builder's tcp_nodelay only
-        // applies to listeners tonic binds itself.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        // Admits or refuses each connection, sets TCP_NODELAY (the
+        // builder's only applies to listeners tonic binds itself) and
+        // closes connections that stay without a call (`conn`).
+        .serve_with_incoming_shutdown(connections.incoming(listener), shutdown.clone().cancelled_owned());
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_timeout).await;
@@ -192,32 +211,10 @@ pub async fn run(
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop in time");
     }
-    if tokio::time::timeout(Duration::from_secs(5), store.close()).await.is_err() {
-        tracing::warn!("database pool did not close in time");
+    let closed = async { tokio::join!(store.close(), api_store.close()) };
+    if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
+        tracing::warn!("database pools did not close in time");
     }
     tracing::info!("controller stopped");
     Ok(())
-}
-
-/// Reports NOT_SERVING while the database is unreachable, so load balancers
-/// and operators see it; the API keeps answering (UNAVAILABLE) meanwhile.
-async fn watch_database(store: Store, health: HealthReporter, cancel: CancellationToken) {
-    let mut serving = true;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-        let up = store.ping().await.is_ok();
-        if up != serving {
-            serving = up;
-            if up {
-                tracing::info!("database reachable again");
-                health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
-            } else {
-                tracing::warn!("database unreachable");
-                health.set_not_serving::<ScanServiceServer<api::ScanApi>>().await;
-            }
-        }
-    }
 }

@@ -53,7 +53,7 @@ impl std::fmt::Debug for PolicySource {
 /// from its own agents is a misconfiguration, not a scan).
 pub fn own_addresses() -> Vec<IpNet> {
     match if_addrs::get_if_addrs() {
-        Ok(ifs) => ifs.into_iter().map(|i| IpNet::from(i.ip())).collect(),
+        Ok(ifs) => ifs.into_iter().map(|i| IpNet::from(portfleet_core::canonical_ip(i.ip()))).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot list this host's addresses; they are not in the deny-list");
             Vec::new()

@@ -2,12 +2,13 @@
 //! turn their messages into a [`ScanRequestInput`], and everything after
 //! that (validation, DNS, planning, storage) happens here once.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use portfleet_core::{
-    AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, plan,
+    AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, labels, plan, text,
 };
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
@@ -28,7 +29,15 @@ pub struct ScanLimits {
     pub default_retries: u32,
     pub default_ports: String,
     pub shards: ShardPolicy,
+    /// One DNS lookup's timeout.
     pub resolve_timeout: Duration,
+    /// Hostnames one scan may name, after expanding its target group.
+    pub max_hostnames: u32,
+    /// All of one scan's lookups together.
+    pub resolve_deadline: Duration,
+    /// DNS lookups in flight at once on this controller, all scans
+    /// together (each holds a blocking thread while it waits).
+    pub max_lookups: usize,
 }
 
 impl Default for ScanLimits {
@@ -43,6 +52,9 @@ impl Default for ScanLimits {
             default_ports: "top-100".into(),
             shards: ShardPolicy::default(),
             resolve_timeout: Duration::from_secs(5),
+            max_hostnames: 1000,
+            resolve_deadline: Duration::from_secs(30),
+            max_lookups: 64,
         }
     }
 }
@@ -123,6 +135,14 @@ fn invalid(field: impl Into<String>, message: impl ToString) -> ScanError {
 }
 
 impl ScanRequestInput {
+    /// Whether creating the scan waits on DNS (a hostname, or a target
+    /// group whose targets may hold names): the AMQP ingress stores such
+    /// requests apart, so they never hold up a batch.
+    pub fn needs_lookup(&self) -> bool {
+        !self.target_group.trim().is_empty()
+            || self.targets.iter().any(|t| matches!(TargetSpec::parse(t), Ok(TargetSpec::Hostname(_))))
+    }
+
     pub fn validate(self, limits: &ScanLimits) -> Result<ScanRequest, ScanError> {
         let targets = self
             .targets
@@ -158,11 +178,13 @@ impl ScanRequestInput {
             return Err(invalid("retries", format!("{retries} exceeds the maximum of {}", limits.max_retries)));
         }
         let request_id = Some(self.request_id.trim().to_string()).filter(|r| !r.is_empty());
-        if request_id.as_ref().is_some_and(|r| r.len() > 256) {
-            return Err(invalid("request_id", "longer than 256 bytes"));
-        }
-        validate_labels("labels", &self.labels)?;
-        validate_labels("agent_selector", &self.agent_selector)?;
+        check_text("request_id", request_id.as_deref().unwrap_or(""), 256)?;
+        check_text("target_group", target_group.as_deref().unwrap_or(""), 128)?;
+        // AMQP short strings: at most 255 bytes.
+        check_text("reply_to", self.reply_to.as_deref().unwrap_or(""), 255)?;
+        check_text("correlation_id", self.correlation_id.as_deref().unwrap_or(""), 255)?;
+        labels::check_all(&self.labels).map_err(|e| invalid("labels", e))?;
+        labels::check_all(&self.agent_selector).map_err(|e| invalid("agent_selector", e))?;
         Ok(ScanRequest {
             targets,
             target_group,
@@ -181,24 +203,10 @@ impl ScanRequestInput {
     }
 }
 
-fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), ScanError> {
-    if labels.len() > 64 {
-        return Err(invalid(field, "more than 64 labels"));
-    }
-    for (k, v) in labels {
-        let key_ok =
-            !k.is_empty() && k.len() <= 63 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-        if !key_ok {
-            return Err(invalid(
-                format!("{field}[{k:?}]"),
-                "keys are 1-63 characters of letters, digits, '-', '_', '.', '/'",
-            ));
-        }
-        if v.len() > 255 {
-            return Err(invalid(format!("{field}[{k:?}]"), "value longer than 255 bytes"));
-        }
-    }
-    Ok(())
+/// Free text must be storable (no NUL) and loggable (no control
+/// characters): checked before anything is stored.
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScanError> {
+    text::check(value, max).map_err(|e| invalid(field, e))
 }
 
 /// A request after planning: a new scan to store, or the one its key
@@ -214,12 +222,15 @@ pub struct ScanManager {
     store: Store,
     limits: ScanLimits,
     policy: PolicySource,
+    /// Bounds the DNS lookups in flight across all requests.
+    lookups: Arc<Semaphore>,
 }
 
 impl ScanManager {
     pub fn new(store: Store, limits: ScanLimits) -> Self {
         let policy = PolicySource::new(store.clone());
-        Self { store, limits, policy }
+        let lookups = Arc::new(Semaphore::new(limits.max_lookups.max(1)));
+        Self { store, limits, policy, lookups }
     }
 
     pub fn limits(&self) -> &ScanLimits {
@@ -328,7 +339,7 @@ impl ScanManager {
                 (Ok(_), Some(Ok(Prepared::Existing(r)))) => Ok((*r, false)),
                 (Ok(_), Some(Ok(Prepared::New(n)))) => {
                     let (record, created) =
-                        stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))?;
+                        stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))??;
                     if created {
                         tracing::info!(scan_id = %record.id, probes = record.probes_planned,
                             shards = record.shard_count, origin = n.origin, "scan created");
@@ -377,7 +388,19 @@ impl ScanManager {
                 specs.push((spec, "target_group".into()));
             }
         }
-        let resolved = resolve(&specs, self.limits.resolve_timeout).await?;
+        let names = specs.iter().filter(|(s, _)| matches!(s, TargetSpec::Hostname(_))).count();
+        if names > self.limits.max_hostnames as usize {
+            return Err(invalid(
+                "targets",
+                format!("{names} hostnames exceed the maximum of {} per scan", self.limits.max_hostnames),
+            ));
+        }
+        let deadline = self.limits.resolve_deadline;
+        let resolved = tokio::time::timeout(deadline, resolve(&specs, self.limits.resolve_timeout, &self.lookups))
+            .await
+            .map_err(|_| {
+                invalid("targets", format!("{names} hostnames were not all resolved within {deadline:?}"))
+            })??;
         let seed: u64 = rand::random();
         let plan = plan(PlanInput {
             targets: resolved,
@@ -450,7 +473,11 @@ impl ScanManager {
 
 /// Resolves the hostnames among `specs` through the system resolver, a
 /// bounded number at a time, keeping the name on each address.
-async fn resolve(specs: &[(TargetSpec, String)], timeout: Duration) -> Result<Vec<ResolvedTarget>, ScanError> {
+async fn resolve(
+    specs: &[(TargetSpec, String)],
+    timeout: Duration,
+    lookups: &Semaphore,
+) -> Result<Vec<ResolvedTarget>, ScanError> {
     let mut out: Vec<ResolvedTarget> = specs
         .iter()
         .filter_map(|(spec, _)| spec.range())
@@ -467,6 +494,7 @@ async fn resolve(specs: &[(TargetSpec, String)], timeout: Duration) -> Result<Ve
     names.dedup_by(|a, b| a.0 == b.0);
     let resolved: Vec<(String, Vec<IpAddr>)> = stream::iter(names)
         .map(|(host, field)| async move {
+            let _permit = lookups.acquire().await.map_err(|_| StoreError::Cancelled)?;
             let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), 0)))
                 .await
                 .map(|r| r.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<IpAddr>>()));
@@ -534,6 +562,24 @@ mod tests {
         assert_eq!(err(i), "retries: 11 exceeds the maximum of 10");
         let mut i = input(&["10.0.0.1"], "80");
         i.labels.insert("bad key".into(), "v".into());
-        assert!(err(i).starts_with("labels[\"bad key\"]"));
+        let e = err(i);
+        assert!(e.starts_with("labels: key \"bad key\""), "{e}");
+        for bad in ["a\0b", "line\r\nforged", "\u{1b}[2J"] {
+            let mut i = input(&["10.0.0.1"], "80");
+            i.request_id = bad.into();
+            assert!(err(i).starts_with("request_id: contains a control character"));
+            let mut i = input(&[], "80");
+            i.target_group = bad.into();
+            assert!(err(i).starts_with("target_group: contains a control character"));
+            let mut i = input(&["10.0.0.1"], "80");
+            i.labels.insert("k".into(), bad.into());
+            assert!(err(i).starts_with("labels: value of k: contains a control character"));
+            let mut i = input(&["10.0.0.1"], "80");
+            i.agent_selector.insert("k".into(), bad.into());
+            assert!(err(i).starts_with("agent_selector: value of k"));
+            let mut i = input(&["10.0.0.1"], "80");
+            i.correlation_id = Some(bad.into());
+            assert!(err(i).starts_with("correlation_id: contains a control character"));
+        }
     }
 }

@@ -7,9 +7,30 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::SpecError;
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is the IPv4 host by
+/// another name: targets, rules and own addresses are all compared in
+/// their IPv4 form, so a deny of `a.b.c.d` also holds for its mapped
+/// spelling.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// [`canonical_ip`] for blocks: an IPv6 block inside `::ffff:0:0/96` is
+/// the IPv4 block it maps. Wider IPv6 blocks stay IPv6 (the mapped block
+/// inside them stays on the built-in deny-list).
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 enum Family {
@@ -42,15 +63,20 @@ fn join(family: Family, v: u128) -> IpAddr {
 
 impl AddrRange {
     /// The inclusive range `lo..=hi`; `None` when the families differ or
-    /// `lo > hi`.
+    /// `lo > hi`. Two IPv4-mapped ends make an IPv4 range.
     pub fn new(lo: IpAddr, hi: IpAddr) -> Option<Self> {
+        let (lo, hi) = match (canonical_ip(lo), canonical_ip(hi)) {
+            (l @ IpAddr::V4(_), h @ IpAddr::V4(_)) => (l, h),
+            _ => (lo, hi),
+        };
         let (fl, l) = split(lo);
         let (fh, h) = split(hi);
         (fl == fh && l <= h).then_some(Self { family: fl, lo: l, hi: h })
     }
 
+    /// One address, IPv4-mapped ones as IPv4.
     pub fn single(ip: IpAddr) -> Self {
-        let (family, v) = split(ip);
+        let (family, v) = split(canonical_ip(ip));
         Self { family, lo: v, hi: v }
     }
 

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod addrs;
+pub mod backoff;
+pub mod labels;
 pub mod permutation;
 pub mod plan;
 pub mod policy;
@@ -13,9 +15,11 @@ pub mod ports;
 pub mod shard;
 pub mod space;
 pub mod targets;
+pub mod text;
 mod top_ports;
 
 pub use addrs::{AddrRange, AddressSet};
+pub use addrs::{canonical_ip, canonical_net};
 pub use permutation::Permutation;
 pub use plan::{Plan, PlanInput, ResolvedTarget, plan};
 pub use policy::ScopePolicy;
@@ -28,9 +32,11 @@ pub use targets::{TargetKind, TargetSpec};
 /// offending value so callers can pass them on as they are.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("\"{value}\": {reason}")]
+    /// `value` is what the caller wrote; messages echo it escaped and
+    /// truncated ([`text::echo`]).
+    #[error("{}: {reason}", text::echo(value))]
     Target { value: String, reason: String },
-    #[error("\"{value}\": {reason}")]
+    #[error("{}: {reason}", text::echo(value))]
     Ports { value: String, reason: String },
     #[error("scan of {probes} probes exceeds the maximum of {max}")]
     TooLarge { probes: u128, max: u64 },

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::{AddrRange, AddressSet};
+use crate::{AddrRange, AddressSet, canonical_ip, canonical_net};
 
 /// Never probed unless explicitly allowed (see the module docs).
 pub const DEFAULT_DENY: &[&str] = &[
@@ -53,7 +53,15 @@ fn set(nets: &[IpNet]) -> AddressSet {
 impl ScopePolicy {
     /// `allow` and `deny` are the operator's; `builtin_deny` is
     /// [`default_deny`] plus, on a controller, its own addresses.
+    ///
+    /// Operator rules are compared in canonical form ([`canonical_net`]):
+    /// an allow written as `::ffff:10.0.0.0/120` is `10.0.0.0/24`, so it
+    /// can neither opt into the built-in IPv4-mapped entry nor slip past a
+    /// deny of an IPv4 address.
     pub fn new(allow: &[IpNet], deny: &[IpNet], builtin_deny: &[IpNet]) -> Self {
+        let allow: Vec<IpNet> = allow.iter().map(|n| canonical_net(*n)).collect();
+        let deny: Vec<IpNet> = deny.iter().map(|n| canonical_net(*n)).collect();
+        let (allow, deny) = (&allow[..], &deny[..]);
         let opted_in: Vec<IpNet> =
             allow.iter().filter(|a| builtin_deny.iter().any(|d| d.contains(*a))).copied().collect();
         let builtin = set(builtin_deny).subtract(&set(&opted_in));
@@ -68,8 +76,10 @@ impl ScopePolicy {
         Self::new(if allow.is_empty() { &all } else { allow }, deny, &default_deny())
     }
 
+    /// Whether `ip` may be probed; an IPv4-mapped address is judged as the
+    /// IPv4 address it names.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        self.permitted.contains(ip)
+        self.permitted.contains(canonical_ip(ip))
     }
 
     /// The first range of `targets` (clipped) that is out of scope.
@@ -97,8 +107,8 @@ pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
         .map(|p| {
             p.parse::<IpNet>()
                 .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
-                .map(|n| n.trunc())
-                .map_err(|_| format!("{p:?} is not a CIDR block or an address"))
+                .map(|n| canonical_net(n.trunc()))
+                .map_err(|_| format!("{} is not a CIDR block or an address", crate::text::echo(p)))
         })
         .collect()
 }
@@ -143,18 +153,12 @@ mod tests {
     #[test]
     fn the_builtin_deny_list_yields_only_to_an_allow_inside_it() {
         let broad = ScopePolicy::for_agent(&[], &[]);
-        for denied in [
-            "127.0.0.1",
-            "169.254.1.1",
-            "224.0.0.1",
-            "::1",
-            "fe80::1",
-            "ff02::1",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-        ] {
+        for denied in ["127.0.0.1", "169.254.1.1", "224.0.0.1", "::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1"] {
             assert!(!broad.permits(ip(denied)), "{denied}");
         }
+        // A mapped address is its IPv4 self; as a raw IPv6 value (inside a
+        // wider IPv6 range) it stays denied.
+        assert!(broad.permits(ip("::ffff:10.0.0.1")) && broad.denied().contains(ip("::ffff:10.0.0.1")));
         assert!(broad.permits(ip("198.51.100.1")) && broad.permits(ip("2001:db8::1")));
         let opted = ScopePolicy::new(&nets("0.0.0.0/0,127.0.0.1/32"), &[], &default_deny());
         assert!(opted.permits(ip("127.0.0.1")));
@@ -173,6 +177,28 @@ mod tests {
     }
 
     #[test]
+    fn mapped_addresses_are_judged_as_their_ipv4_selves() {
+        let target = |s: &str| AddressSet::new([crate::TargetSpec::parse(s).unwrap().range().unwrap()]);
+        // An allow written in mapped form neither opts into the built-in
+        // mapped entry nor escapes an IPv4 deny.
+        let p = ScopePolicy::new(&nets("::ffff:198.51.100.0/120"), &nets("198.51.100.77"), &default_deny());
+        assert!(p.permits(ip("198.51.100.1")) && p.permits(ip("::ffff:198.51.100.1")));
+        assert!(!p.permits(ip("::ffff:198.51.100.77")) && !p.permits(ip("198.51.100.77")));
+        assert_eq!(p.first_offending(&target("::ffff:198.51.100.77")).unwrap().to_string(), "198.51.100.77");
+        assert_eq!(p.first_offending(&target("::ffff:198.51.100.64/122")).unwrap().to_string(), "198.51.100.77");
+        assert!(p.denied().contains(ip("198.51.100.77")));
+        // Own addresses hold against their mapped spelling too.
+        let own = [default_deny(), nets("203.0.113.7")].concat();
+        let p = ScopePolicy::new(&nets("::ffff:0:0/96"), &[], &own);
+        assert_eq!(p.first_offending(&target("::ffff:203.0.113.7")).unwrap().to_string(), "203.0.113.7");
+        assert!(p.permits(ip("203.0.113.8")) && !p.permits(ip("::ffff:203.0.113.7")));
+        // A wide IPv6 allow still never reaches mapped values inside it.
+        let p = ScopePolicy::new(&nets("::/0"), &[], &default_deny());
+        assert!(p.denied().contains(ip("::ffff:198.51.100.1")));
+        assert!(p.first_offending(&target("::/64")).is_some());
+    }
+
+    #[test]
     fn denied_is_the_complement() {
         let p = ScopePolicy::new(&nets("10.0.0.0/8,2001:db8::/32"), &nets("10.9.0.0/16"), &default_deny());
         let d = p.denied();
@@ -188,5 +214,8 @@ mod tests {
         assert!(parse_cidrs("10.0.0.0/33").is_err());
         assert!(parse_cidrs("example.com").is_err());
         assert_eq!(parse_cidrs("").unwrap(), vec![]);
+        assert_eq!(nets("::ffff:10.1.2.0/120,::ffff:10.1.2.3")[..], nets("10.1.2.0/24,10.1.2.3/32")[..]);
+        assert_eq!(nets("::ffff:0:0/96")[0].to_string(), "0.0.0.0/0");
+        assert_eq!(nets("::/64")[0].to_string(), "::/64");
     }
 }

@@ -112,7 +112,7 @@ fn parse_ranges(spec: &str) -> Result<Vec<(u16, u16)>, SpecError> {
 
 fn parse_item(item: &str) -> Result<(u16, u16), String> {
     if item.contains(':') {
-        return Err(format!("\"{item}\": only TCP ports are supported"));
+        return Err(format!("{}: only TCP ports are supported", crate::text::echo(item)));
     }
     let (lo, hi) = match item.split_once('-') {
         Some((lo, hi)) => (parse_port(lo)?, parse_port(hi)?),
@@ -122,7 +122,7 @@ fn parse_item(item: &str) -> Result<(u16, u16), String> {
         }
     };
     if lo > hi {
-        return Err(format!("\"{item}\": range start is above its end"));
+        return Err(format!("{}: range start is above its end", crate::text::echo(item)));
     }
     Ok((lo, hi))
 }
@@ -132,7 +132,7 @@ fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
         Ok(p) => Err(format!("port {p} is outside 1-65535")),
-        Err(_) => Err(format!("\"{s}\" is not a port number")),
+        Err(_) => Err(format!("{} is not a port number", crate::text::echo(s))),
     }
 }
 

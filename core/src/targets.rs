@@ -27,10 +27,10 @@ impl TargetSpec {
             return Err(bad("empty target"));
         }
         if let Ok(ip) = t.parse::<IpAddr>() {
-            return Ok(Self::Address(ip));
+            return Ok(Self::Address(crate::canonical_ip(ip)));
         }
         if t.contains('/') {
-            let net = IpNet::from_str(t).map_err(|_| bad("not a valid CIDR block"))?;
+            let net = crate::canonical_net(IpNet::from_str(t).map_err(|_| bad("not a valid CIDR block"))?);
             // A single-address block is an address; host bits are dropped as
             // masscan and nmap do.
             return Ok(if net.prefix_len() == net.max_prefix_len() {

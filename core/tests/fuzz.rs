@@ -7,8 +7,12 @@
 
 use std::collections::HashSet;
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use portfleet_core::{
-    AddrRange, AddressSet, PortSet, ScanSpace, TargetSpec, permutation::Permutation, policy::parse_cidrs,
+    AddrRange, AddressSet, PortSet, ScanSpace, ScopePolicy, TargetSpec,
+    permutation::Permutation,
+    policy::{default_deny, parse_cidrs},
 };
 use proptest::prelude::*;
 
@@ -39,6 +43,11 @@ fn near_miss() -> impl Strategy<Value = String> {
         Just("a.example"),
         Just("é"),
         Just("\0"),
+        Just("\r\n"),
+        Just("\u{1b}[2J"),
+        Just("::ffff:"),
+        Just("::ffff:10.0.0.1"),
+        Just("/120"),
     ];
     prop::collection::vec(atoms, 0..12).prop_map(|v| v.concat())
 }
@@ -71,6 +80,51 @@ proptest! {
         }
         let _ = parse_cidrs(&s);
         let _ = AddressSet::parse_ranges(&s.split(',').collect::<Vec<_>>());
+    }
+
+    /// Errors about bad input never carry a control character and stay
+    /// short however long the input (they reach logs and clients).
+    #[test]
+    fn errors_echo_input_escaped_and_short(s in input(), pad in 0usize..5000) {
+        let long = format!("{s}{}", "x".repeat(pad));
+        for value in [&s, &long] {
+            if let Err(e) = TargetSpec::parse(value) {
+                let m = e.to_string();
+                prop_assert!(!m.chars().any(char::is_control), "{:?}", m);
+                prop_assert!(m.len() < 2000, "{} bytes", m.len());
+            }
+            if let Err(e) = PortSet::parse(value) {
+                let m = e.to_string();
+                prop_assert!(!m.chars().any(char::is_control), "{:?}", m);
+                prop_assert!(m.len() < 2000, "{} bytes", m.len());
+            }
+        }
+    }
+
+    /// An IPv4 address and its IPv4-mapped IPv6 spelling are one host to
+    /// every policy, however the rules are written.
+    #[test]
+    fn mapped_addresses_are_judged_as_ipv4(
+        host in any::<u32>(),
+        rules in prop::collection::vec((any::<u32>(), 0u8..=32, any::<bool>(), any::<bool>()), 0..6),
+    ) {
+        let v4 = Ipv4Addr::from(host);
+        let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+        let (mut allow, mut deny) = (Vec::new(), Vec::new());
+        for (net, prefix, is_deny, write_mapped) in rules {
+            let net = Ipv4Addr::from(net);
+            let text = if write_mapped { format!("::ffff:{net}/{}", u32::from(prefix) + 96) } else { format!("{net}/{prefix}") };
+            let parsed = parse_cidrs(&text).expect("valid rule");
+            if is_deny { deny.extend(parsed) } else { allow.extend(parsed) }
+        }
+        let policy = ScopePolicy::new(&allow, &deny, &default_deny());
+        prop_assert_eq!(policy.permits(IpAddr::V4(v4)), policy.permits(mapped));
+        let as_target = |s: String| AddressSet::new([TargetSpec::parse(&s).unwrap().range().unwrap()]);
+        prop_assert_eq!(
+            policy.first_offending(&as_target(v4.to_string())),
+            policy.first_offending(&as_target(format!("::ffff:{v4}")))
+        );
+        prop_assert_eq!(policy.denied().contains(IpAddr::V4(v4)), !policy.permits(mapped));
     }
 
     /// The permutation is a bijection for any size and seed.

@@ -3,6 +3,8 @@
 //! types stop at the edge of each crate, which converts them into validated
 //! domain types.
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("portfleet.v1");

@@ -9,7 +9,9 @@
 pub mod amqp;
 pub mod controller;
 pub mod db;
+pub mod dns;
 pub mod netns;
+pub mod pgcluster;
 pub mod procs;
 pub mod proxy;
 
@@ -21,8 +23,11 @@ pub use proxy::TcpProxy;
 
 /// Logs to the test's captured output once per process; `RUST_LOG` filters.
 pub fn init_tracing() {
+    // No colour: a failing test's captured output is read as plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_ansi(false)
+        .fmt_fields(portfleet_telemetry::SafeFields)
         .with_test_writer()
         .try_init();
     let _ = rustls::crypto::ring::default_provider().install_default();

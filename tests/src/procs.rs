@@ -18,6 +18,12 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs `cmd` (built by the caller, e.g. wrapped in a namespace) with
+    /// its stderr kept as this process's log.
+    pub fn spawn_command(name: &str, cmd: Command, logs: &tempfile::TempDir) -> Self {
+        Self::spawn(name, cmd, logs)
+    }
+
     fn spawn(name: &str, mut cmd: Command, logs: &tempfile::TempDir) -> Self {
         let log = logs.path().join(format!("{name}.log"));
         let file = File::create(&log).expect("log file");

@@ -490,3 +490,48 @@ async fn a_controller_waiting_for_its_database_stops_on_request() {
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(5), run).await.unwrap().unwrap().unwrap();
 }
+
+/// Text Postgres cannot store (NUL) or that forges log lines (CR, LF, ESC)
+/// is refused as INVALID_ARGUMENT naming the field, wherever it enters
+/// (it was INTERNAL: the insert failed); long values are echoed short.
+#[tokio::test]
+async fn control_characters_and_huge_values_are_invalid_arguments() {
+    let (db, _c, mut client) = setup().await;
+    for bad in ["a\0b", "forged\r\nERROR x", "\u{1b}[2J"] {
+        let with = |f: &dyn Fn(&mut pb::CreateScanRequest)| {
+            let mut r = scan_req(&["198.51.100.1"], "80");
+            f(&mut r);
+            r
+        };
+        let cases: Vec<(pb::CreateScanRequest, &str)> = vec![
+            (with(&|r| r.labels = [("team".to_string(), bad.to_string())].into()), "labels"),
+            (with(&|r| r.agent_selector = [("site".to_string(), bad.to_string())].into()), "agent_selector"),
+            (with(&|r| r.request_id = bad.into()), "request_id"),
+            (with(&|r| r.target_group = bad.into()), "target_group"),
+            (with(&|r| r.targets = vec![bad.into()]), "targets[0]"),
+        ];
+        for (req, field) in cases {
+            assert_status(client.create_scan(req).await, Code::InvalidArgument, &[field]);
+        }
+        assert_status(
+            client.create_targets(pb::CreateTargetsRequest { targets: vec![target("198.51.100.1", bad, None)] }).await,
+            Code::InvalidArgument,
+            &["targets[0].group"],
+        );
+        assert_status(
+            client.list_targets(pb::ListTargetsRequest { group: Some(bad.into()), ..Default::default() }).await,
+            Code::InvalidArgument,
+            &["group"],
+        );
+    }
+    // A huge value is refused with a short message.
+    let huge = format!("{}\n", "x".repeat(3_000_000));
+    let status = client.create_scan(scan_req(&[huge.as_str()], "80")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().len() < 500, "{} bytes", status.message().len());
+    assert!(!status.message().chars().any(char::is_control), "{:?}", status.message());
+    let scans: i64 = sqlx::query_scalar("SELECT count(*) FROM scans").fetch_one(&mut db.connect().await).await.unwrap();
+    assert_eq!(scans, 0);
+    // The controller is fine.
+    client.create_scan(scan_req(&["198.51.100.1"], "80")).await.unwrap();
+}

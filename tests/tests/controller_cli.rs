@@ -134,3 +134,34 @@ async fn tokens_are_created_listed_and_revoked_from_the_command_line() {
     let out = controller().args(["tokens", "--database-url", db.url(), "create", "--scope", "root"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "a bad scope is a usage error");
 }
+
+/// A token's lifetime is checked before anything is written: zero, or
+/// more than the calendar (or the documented maximum) holds, is a usage
+/// error naming `--ttl`, never a panic or an already-expired token.
+#[tokio::test]
+async fn token_lifetimes_are_checked() {
+    let db = TestDb::create().await;
+    let create = |ttl: &str| {
+        controller()
+            .args(["tokens", "--database-url", db.url(), "create", "--scope", "read", "--ttl", ttl])
+            .output()
+            .unwrap()
+    };
+    for (ttl, needle) in [("1000000000d", "maximum"), ("0s", "zero"), ("3651d", "maximum")] {
+        let out = create(ttl);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {stderr}");
+        assert!(stderr.contains("--ttl") && stderr.contains(needle), "--ttl {ttl}: {stderr}");
+        assert!(!stderr.contains("panicked") && out.stdout.is_empty(), "--ttl {ttl}: {stderr}");
+    }
+    let out = create("3650d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let year = (chrono::Utc::now() + chrono::Duration::days(3650)).format("expires %Y-").to_string();
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&year), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        controller().args(["agents", "--database-url", db.url(), "enroll-token", "--ttl", "0s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut conn = db.connect().await;
+    let tokens: i64 = sqlx::query_scalar("SELECT count(*) FROM api_tokens").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(tokens, 1, "only the valid token was stored");
+}

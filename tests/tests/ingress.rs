@@ -10,9 +10,10 @@ use lapin::BasicProperties;
 use portfleet_controller::ControllerConfig;
 use portfleet_proto::v1 as pb;
 use portfleet_tests::{
-    TcpProxy, TestController, TestDb,
+    TestController, TestDb,
     amqp::{TestBroker, dead_letter_reason, until},
 };
+use sqlx::Connection as _;
 
 fn props(message_id: &str) -> BasicProperties {
     BasicProperties::default().with_message_id(message_id.into()).with_delivery_mode(2)
@@ -163,36 +164,44 @@ async fn requests_in_flight_at_shutdown_go_to_the_next_consumer() {
     assert_one_scan_each(&db, &ids).await;
 }
 
+/// An unavailable database is not the messages' fault: requests that
+/// arrive during an outage far longer than the delivery limit's retries
+/// (here a private Postgres stopped as in a crash) are held, not
+/// dead-lettered, and become scans once it is back.
 #[tokio::test]
-async fn a_database_outage_is_retried_then_dead_lettered_at_the_limit() {
-    let db = TestDb::create().await;
+async fn a_database_outage_loses_no_request() {
+    let pg = portfleet_tests::pgcluster::PgCluster::start().await;
     let broker = TestBroker::new().await;
-    let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let mut cfg = config(&db, &broker);
-    cfg.database.options = db.options().host("127.0.0.1").port(proxy.addr().port());
+    let mut cfg = portfleet_tests::controller_config(pg.options());
+    cfg.ingress = Some(broker.config.clone());
     cfg.database.acquire_timeout = Duration::from_millis(300);
-    let ingress = cfg.ingress.as_mut().unwrap();
-    ingress.delivery_limit = 3;
+    cfg.ingress.as_mut().unwrap().delivery_limit = 3;
     let _controller = start(cfg, &broker).await;
     let key = broker.config.routing_key.clone();
+    let count = async || -> i64 {
+        let Ok(mut conn) = sqlx::PgConnection::connect_with(&pg.options()).await else { return -1 };
+        sqlx::query_scalar("SELECT count(*) FROM scans").fetch_one(&mut conn).await.unwrap_or(-1)
+    };
+    let batch = |range: std::ops::Range<usize>| -> Vec<(String, Vec<u8>, lapin::BasicProperties)> {
+        range.map(|i| (key.clone(), request(i), props(&format!("req-{i}")))).collect()
+    };
+    broker.publish_many(batch(0..100)).await;
+    until("the first 100 scans", Duration::from_secs(30), async || count().await == 100).await;
 
-    // A short outage: the request goes back and succeeds afterwards.
-    proxy.cut();
-    broker.publish(&broker.config.exchange, &key, &request(1), props("outage-short")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.restore();
-    until("the retried request's scan", Duration::from_secs(30), async || scan_count(&db).await == 1).await;
-
-    // A long one: after the delivery limit, dead-lettered with the error.
-    proxy.cut();
-    broker.publish(&broker.config.exchange, &key, &request(2), props("outage-long")).await;
+    pg.stop().await;
+    broker.publish_many(batch(100..300)).await;
+    // Many times what three attempts with backoff take.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let dlq = format!("{}.dlq", broker.config.queue);
-    until("the dead letter", Duration::from_secs(60), async || broker.depth(&dlq).await == 1).await;
-    proxy.restore();
-    let dead = broker.drain(&dlq).await;
-    let reason = dead_letter_reason(&dead[0]);
-    assert!(reason.contains("gave up after 3 attempts"), "{reason}");
-    assert!(reason.contains("database unavailable"), "{reason}");
+    assert_eq!(broker.depth(&dlq).await, 0, "requests were dead-lettered during the outage");
+    pg.start_again().await;
+    until("every scan", Duration::from_secs(60), async || count().await == 300).await;
+    assert_eq!(broker.depth(&dlq).await, 0);
+    assert_eq!(broker.depth(&broker.config.queue).await, 0);
+    let mut conn = sqlx::PgConnection::connect_with(&pg.options()).await.unwrap();
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT request_id) FROM scans").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(distinct, 300, "one scan per request");
 }
 
 #[tokio::test]
@@ -284,4 +293,208 @@ async fn lifecycle_events_and_replies_are_published() {
     assert!(cancelled["finished_at"].is_string());
     // Published once: nothing else arrives.
     assert!(tokio::time::timeout(Duration::from_secs(2), events.recv()).await.is_err());
+}
+
+/// Deliveries dead-lettered so far.
+async fn dead_letters(broker: &TestBroker) -> Vec<lapin::message::BasicGetMessage> {
+    broker.drain(&format!("{}.dlq", broker.config.queue)).await
+}
+
+/// (message id, reason) of each delivery dead-lettered so far, sorted.
+async fn dead_letter_reasons(broker: &TestBroker) -> Vec<(String, String)> {
+    let mut reasons: Vec<(String, String)> = dead_letters(broker)
+        .await
+        .iter()
+        .map(|m| (m.delivery.properties.message_id().as_ref().unwrap().to_string(), dead_letter_reason(m)))
+        .collect();
+    reasons.sort();
+    reasons
+}
+
+/// One request with text Postgres cannot store (a NUL) failed its whole
+/// batch's insert, and every request of the batch was retried and
+/// dead-lettered with it. Now it is refused on its own, at once.
+#[tokio::test]
+async fn a_bad_request_costs_no_other_request_its_scan() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let mut cfg = config(&db, &broker);
+    cfg.ingress.as_mut().unwrap().delivery_limit = 2;
+    let _controller = start(cfg, &broker).await;
+    let key = broker.config.routing_key.clone();
+    let mut good = HashSet::new();
+    let mut messages = Vec::new();
+    for i in 0..330 {
+        let id = format!("req-{i}");
+        let body = if i % 11 == 5 {
+            // NUL or a line break in a label, the request id, the group.
+            match i % 3 {
+                0 => br#"{"targets":["198.51.100.9"],"labels":{"team":"a\u0000b"}}"#.to_vec(),
+                1 => br#"{"targets":["198.51.100.9"],"request_id":"x\u0000y"}"#.to_vec(),
+                _ => br#"{"target_group":"g\r\nforged"}"#.to_vec(),
+            }
+        } else {
+            good.insert(id.clone());
+            request(i)
+        };
+        messages.push((key.clone(), body, props(&id)));
+    }
+    broker.publish_many(messages).await;
+    until("every good request's scan", Duration::from_secs(60), async || scan_count(&db).await >= 300).await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("the 30 bad ones dead-lettered", Duration::from_secs(30), async || broker.depth(&dlq).await >= 30).await;
+    assert_one_scan_each(&db, &good).await;
+    for m in dead_letters(&broker).await {
+        let id = m.delivery.properties.message_id().as_ref().unwrap().to_string();
+        assert!(!good.contains(&id), "a good request was dead-lettered: {id}");
+        let reason = dead_letter_reason(&m);
+        assert!(reason.contains("control character"), "{reason}");
+        let attempts = m.delivery.properties.headers().as_ref().unwrap().inner().get("x-portfleet-attempts").cloned();
+        assert_eq!(attempts, Some(lapin::types::AMQPValue::LongUInt(1)), "refused at once, not retried");
+    }
+}
+
+/// When the database refuses one request's values (here a trigger stands
+/// for any data error validation cannot foresee), the batch is stored one
+/// request at a time and only that one is dead-lettered.
+#[tokio::test]
+async fn a_value_the_database_refuses_fails_only_its_own_request() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let _controller = start(config(&db, &broker), &broker).await;
+    let mut conn = db.connect().await;
+    for sql in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.labels ? 'poison' THEN RAISE EXCEPTION 'poisoned label' USING ERRCODE = '22023'; END IF; \
+         IF NEW.labels ? 'flaky' THEN RAISE EXCEPTION 'flaky trigger'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER poison BEFORE INSERT ON scans FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let key = broker.config.routing_key.clone();
+    let mut good = HashSet::new();
+    let mut messages = Vec::new();
+    for i in 0..102 {
+        let id = format!("req-{i}");
+        let body = if i == 50 {
+            br#"{"targets":["198.51.100.9"],"labels":{"poison":"yes"}}"#.to_vec()
+        } else if i == 70 {
+            br#"{"targets":["198.51.100.9"],"labels":{"flaky":"yes"}}"#.to_vec()
+        } else {
+            good.insert(id.clone());
+            request(i)
+        };
+        messages.push((key.clone(), body, props(&id)));
+    }
+    broker.publish_many(messages).await;
+    until("every good request's scan", Duration::from_secs(30), async || scan_count(&db).await >= 100).await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("the two bad ones dead-lettered", Duration::from_secs(60), async || broker.depth(&dlq).await >= 2).await;
+    assert_one_scan_each(&db, &good).await;
+    let dead = dead_letter_reasons(&broker).await;
+    assert_eq!(dead.len(), 2);
+    // A data error is refused at once; any other error about the request
+    // is retried up to the delivery limit (5 by default).
+    assert_eq!(dead[0].0, "req-50");
+    assert!(dead[0].1.contains("poisoned label") && !dead[0].1.contains("gave up"), "{}", dead[0].1);
+    assert_eq!(dead[1].0, "req-70");
+    assert!(dead[1].1.contains("gave up after 5 attempts") && dead[1].1.contains("flaky trigger"), "{}", dead[1].1);
+}
+
+/// A body over the size limit is dead-lettered unparsed, and a target list
+/// over the cap is refused while it is read; the requests around them are
+/// stored.
+#[tokio::test]
+async fn oversized_messages_are_dead_lettered_unparsed() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let mut cfg = config(&db, &broker);
+    cfg.limits.max_targets = 100;
+    let _controller = start(cfg, &broker).await;
+    let key = broker.config.routing_key.clone();
+    let big: Vec<String> = (0..150_000).map(|i| format!("198.51.100.{}", i % 250)).collect();
+    let big = serde_json::to_vec(&serde_json::json!({ "targets": big })).unwrap();
+    assert!(big.len() > portfleet_controller::ingress::DEFAULT_MAX_MESSAGE_BYTES);
+    let many: Vec<String> = (0..101).map(|i| format!("198.51.100.{i}")).collect();
+    let many = serde_json::to_vec(&serde_json::json!({ "targets": many })).unwrap();
+    broker
+        .publish_many([
+            (key.clone(), request(1), props("before")),
+            (key.clone(), big, props("too-big")),
+            (key.clone(), many, props("too-many")),
+            (key.clone(), request(2), props("after")),
+        ])
+        .await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("two dead letters", Duration::from_secs(30), async || broker.depth(&dlq).await >= 2).await;
+    until("the two good scans", Duration::from_secs(30), async || scan_count(&db).await >= 2).await;
+    assert_one_scan_each(&db, &["before".to_string(), "after".to_string()].into()).await;
+    let reasons = dead_letter_reasons(&broker).await;
+    assert_eq!(reasons[0].0, "too-big");
+    let limit = format!("over the maximum of {}", portfleet_controller::ingress::DEFAULT_MAX_MESSAGE_BYTES);
+    assert!(reasons[0].1.contains(&limit), "{}", reasons[0].1);
+    assert_eq!(reasons[1].0, "too-many");
+    assert!(reasons[1].1.contains("more than the maximum of 100 targets"), "{}", reasons[1].1);
+}
+
+/// Hostnames resolve outside the batch other requests wait on: a request
+/// whose names resolve slowly does not delay a one-address request
+/// published right behind it; a request's lookups have a deadline and a
+/// cap. The controller runs with its own /etc/resolv.conf naming a DNS
+/// server of this test (a private mount namespace: root, as CI runs).
+#[tokio::test]
+async fn slow_hostnames_never_hold_up_other_requests() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let dns = portfleet_tests::dns::DnsServer::start(Duration::from_secs(3)).await;
+    let logs = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", portfleet_tests::procs::free_port("127.0.0.1".parse().unwrap()));
+    let c = &broker.config;
+    let mut cmd = dns.command(&portfleet_tests::binary("portfleet-controller"));
+    cmd.args(["serve", "--insecure", "--database-url", db.url(), "--listen", &listen])
+        .args(["--allow", "198.51.100.0/24", "--amqp-url", &c.url, "--amqp-exchange", &c.exchange])
+        .args(["--amqp-queue", &c.queue, "--amqp-dead-letter-exchange", &c.dead_letter_exchange])
+        .args(["--amqp-events-exchange", &c.events_exchange])
+        .args(["--resolve-deadline", "4s", "--max-scan-hostnames", "50"]);
+    let naabum8 = c.naabum8.as_ref().unwrap();
+    cmd.args(["--naabum8", "--naabum8-exchange", &naabum8.exchange, "--naabum8-queue", &naabum8.queue]);
+    let _controller = portfleet_tests::procs::Proc::spawn_command("controller", cmd, &logs);
+    broker.wait_ready().await;
+    let key = c.routing_key.clone();
+    let names = |n: usize, tag: &str| -> Vec<u8> {
+        let targets: Vec<String> = (0..n).map(|i| format!("h{i}-{tag}.slow.test")).collect();
+        serde_json::to_vec(&serde_json::json!({ "targets": targets, "ports": "80" })).unwrap()
+    };
+    // 40 names at 3 s each, 32 at a time: 6 s, past the 4 s deadline.
+    let one_name = serde_json::to_vec(&serde_json::json!({ "targets": ["one.slow.test"], "ports": "80" })).unwrap();
+    broker
+        .publish_many([
+            (key.clone(), names(40, "a"), props("slow")),
+            (key.clone(), request(1), props("fast")),
+            (key.clone(), names(51, "b"), props("too-many-names")),
+            (key.clone(), one_name, props("one-name")),
+        ])
+        .await;
+    let t0 = std::time::Instant::now();
+    until("the fast request's scan", Duration::from_secs(30), async || {
+        request_ids(&db).await.contains(&"fast".to_string())
+    })
+    .await;
+    let fast = t0.elapsed();
+    assert!(fast < Duration::from_secs(2), "the one-address request waited {fast:?} behind the slow names");
+    until("the named request's scan", Duration::from_secs(30), async || {
+        request_ids(&db).await.contains(&"one-name".to_string())
+    })
+    .await;
+    let dlq = format!("{}.dlq", c.queue);
+    until("two dead letters", Duration::from_secs(30), async || broker.depth(&dlq).await >= 2).await;
+    let reasons = dead_letter_reasons(&broker).await;
+    assert_eq!(reasons[0].0, "slow");
+    assert!(reasons[0].1.contains("were not all resolved within 4s"), "{}", reasons[0].1);
+    assert_eq!(reasons[1].0, "too-many-names");
+    assert!(reasons[1].1.contains("51 hostnames exceed the maximum of 50"), "{}", reasons[1].1);
+    let mut conn = db.connect().await;
+    let host: String = sqlx::query_scalar("SELECT hostname FROM scan_hosts").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(host, "one.slow.test");
 }

@@ -235,3 +235,39 @@ async fn the_cli_shows_and_changes_the_policy() {
     let got = c.client().await.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
     assert_eq!((got.deny, got.max_rate_per_block), (vec!["198.51.100.128/25".to_string()], 2000));
 }
+
+/// An IPv4-mapped IPv6 address is the IPv4 host by another name: rules
+/// written either way hold for targets written either way, and the
+/// built-in and own-address denials hold against the mapped spelling.
+#[tokio::test]
+async fn mapped_addresses_meet_the_same_rules_as_their_ipv4_selves() {
+    let db = TestDb::create().await;
+    let mut config = allowing(&db, "::ffff:198.51.100.0/120,::ffff:0:0/96");
+    config.policy.deny = parse_cidrs("198.51.100.77,::ffff:203.0.113.0/120").unwrap();
+    let c = TestController::start(config).await;
+    let mut api = c.client().await;
+    let refused = async |target: &str, needle: &str| {
+        let err = c.client().await.create_scan(scan(&[target])).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{target}: {err:?}");
+        assert!(err.message().contains(needle), "{target}: {}", err.message());
+    };
+    refused("::ffff:198.51.100.77", "198.51.100.77").await;
+    refused("198.51.100.77", "198.51.100.77").await;
+    refused("::ffff:198.51.100.64/122", "198.51.100.77").await;
+    refused("203.0.113.5", "203.0.113.5").await;
+    refused("::ffff:203.0.113.5", "203.0.113.5").await;
+    // Loopback (also an own address) stays refused by its mapped name.
+    refused("::ffff:127.0.0.1", "127.0.0.1").await;
+    // What is allowed is stored in IPv4 form, whatever the spelling.
+    let ok = api.create_scan(scan(&["::ffff:198.51.100.9"])).await.unwrap().into_inner();
+    let mut conn = db.connect().await;
+    let ranges: Vec<String> = sqlx::query_scalar("SELECT unnest(address_ranges) FROM scans WHERE id = $1::uuid")
+        .bind(&ok.id)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ranges, ["198.51.100.9"]);
+    let policy = api.get_scope_policy(pb::GetScopePolicyRequest {}).await.unwrap().into_inner();
+    assert!(policy.allow.contains(&"198.51.100.0/24".to_string()), "{:?}", policy.allow);
+    assert!(policy.deny.contains(&"203.0.113.0/24".to_string()), "{:?}", policy.deny);
+}

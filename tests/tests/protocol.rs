@@ -464,3 +464,82 @@ async fn random_frames_never_break_the_controller() {
     }
     assert!(got.probes_done <= got.probes_planned, "{got:?}");
 }
+
+/// A session holding one shard may write results only inside that shard:
+/// a position elsewhere in the scan is refused and nothing is written (it
+/// would otherwise take the place of the real agent's result there).
+#[tokio::test]
+async fn results_outside_the_lease_are_refused_and_not_written() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut agent = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let mut api = c.client().await;
+    // Four shards of TEST-NET-2 (never probed: the agent is a test double).
+    api.create_scan(pb::CreateScanRequest {
+        targets: vec!["198.51.100.0/24".into()],
+        ports: "1-256".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
+    let p = a.scan.as_ref().unwrap();
+    let space = portfleet_core::ScanSpace::new(
+        portfleet_core::AddressSet::parse_ranges(&p.address_ranges).unwrap(),
+        portfleet_core::PortSet::parse(&p.ports).unwrap(),
+        p.seed,
+        u64::MAX,
+    )
+    .unwrap();
+    assert!(a.end_index - a.start_index < space.len(), "one shard is not the whole scan");
+    let as_result = |pos: u64| {
+        let (ip, port) = space.probe_at(pos);
+        let std::net::IpAddr::V4(v4) = ip else { panic!("IPv4 scan") };
+        result(v4.octets(), u32::from(port))
+    };
+    let outside = if a.end_index < space.len() { a.end_index } else { a.start_index - 1 };
+    // One result inside, one outside: the whole frame is refused.
+    agent.send(batch(a.shard_id, a.lease_epoch, 1, vec![as_result(a.start_index), as_result(outside)])).await;
+    match agent.next().await {
+        In::Refused(r) => {
+            assert_eq!(r.reason, pb::RefusalReason::Invalid as i32, "{r:?}");
+            assert!(r.message.contains("outside the lease"), "{}", r.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results").fetch_one(&mut db.connect().await).await.unwrap();
+    assert_eq!(rows, 0, "nothing of a refused frame is written");
+    // The lease goes on: an in-range batch with the same seq is applied.
+    agent.send(batch(a.shard_id, a.lease_epoch, 1, vec![as_result(a.start_index)])).await;
+    assert!(matches!(agent.next().await, In::Ack(ack) if ack.seq == 1));
+}
+
+/// Text Postgres cannot store, or that would forge log lines, is refused
+/// in the handshake as INVALID_ARGUMENT (it was INTERNAL: the insert
+/// failed), and the controller carries on.
+#[tokio::test]
+async fn control_characters_in_a_hello_are_invalid_arguments() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let code = |r: Result<FakeAgent, tonic::Status>| r.err().expect("refused").code();
+    let id = uuid::Uuid::new_v4().to_string();
+    for bad in ["nul\0name", "forged\nERROR line", "\u{1b}[2Jclear"] {
+        let mut m = hello(&id, 1, 1);
+        if let Some(Out::Hello(h)) = &mut m.frame {
+            h.name = bad.into();
+        }
+        assert_eq!(code(open(&c, Some(m)).await), Code::InvalidArgument, "name {bad:?}");
+        let mut m = hello_with(&id, &[("site", bad)], true);
+        if let Some(Out::Hello(h)) = &mut m.frame {
+            h.version = "1".into();
+        }
+        assert_eq!(code(open(&c, Some(m)).await), Code::InvalidArgument, "label {bad:?}");
+        let mut m = hello(&id, 1, 1);
+        if let Some(Out::Hello(h)) = &mut m.frame {
+            h.version = bad.into();
+        }
+        assert_eq!(code(open(&c, Some(m)).await), Code::InvalidArgument, "version {bad:?}");
+    }
+    assert!(open(&c, Some(hello(&id, 1, 1))).await.is_ok());
+}

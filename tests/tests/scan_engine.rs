@@ -141,6 +141,26 @@ async fn hostnames_are_resolved_and_json_has_naabu_fields() {
     assert!(remote.get("host").is_none(), "no host for a literal address");
 }
 
+/// An IPv4-mapped target is its IPv4 host: it is scanned (and reported)
+/// as IPv4, and an exclusion written in IPv4 holds for it.
+#[tokio::test]
+async fn mapped_targets_are_ipv4_hosts_and_ipv4_exclusions_hold() {
+    let Some(topo) = NetTopology::create() else { return };
+    let port = random_ports(1)[0];
+    let (excluded, kept): (SocketAddr, SocketAddr) =
+        (format!("10.77.1.5:{port}").parse().unwrap(), format!("10.77.1.6:{port}").parse().unwrap());
+    let _listeners = topo.listen(&[excluded, kept]);
+    for scan_type in ["connect", "syn"] {
+        let out = agent(&topo)
+            .args(["::ffff:10.77.1.0/125", "-p", &port.to_string(), "--exclude", "10.77.1.5"])
+            .args(["--scan-type", scan_type, "--wait", "300"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{scan_type}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(found(&out), [kept].into(), "{scan_type}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// Target-side count of RSTs sent, one per SYN that hit a closed port.
 fn target_out_rsts(topo: &NetTopology) -> u64 {
     let out = Command::new("ip").args(["netns", "exec", &topo.target, "cat", "/proc/net/snmp"]).output().unwrap();

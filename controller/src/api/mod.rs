@@ -13,12 +13,13 @@ use portfleet_core::TargetSpec;
 use portfleet_proto::v1::{self as pb, scan_service_server::ScanService};
 use tonic::{Request, Response, Status};
 
-pub use self::status::{store_status, to_status};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+pub use self::{
+    status::{store_status, to_status},
+    watch::WatchHub,
+};
 
 use crate::{
     auth::{Authorizer, Scope},
-    notify::Notifier,
     scans::{ScanManager, ScanRequestInput},
     store::{CapsUpdate, NewTarget, Page, ScopeRules, Store, TargetFilter},
 };
@@ -30,22 +31,16 @@ const MAX_TARGETS_PER_CALL: usize = 10_000;
 pub struct ScanApi {
     scans: ScanManager,
     store: Store,
-    notifier: Notifier,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    watches: WatchHub,
     auth: Authorizer,
 }
 
 impl ScanApi {
-    pub fn new(
-        scans: ScanManager,
-        store: Store,
-        notifier: Notifier,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Self {
+    /// `store` and `scans` work on the API clients' pool; `watches` serves
+    /// WatchScan.
+    pub fn new(scans: ScanManager, store: Store, watches: WatchHub) -> Self {
         let auth = Authorizer::new(store.clone(), std::time::Duration::from_secs(5));
-        Self { scans, store, notifier, shutdown, tracker, auth }
+        Self { scans, store, watches, auth }
     }
 }
 
@@ -76,9 +71,8 @@ impl ScanService for ScanApi {
             let spec = TargetSpec::parse(&t.value)
                 .map_err(|e| Status::invalid_argument(format!("targets[{i}].value: {e}")))?;
             let group = t.group.trim().to_string();
-            if group.len() > 128 {
-                return Err(Status::invalid_argument(format!("targets[{i}].group: longer than 128 bytes")));
-            }
+            portfleet_core::text::check(&group, 128)
+                .map_err(|e| Status::invalid_argument(format!("targets[{i}].group: {e}")))?;
             let row = NewTarget {
                 value: spec.to_string(),
                 kind: spec.kind().as_str(),
@@ -104,7 +98,11 @@ impl ScanService for ScanApi {
         self.auth.authorize(request.metadata(), Scope::Read, "ListTargets").await?;
         let r = request.into_inner();
         let page = Page { after: page::decode("targets", &r.page_token)?, limit: page::size(r.page_size, 100, 1000) };
-        let filter = TargetFilter { group: r.group.map(|g| g.trim().to_string()), enabled_only: r.enabled_only };
+        let group = r.group.map(|g| g.trim().to_string());
+        if let Some(g) = &group {
+            portfleet_core::text::check(g, 128).map_err(|e| Status::invalid_argument(format!("group: {e}")))?;
+        }
+        let filter = TargetFilter { group, enabled_only: r.enabled_only };
         let paged = self.store.list_targets(&filter, page).await.map_err(store_status)?;
         Ok(Response::new(pb::ListTargetsResponse {
             targets: paged.items.into_iter().map(Into::into).collect(),
@@ -181,12 +179,12 @@ impl ScanService for ScanApi {
     type WatchScanStream = WatchStream;
 
     async fn watch_scan(&self, request: Request<pb::WatchScanRequest>) -> Result<Response<WatchStream>, Status> {
-        self.auth.authorize(request.metadata(), Scope::Read, "WatchScan").await?;
+        let caller = self.auth.authorize(request.metadata(), Scope::Read, "WatchScan").await?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
+        // The slot first: a refused watch costs no query.
+        let slot = self.watches.admit(&caller)?;
         let scan = self.scans.get(id).await.map_err(to_status)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        self.tracker.spawn(watch::stream(self.store.clone(), self.notifier.clone(), self.shutdown.clone(), scan, tx));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(self.watches.watch(slot, scan))))
     }
 
     async fn drain_agent(&self, request: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {

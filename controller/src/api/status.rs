@@ -23,6 +23,18 @@ pub fn store_status(err: StoreError) -> Status {
         }
         StoreError::Cancelled => Status::unavailable("controller is shutting down"),
         StoreError::PolicyChanged => Status::unavailable("the scope policy kept changing, try again"),
+        StoreError::Invalid(m) => Status::invalid_argument(m),
+        StoreError::Rejected(e) => {
+            let why = match &e {
+                sqlx::Error::Database(db) => db.message().to_string(),
+                other => other.to_string(),
+            };
+            tracing::info!(error = %e, "the database refused a request's values");
+            Status::invalid_argument(format!(
+                "the request cannot be stored: {}",
+                portfleet_core::text::sanitize(&why, 200)
+            ))
+        }
         other => {
             tracing::error!(error = %other, "internal error");
             Status::internal("internal error")

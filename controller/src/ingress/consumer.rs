@@ -5,13 +5,18 @@
 //!   invalid targets or ports, too large) is published to the dead-letter
 //!   queue with the reason in the `x-portfleet-error` header - confirmed by
 //!   the broker - and then acked: logged once, never redelivered.
-//! - A transient failure (database down) is nacked with requeue after a
-//!   backoff, until the delivery limit; then it is dead-lettered the same
-//!   way, with the last error.
-//! - Prefetch bounds how many messages are in hand at once.
+//! - While the database is unavailable the requests in hand are held and
+//!   retried, unsettled, until it is back: an outage is not a message's
+//!   fault and counts no delivery. Any other failure is nacked with
+//!   requeue after a backoff, until the delivery limit; then it is
+//!   dead-lettered the same way, with the last error.
+//! - Requests that wait on DNS are stored apart (the lookup lane), so a
+//!   slow name never holds up a batch.
+//! - Prefetch bounds how many messages are in hand at once; bodies over the
+//!   size limit are refused unparsed.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -26,6 +31,8 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
+use portfleet_core::backoff::Backoff;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -33,7 +40,10 @@ use super::{
     messages::{self, BadMessage, Properties},
     topology::{QueueKind, RequestQueue},
 };
-use crate::{scans::ScanError, store::StoreError};
+use crate::{
+    scans::{ScanError, ScanRequestInput},
+    store::StoreError,
+};
 
 /// Publishes rejected messages to the dead-letter exchange, with confirms.
 pub struct DeadLetters {
@@ -120,11 +130,19 @@ fn text(v: &Option<ShortString>) -> Option<&str> {
 
 /// Deliveries are taken in batches: whatever is ready, up to this many,
 /// waiting at most [`BATCH_WINDOW`] after the first. One batch is one
-/// database statement, one commit and one multiple-ack. Batches of a queue
-/// run one after another, so a multiple-ack never covers a delivery of a
-/// later batch; the next batch fills while one is stored.
+/// database statement, one commit and (usually) one multiple-ack. Batches
+/// of a queue run one after another; requests that wait on DNS are stored
+/// apart (the lookup lane), so a slow name never holds up a batch.
 const MAX_BATCH: usize = 500;
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// Requests of this queue being resolved and stored on their own, by
+/// delivery tag: a multiple-ack must never cover one of them.
+#[derive(Default)]
+struct Lane {
+    tasks: JoinSet<Result<u64, IngressError>>,
+    tags: BTreeSet<u64>,
+}
 
 /// Consumes one queue until `cancel` or a connection error.
 pub async fn run(
@@ -146,10 +164,20 @@ pub async fn run(
         )
         .await?;
     tracing::info!(queue = %queue.name, managed = queue.managed, "consuming scan requests");
+    let queue = Arc::new(queue);
+    let mut lane = Lane::default();
     let result = loop {
-        // Wait for the first delivery, then take what follows within the window.
+        // Wait for the first delivery, then take what follows within the
+        // window; settle lookup-lane requests as they finish meanwhile.
         let first = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
+            Some(done) = lane.tasks.join_next(), if !lane.tasks.is_empty() => {
+                match done {
+                    Ok(Ok(tag)) => { lane.tags.remove(&tag); continue }
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(IngressError::ConsumerEnded(format!("a lookup task failed: {e}"))),
+                }
+            }
             next = consumer.next() => next,
         };
         let mut batch = match first {
@@ -159,7 +187,9 @@ pub async fn run(
         };
         let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
         let mut failed = None;
-        while batch.len() < MAX_BATCH {
+        // No more than prefetch can arrive before this batch is acked.
+        let most = MAX_BATCH.min(usize::from(ingress.config.prefetch));
+        while batch.len() < most {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
                 next = consumer.next() => match next {
@@ -172,7 +202,7 @@ pub async fn run(
         // Even when the stream failed, settle what is in hand (or it goes
         // back unacked with the channel).
         let (n, t0) = (batch.len(), std::time::Instant::now());
-        let handled = handle(&ingress, &dead, &queue, &channel, batch, &cancel).await;
+        let handled = handle(&ingress, &dead, &queue, &channel, batch, &mut lane, &cancel).await;
         tracing::debug!(requests = n, elapsed = ?t0.elapsed(), "batch settled");
         if let Err(e) = handled {
             break Err(e);
@@ -181,19 +211,26 @@ pub async fn run(
             break Err(e);
         }
     };
+    // Unsettled lookup-lane requests go back to the queue with the channel.
+    lane.tasks.shutdown().await;
     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     let _ = channel.close(200, ShortString::from("consumer stopping")).await;
     result
 }
 
 fn parse(ingress: &Ingress, queue: &RequestQueue, d: &Delivery) -> Result<crate::scans::ScanRequestInput, BadMessage> {
+    let max = ingress.config.max_message_bytes;
+    if d.data.len() > max {
+        return Err(BadMessage(format!("the message body is {} bytes, over the maximum of {max}", d.data.len())));
+    }
     let props = Properties {
         message_id: text(d.properties.message_id()),
         correlation_id: text(d.properties.correlation_id()),
         reply_to: text(d.properties.reply_to()),
     };
+    let max_targets = ingress.scans.limits().max_targets as usize;
     match queue.kind {
-        QueueKind::Native => messages::parse_native(d.routing_key.as_str(), &d.data, &props),
+        QueueKind::Native => messages::parse_native(d.routing_key.as_str(), &d.data, &props, max_targets),
         QueueKind::NaabuM8 => {
             let defaults = ingress
                 .config
@@ -201,12 +238,12 @@ fn parse(ingress: &Ingress, queue: &RequestQueue, d: &Delivery) -> Result<crate:
                 .as_ref()
                 .map(|n| n.defaults.clone())
                 .unwrap_or_else(|| messages::NaabuDefaults { ports: "top-100".into(), rate: 1000 });
-            messages::parse_naabum8(d.routing_key.as_str(), &d.data, &props, &defaults)
+            messages::parse_naabum8(d.routing_key.as_str(), &d.data, &props, &defaults, max_targets)
         }
     }
 }
 
-/// What became of one request of a batch.
+/// What became of one request.
 enum Outcome {
     /// The scan is committed (or existed): ack.
     Stored,
@@ -216,19 +253,95 @@ enum Outcome {
     Transient(String),
 }
 
-/// Handles a batch to the end: every delivery acked, dead-lettered, or
-/// nacked.
+/// Stores requests, each to an [`Outcome`]. While the database is
+/// unavailable the requests are held and retried with backoff: an outage
+/// is not the messages' fault, so it never counts toward their delivery
+/// limit (and nothing more is consumed meanwhile). `None` when cancelled
+/// while holding: the requests stay unsettled and go back to the queue.
+async fn store(ingress: &Ingress, inputs: Vec<ScanRequestInput>, cancel: &CancellationToken) -> Option<Vec<Outcome>> {
+    let mut outcomes: Vec<Option<Outcome>> = inputs.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..inputs.len()).collect();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut held_since = None;
+    loop {
+        let batch = pending.iter().map(|&i| inputs[i].clone()).collect();
+        let mut unavailable = None;
+        match ingress.scans.create_many(batch).await {
+            Ok(results) => {
+                let mut still = Vec::new();
+                for (i, result) in pending.iter().copied().zip(results) {
+                    match result {
+                        Ok(_) => outcomes[i] = Some(Outcome::Stored),
+                        Err(ScanError::Store(e)) if e.is_transient() => {
+                            unavailable = Some(e.to_string());
+                            still.push(i);
+                        }
+                        Err(ScanError::Store(e @ StoreError::Rejected(_))) => {
+                            outcomes[i] = Some(Outcome::Refused(e.to_string()))
+                        }
+                        Err(ScanError::Store(e)) => outcomes[i] = Some(Outcome::Transient(e.to_string())),
+                        Err(e) => outcomes[i] = Some(Outcome::Refused(e.to_string())),
+                    }
+                }
+                pending = still;
+            }
+            Err(e) if e.is_transient() => unavailable = Some(e.to_string()),
+            Err(e) => {
+                tracing::error!(error = %e, requests = pending.len(), "storing scans failed; the requests go back");
+                for &i in &pending {
+                    outcomes[i] = Some(Outcome::Transient(e.to_string()));
+                }
+                pending.clear();
+            }
+        }
+        if pending.is_empty() {
+            if let Some(since) = held_since {
+                let since: tokio::time::Instant = since;
+                tracing::info!(held = ?since.elapsed(), requests = inputs.len(), "database back; held requests stored");
+            }
+            return outcomes.into_iter().collect();
+        }
+        if held_since.is_none() {
+            held_since = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                error = unavailable.as_deref().unwrap_or(""),
+                requests = pending.len(),
+                "database unavailable; holding the requests until it is back (not counted as delivery attempts)"
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Handles a batch to the end: every delivery acked, dead-lettered,
+/// nacked, or handed to the lookup lane.
 async fn handle(
-    ingress: &Ingress,
-    dead: &DeadLetters,
-    queue: &RequestQueue,
+    ingress: &Arc<Ingress>,
+    dead: &Arc<DeadLetters>,
+    queue: &Arc<RequestQueue>,
     channel: &Channel,
     batch: Vec<Delivery>,
+    lane: &mut Lane,
     cancel: &CancellationToken,
 ) -> Result<(), IngressError> {
     let mut valid = Vec::with_capacity(batch.len());
     for d in batch {
         match parse(ingress, queue, &d) {
+            Ok(input) if input.needs_lookup() => {
+                lane.tags.insert(d.delivery_tag);
+                let (ingress, dead, queue, cancel) = (ingress.clone(), dead.clone(), queue.clone(), cancel.clone());
+                lane.tasks.spawn(async move {
+                    let tag = d.delivery_tag;
+                    if let Some(mut outcome) = store(&ingress, vec![input.clone()], &cancel).await {
+                        let outcome = outcome.pop().unwrap_or(Outcome::Transient("no outcome".into()));
+                        settle(&ingress, &dead, &queue, d, &input.request_id, outcome, &cancel).await?;
+                    }
+                    Ok(tag)
+                });
+            }
             Ok(input) => valid.push((d, input)),
             Err(BadMessage(reason)) => reject(dead, queue, &d, &reason, 1).await?,
         }
@@ -236,68 +349,70 @@ async fn handle(
     if valid.is_empty() {
         return Ok(());
     }
-    let keys: Vec<String> = valid.iter().map(|(_, i)| i.request_id.clone()).collect();
     let inputs = valid.iter().map(|(_, i)| i.clone()).collect();
     let t0 = std::time::Instant::now();
-    let created = ingress.scans.create_many(inputs).await;
-    tracing::debug!(requests = keys.len(), store = ?t0.elapsed(), "batch stored");
-    let outcomes: Vec<Outcome> = match created {
-        Ok(outcomes) => outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok(_) => Outcome::Stored,
-                Err(ScanError::Store(e)) => Outcome::Transient(e.to_string()),
-                Err(e) => Outcome::Refused(e.to_string()),
-            })
-            .collect(),
-        Err(e) => {
-            let why = e.to_string();
-            if matches!(e, StoreError::Unavailable(_) | StoreError::PolicyChanged) {
-                tracing::warn!(error = %why, requests = keys.len(), "database unavailable; the requests go back");
-            } else {
-                tracing::error!(error = %why, requests = keys.len(), "storing scans failed; the requests go back");
-            }
-            keys.iter().map(|_| Outcome::Transient(why.clone())).collect()
-        }
-    };
-    let mut retry = Vec::new();
+    let Some(outcomes) = store(ingress, inputs, cancel).await else { return Ok(()) };
+    tracing::debug!(requests = valid.len(), store = ?t0.elapsed(), "batch stored");
     let mut stored = Vec::new();
-    for ((d, _), (key, outcome)) in valid.into_iter().zip(keys.into_iter().zip(outcomes)) {
+    for ((d, input), outcome) in valid.into_iter().zip(outcomes) {
         match outcome {
             Outcome::Stored => {
-                ingress.attempts.forget(&key);
+                ingress.attempts.forget(&input.request_id);
                 stored.push(d);
             }
-            Outcome::Refused(reason) => {
-                ingress.attempts.forget(&key);
-                reject(dead, queue, &d, &reason, 1).await?;
-            }
-            Outcome::Transient(e) => {
-                let n = attempt(&d, &key, &ingress.attempts);
-                if n >= ingress.config.delivery_limit {
-                    ingress.attempts.forget(&key);
-                    reject(dead, queue, &d, &format!("gave up after {n} attempts: {e}"), n).await?;
-                } else {
-                    retry.push((d, n));
-                }
-            }
+            other => settle(ingress, dead, queue, d, &input.request_id, other, cancel).await?,
         }
     }
-    if let Some(n) = retry.iter().map(|(_, n)| *n).max() {
-        // Back off before handing them back, so an outage is not a hot loop.
-        let backoff = Duration::from_millis(200 * u64::from(n)).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        for (d, _) in retry {
-            d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-        }
-    }
-    // Everything else is settled, and earlier batches were: one ack with
-    // `multiple` covers exactly the stored deliveries of this batch.
-    if let Some(last) = stored.iter().map(|d| d.delivery_tag).max() {
+    // Everything else of this batch is settled, and earlier batches were:
+    // one ack with `multiple` covers exactly the stored deliveries, unless
+    // a lookup-lane request below them is still open.
+    let Some(last) = stored.iter().map(|d| d.delivery_tag).max() else { return Ok(()) };
+    if lane.tags.range(..last).next().is_none() {
         channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
+    } else {
+        for d in stored {
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Settles one delivery by its outcome: ack, dead-letter, or nack with
+/// requeue after a backoff until the delivery limit.
+async fn settle(
+    ingress: &Ingress,
+    dead: &DeadLetters,
+    queue: &RequestQueue,
+    d: Delivery,
+    key: &str,
+    outcome: Outcome,
+    cancel: &CancellationToken,
+) -> Result<(), IngressError> {
+    match outcome {
+        Outcome::Stored => {
+            ingress.attempts.forget(key);
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Outcome::Refused(reason) => {
+            ingress.attempts.forget(key);
+            reject(dead, queue, &d, &reason, 1).await?;
+        }
+        Outcome::Transient(e) => {
+            let n = attempt(&d, key, &ingress.attempts);
+            if n >= ingress.config.delivery_limit {
+                ingress.attempts.forget(key);
+                reject(dead, queue, &d, &format!("gave up after {n} attempts: {e}"), n).await?;
+            } else {
+                // Back off before handing it back, so a failing request is
+                // not a hot loop.
+                let backoff = Duration::from_millis(200 * u64::from(n)).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+            }
+        }
     }
     Ok(())
 }

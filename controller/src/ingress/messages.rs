@@ -3,9 +3,9 @@
 //! NaabuM8 envelopes that existing publishers send. Pure functions: the
 //! consumer decides what to do with a message that does not parse.
 
-use std::collections::BTreeMap;
+use std::{cell::Cell, collections::BTreeMap};
 
-use portfleet_core::ScanType;
+use portfleet_core::{ScanType, labels, text};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -43,6 +43,65 @@ fn request_id(explicit: Option<String>, props: &Properties<'_>, routing_key: &st
         })
 }
 
+/// A parse error for a dead-letter reason: serde's messages may quote the
+/// input (an unknown field's name), so they are sanitized and cut short.
+fn short(e: &serde_json::Error) -> String {
+    text::sanitize(&e.to_string(), 300)
+}
+
+thread_local! {
+    /// The target cap of the message being parsed on this thread (see
+    /// [`Bounded`]): serde's derive has no way to hand a parameter to a
+    /// field, and parsing is synchronous, so it is set around each parse.
+    static MAX_TARGETS: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Parses `body` as `T` with at most `max_targets` targets: the list is
+/// counted while it is read, so an oversized list is refused before it
+/// is built.
+fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8], max_targets: usize) -> serde_json::Result<T> {
+    MAX_TARGETS.with(|m| m.set(max_targets));
+    let parsed = serde_json::from_slice(body);
+    MAX_TARGETS.with(|m| m.set(usize::MAX));
+    parsed
+}
+
+/// A list of targets that refuses to grow past the cap of the parse in
+/// progress.
+struct Bounded<T>(Vec<T>);
+
+impl<T> Default for Bounded<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Bounded<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Bounded<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of targets")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let max = MAX_TARGETS.with(Cell::get);
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if out.len() == max {
+                        return Err(serde::de::Error::custom(format!("more than the maximum of {max} targets")));
+                    }
+                    out.push(item);
+                }
+                Ok(Bounded(out))
+            }
+        }
+        d.deserialize_seq(Visit(std::marker::PhantomData))
+    }
+}
+
 /// Request schema v1: the fields of CreateScanRequest, plus reply routing.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +109,7 @@ struct NativeV1 {
     #[serde(default = "v1")]
     version: u32,
     #[serde(default)]
-    targets: Vec<String>,
+    targets: Bounded<String>,
     #[serde(default)]
     target_group: String,
     #[serde(default)]
@@ -88,15 +147,22 @@ fn scan_type(s: Option<&str>) -> Result<Option<ScanType>, BadMessage> {
     }
 }
 
-pub fn parse_native(routing_key: &str, body: &[u8], props: &Properties<'_>) -> Result<ScanRequestInput, BadMessage> {
-    let msg: NativeV1 = serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a valid v1 request: {e}")))?;
+/// A native v1 request with at most `max_targets` targets.
+pub fn parse_native(
+    routing_key: &str,
+    body: &[u8],
+    props: &Properties<'_>,
+    max_targets: usize,
+) -> Result<ScanRequestInput, BadMessage> {
+    let msg: NativeV1 =
+        from_json(body, max_targets).map_err(|e| BadMessage(format!("not a valid v1 request: {}", short(&e))))?;
     if msg.version != 1 {
         return Err(BadMessage(format!("version {} is not supported (1 is)", msg.version)));
     }
     Ok(ScanRequestInput {
         scan_type: scan_type(msg.scan_type.as_deref())?,
         request_id: request_id(msg.request_id, props, routing_key, body),
-        targets: msg.targets,
+        targets: msg.targets.0,
         target_group: msg.target_group,
         ports: msg.ports,
         rate: msg.rate,
@@ -116,15 +182,16 @@ pub fn parse_native(routing_key: &str, body: &[u8], props: &Properties<'_>) -> R
 struct Envelope {
     #[serde(default)]
     channel: Option<String>,
+    /// Kept unparsed until the command says what it should hold.
     #[serde(default)]
-    payload: serde_json::Value,
+    payload: Option<Box<serde_json::value::RawValue>>,
     #[serde(default)]
     source: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct PostScan {
-    target: Vec<NamedTarget>,
+    target: Bounded<NamedTarget>,
 }
 
 #[derive(Deserialize)]
@@ -148,8 +215,10 @@ pub fn parse_naabum8(
     body: &[u8],
     props: &Properties<'_>,
     defaults: &NaabuDefaults,
+    max_targets: usize,
 ) -> Result<ScanRequestInput, BadMessage> {
-    let env: Envelope = serde_json::from_slice(body).map_err(|e| BadMessage(format!("not a NaabuM8 envelope: {e}")))?;
+    let env: Envelope =
+        from_json(body, max_targets).map_err(|e| BadMessage(format!("not a NaabuM8 envelope: {}", short(&e))))?;
     // The delivery's routing key is the command; the envelope repeats it.
     let command = if routing_key.starts_with("cptm8.naabum8.") {
         routing_key
@@ -165,9 +234,10 @@ pub fn parse_naabum8(
         correlation_id: props.correlation_id.map(str::to_string),
         ..Default::default()
     };
-    input.labels.insert("naabum8.command".into(), command.chars().take(255).collect());
+    // Informational labels: made storable rather than refused.
+    input.labels.insert("naabum8.command".into(), text::sanitize(command, labels::MAX_VALUE));
     if let Some(source) = env.source.filter(|s| !s.is_empty()) {
-        input.labels.insert("naabum8.source".into(), source.chars().take(255).collect());
+        input.labels.insert("naabum8.source".into(), text::sanitize(&source, labels::MAX_VALUE));
     }
     if command == "cptm8.naabum8.get.scan" {
         input.target_group = "*".into();
@@ -177,13 +247,14 @@ pub fn parse_naabum8(
         }
         input.target_group = group.to_string();
     } else if command == "cptm8.naabum8.post.scan" {
-        let post: PostScan = serde_json::from_value(env.payload).map_err(|e| {
-            BadMessage(format!("{command}: payload is not {{\"target\":[{{\"id\":..,\"name\":..}}]}}: {e}"))
+        let payload = env.payload.as_deref().map_or("null", serde_json::value::RawValue::get);
+        let post: PostScan = from_json(payload.as_bytes(), max_targets).map_err(|e| {
+            BadMessage(format!("{command}: payload is not {{\"target\":[{{\"id\":..,\"name\":..}}]}}: {}", short(&e)))
         })?;
-        if post.target.is_empty() {
+        if post.target.0.is_empty() {
             return Err(BadMessage(format!("{command}: no targets")));
         }
-        input.targets = post.target.into_iter().map(|t| t.name).collect();
+        input.targets = post.target.0.into_iter().map(|t| t.name).collect();
     } else {
         return Err(BadMessage(format!("unknown NaabuM8 command {command:?}")));
     }
@@ -194,6 +265,8 @@ pub fn parse_naabum8(
 mod tests {
     use super::*;
 
+    const MAX: usize = 100_000;
+
     fn props() -> Properties<'static> {
         Properties { message_id: Some("m-1"), correlation_id: Some("c-1"), reply_to: Some("replies") }
     }
@@ -202,22 +275,22 @@ mod tests {
     fn native_requests_parse_with_defaults_and_properties() {
         let body = br#"{"targets":["10.0.0.0/24"],"ports":"80,443","scan_type":"connect","rate":500,
                         "labels":{"team":"red"},"reply_to":"ignored"}"#;
-        let r = parse_native("scan.request", body, &props()).unwrap();
+        let r = parse_native("scan.request", body, &props(), MAX).unwrap();
         assert_eq!(r.targets, ["10.0.0.0/24"]);
         assert_eq!(r.scan_type, Some(ScanType::Connect));
         assert_eq!((r.rate, r.request_id.as_str()), (500, "m-1"));
         assert_eq!(r.reply_to.as_deref(), Some("replies"));
         assert_eq!(r.origin, Origin::Amqp);
-        let explicit = parse_native("k", br#"{"targets":["x.example"],"request_id":"job-7"}"#, &props()).unwrap();
+        let explicit = parse_native("k", br#"{"targets":["x.example"],"request_id":"job-7"}"#, &props(), MAX).unwrap();
         assert_eq!(explicit.request_id, "job-7");
     }
 
     #[test]
     fn the_idempotency_key_falls_back_to_a_digest() {
         let none = Properties::default();
-        let a = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none).unwrap();
-        let b = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none).unwrap();
-        let c = parse_native("k", br#"{"targets":["10.0.0.2"]}"#, &none).unwrap();
+        let a = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none, MAX).unwrap();
+        let b = parse_native("k", br#"{"targets":["10.0.0.1"]}"#, &none, MAX).unwrap();
+        let c = parse_native("k", br#"{"targets":["10.0.0.2"]}"#, &none, MAX).unwrap();
         assert!(a.request_id.starts_with("amqp-sha256:"));
         assert_eq!(a.request_id, b.request_id);
         assert_ne!(a.request_id, c.request_id);
@@ -232,23 +305,56 @@ mod tests {
             (br#"{"version":2,"targets":["10.0.0.1"]}"#, "version 2"),
             (br#"{"targets":["10.0.0.1"],"scan_type":"udp"}"#, "scan_type"),
         ] {
-            let err = parse_native("k", body, &props()).unwrap_err().0;
+            let err = parse_native("k", body, &props(), MAX).unwrap_err().0;
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn target_lists_are_counted_while_read() {
+        let body = |n: usize| {
+            let targets: Vec<String> = (0..n).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
+            serde_json::to_vec(&serde_json::json!({ "targets": targets })).unwrap()
+        };
+        assert_eq!(parse_native("k", &body(10), &props(), 10).unwrap().targets.len(), 10);
+        let err = parse_native("k", &body(11), &props(), 10).unwrap_err().0;
+        assert!(err.contains("more than the maximum of 10 targets"), "{err}");
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+        let names: Vec<_> = (0..11).map(|i| serde_json::json!({ "id": i, "name": format!("h{i}.example") })).collect();
+        let env = serde_json::to_vec(&serde_json::json!({ "payload": { "target": names } })).unwrap();
+        let err = parse_naabum8("cptm8.naabum8.post.scan", &env, &props(), &d, 10).unwrap_err().0;
+        assert!(err.contains("more than the maximum of 10 targets"), "{err}");
+        // The cap is only for the parse it was given to.
+        assert_eq!(parse_native("k", &body(11), &props(), MAX).unwrap().targets.len(), 11);
+    }
+
+    #[test]
+    fn errors_never_carry_control_characters() {
+        let err = parse_native("k", br#"{"targets":[],"x\u001b[2J\r\ny":1}"#, &props(), MAX).unwrap_err().0;
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        let mut i = parse_naabum8(
+            "cptm8.naabum8.get.scan",
+            br#"{"payload":null,"source":"a\r\nb"}"#,
+            &props(),
+            &NaabuDefaults { ports: "top-100".into(), rate: 1000 },
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(i.labels.remove("naabum8.source").unwrap(), "a  b");
     }
 
     #[test]
     fn naabum8_commands_map_to_scans() {
         let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
         let env = br#"{"channel":"cptm8.naabum8.get.scan","payload":null,"timestamp":"2024-01-01T00:00:00Z","source":"orchestrator"}"#;
-        let all = parse_naabum8("cptm8.naabum8.get.scan", env, &props(), &d).unwrap();
+        let all = parse_naabum8("cptm8.naabum8.get.scan", env, &props(), &d, MAX).unwrap();
         assert_eq!(all.target_group, "*");
         assert_eq!(all.origin, Origin::NaabuM8);
         assert_eq!(all.labels["naabum8.source"], "orchestrator");
-        let one = parse_naabum8("cptm8.naabum8.get.scan/domain/42", br#"{"payload":{}}"#, &props(), &d).unwrap();
+        let one = parse_naabum8("cptm8.naabum8.get.scan/domain/42", br#"{"payload":{}}"#, &props(), &d, MAX).unwrap();
         assert_eq!(one.target_group, "42");
         let post = br#"{"channel":"cptm8.naabum8.post.scan","payload":{"target":[{"id":1,"name":"a.example"},{"id":2,"name":"b.example"}]}}"#;
-        let named = parse_naabum8("cptm8.naabum8.post.scan", post, &props(), &d).unwrap();
+        let named = parse_naabum8("cptm8.naabum8.post.scan", post, &props(), &d, MAX).unwrap();
         assert_eq!(named.targets, ["a.example", "b.example"]);
         assert_eq!(named.ports, "top-100");
         for (rk, body, needle) in [
@@ -258,7 +364,7 @@ mod tests {
             ("cptm8.naabum8.delete.all", br#"{"payload":{}}"#, "unknown NaabuM8 command"),
             ("cptm8.naabum8.get.scan/domain/", br#"{"payload":{}}"#, "no domain id"),
         ] {
-            let err = parse_naabum8(rk, body, &props(), &d).unwrap_err().0;
+            let err = parse_naabum8(rk, body, &props(), &d, MAX).unwrap_err().0;
             assert!(err.contains(needle), "{rk}: {err}");
         }
     }
@@ -273,7 +379,8 @@ mod tests {
         assert_eq!(schema["additionalProperties"], serde_json::Value::Bool(false));
         for example in schema["examples"].as_array().unwrap() {
             let body = serde_json::to_vec(example).unwrap();
-            parse_native("scan.request", &body, &Properties::default()).unwrap_or_else(|e| panic!("{example}: {e:?}"));
+            parse_native("scan.request", &body, &Properties::default(), MAX)
+                .unwrap_or_else(|e| panic!("{example}: {e:?}"));
         }
         let samples = serde_json::json!({
             "version": 1, "targets": ["192.0.2.1"], "target_group": "g", "ports": "80", "scan_type": "connect",
@@ -290,9 +397,10 @@ mod tests {
         for key in properties.keys() {
             let body = serde_json::json!({ "targets": ["192.0.2.1"], key.as_str(): samples[key] });
             let body = serde_json::to_vec(&body).unwrap();
-            parse_native("scan.request", &body, &Properties::default()).unwrap_or_else(|e| panic!("{key}: {e:?}"));
+            parse_native("scan.request", &body, &Properties::default(), MAX).unwrap_or_else(|e| panic!("{key}: {e:?}"));
         }
-        let err = parse_native("scan.request", br#"{"targets":["192.0.2.1"],"portz":"80"}"#, &Properties::default());
+        let err =
+            parse_native("scan.request", br#"{"targets":["192.0.2.1"],"portz":"80"}"#, &Properties::default(), MAX);
         assert!(err.unwrap_err().0.contains("portz"));
     }
 
@@ -312,8 +420,8 @@ mod tests {
             ],
         ) {
             let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
-            let _ = parse_native(&key, &body, &props());
-            let _ = parse_naabum8(&key, &body, &props(), &d);
+            let _ = parse_native(&key, &body, &props(), MAX);
+            let _ = parse_naabum8(&key, &body, &props(), &d, MAX);
         }
     }
 }

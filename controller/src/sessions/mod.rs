@@ -10,7 +10,7 @@ use std::{collections::HashMap, net::IpAddr, pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
-use portfleet_core::{AddressSet, PortSet, ScanSpace, permutation::Permutation};
+use portfleet_core::{AddressSet, PortSet, ScanSpace, labels, permutation::Permutation, text};
 use portfleet_proto::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
     v1::{
@@ -148,9 +148,10 @@ impl AgentService for AgentApi {
             ));
         };
         let r = request.into_inner();
-        if r.token.len() > 256 || r.name.len() > 128 {
-            return Err(Status::invalid_argument("token or name too long"));
+        if r.token.len() > 256 {
+            return Err(Status::invalid_argument("token: too long"));
         }
+        text::check(&r.name, 128).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let agent_id = Uuid::new_v4();
         let status = |e: EnrollError| match e {
             EnrollError::BadToken => Status::permission_denied(e.to_string()),
@@ -193,12 +194,12 @@ impl Hello {
     fn parse(h: pb::Hello) -> Result<Self, Status> {
         let bad = |m: String| Status::invalid_argument(format!("hello.{m}"));
         let id = Uuid::try_parse(&h.agent_id).map_err(|_| bad(format!("agent_id: {:?} is not a UUID", h.agent_id)))?;
-        if h.name.is_empty() || h.name.len() > 128 {
+        if h.name.is_empty() {
             return Err(bad("name: give 1 to 128 bytes".into()));
         }
-        if h.labels.len() > 64 || h.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255) {
-            return Err(bad("labels: at most 64, keys 1-63 bytes, values up to 255".into()));
-        }
+        text::check(&h.name, 128).map_err(|e| bad(format!("name: {e}")))?;
+        text::check(&h.version, 64).map_err(|e| bad(format!("version: {e}")))?;
+        labels::check_all(&h.labels).map_err(|e| bad(format!("labels: {e}")))?;
         let (lo, hi) = (h.min_protocol_version, h.max_protocol_version);
         let version = hi.min(PROTOCOL_VERSION_MAX);
         if lo > hi || version < lo.max(PROTOCOL_VERSION_MIN) {
@@ -434,6 +435,11 @@ impl Session {
                 self.refuse(shard, epoch, seq, pb::RefusalReason::OutOfOrder, "a sequence number was skipped".into())
                     .await
             }
+            Applied::OutsideLease { position, start, end } => {
+                tracing::warn!(shard_id = shard, position, start, end, "agent reported a result outside its lease");
+                let msg = format!("position {position} is outside the lease ({start}..{end}); nothing was written");
+                self.refuse(shard, epoch, seq, pb::RefusalReason::Invalid, msg).await
+            }
         }
     }
 
@@ -518,7 +524,7 @@ impl Session {
             }
             In::Failed(fl) => {
                 let (shard, epoch) = (fl.shard_id as i64, fl.lease_epoch as i64);
-                let reason: String = fl.reason.chars().take(1000).collect();
+                let reason = text::sanitize(&fl.reason, 1000);
                 tracing::warn!(shard_id = shard, %reason, "agent reports a failed shard");
                 let outcome = store
                     .fail_shard(shard, epoch, self.agent_id, &reason, self.fleet.config.max_shard_failures)

@@ -14,18 +14,58 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cancelled")]
     Cancelled,
+    /// A value this code was asked to write cannot be (checked before the
+    /// database sees it).
+    #[error("{0}")]
+    Invalid(String),
     /// The scope rules changed after the scans being stored were checked
     /// against them: check again.
     #[error("the scope policy changed meanwhile")]
     PolicyChanged,
+    /// The database refused the values written (a data exception or a
+    /// constraint): the request's fault, retrying cannot help.
+    #[error("the database refused the data: {0}")]
+    Rejected(#[source] sqlx::Error),
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
 }
 
+impl StoreError {
+    /// Whether the failure is about the database's availability (or this
+    /// controller stopping) rather than the data: worth retrying as is.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Cancelled | Self::PolicyChanged)
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        if is_transient(&e) { Self::Unavailable(e) } else { Self::Other(e) }
+        if is_transient(&e) {
+            UNAVAILABLE.notify_one();
+            Self::Unavailable(e)
+        } else if is_rejection(&e) {
+            Self::Rejected(e)
+        } else {
+            Self::Other(e)
+        }
     }
+}
+
+/// SQLSTATE class 22 (data exception: a NUL in text, a value out of
+/// range) and 23 (integrity constraint violation).
+fn is_rejection(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
+}
+
+/// Poked whenever an error is classified as `Unavailable`: the health task
+/// (`crate::health`) checks the database at once instead of at its next
+/// interval. Only a hint - one stored wake-up, however many errors - so a
+/// busy pool timing out costs one ping.
+static UNAVAILABLE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// See [`UNAVAILABLE`].
+pub fn unavailable_hint() -> &'static tokio::sync::Notify {
+    &UNAVAILABLE
 }
 
 /// Errors that mean "the database is not there right now".

@@ -89,6 +89,21 @@ pub enum Applied {
     NotHeld,
     /// A sequence number was skipped.
     OutOfOrder,
+    /// A result lies outside the lease's range of positions (a protocol
+    /// violation): nothing of the frame was written.
+    OutsideLease { position: i64, start: i64, end: i64 },
+}
+
+/// What a frame's fence learned about its lease.
+struct Passed {
+    scan_id: Uuid,
+    /// The shard's result-batch number (bumped for a results frame).
+    batch: i32,
+    /// Whether the scan has hostnames.
+    named: bool,
+    /// The shard's range of positions, `start..end`.
+    start: i64,
+    end: i64,
 }
 
 /// Progress an agent reports for a lease.
@@ -279,12 +294,12 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         f: &Fence,
         batch: bool,
-    ) -> Result<Result<(Uuid, i32, bool), Applied>, StoreError> {
-        let passed = sqlx::query_as::<_, (Uuid, i32, bool)>(
+    ) -> Result<Result<Passed, Applied>, StoreError> {
+        let passed = sqlx::query_as::<_, (Uuid, i32, bool, i64, i64)>(
             "UPDATE shards SET acked_seq = $4, updated_at = now(), result_batches = result_batches + $5
              WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased' AND acked_seq = $4 - 1
              RETURNING scan_id, result_batches,
-                EXISTS (SELECT 1 FROM scan_hosts h WHERE h.scan_id = shards.scan_id)",
+                EXISTS (SELECT 1 FROM scan_hosts h WHERE h.scan_id = shards.scan_id), start_index, end_index",
         )
         .bind(f.shard_id)
         .bind(f.lease_epoch)
@@ -293,8 +308,8 @@ impl Store {
         .bind(i32::from(batch))
         .fetch_optional(&mut **tx)
         .await?;
-        if let Some(passed) = passed {
-            return Ok(Ok(passed));
+        if let Some((scan_id, batch, named, start, end)) = passed {
+            return Ok(Ok(Passed { scan_id, batch, named, start, end }));
         }
         let row = sqlx::query_as::<_, (i64, String, Option<Uuid>, i64)>(
             "SELECT lease_epoch, state, agent_id, acked_seq FROM shards WHERE id = $1",
@@ -320,13 +335,20 @@ impl Store {
     /// moves the lease's sequence on: both or neither.
     pub async fn apply_results(&self, f: &Fence, results: &[PortRecord]) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (scan_id, batch, named) = match Self::fence(&mut tx, f, !results.is_empty()).await? {
+        let Passed { scan_id, batch, named, start, end } = match Self::fence(&mut tx, f, !results.is_empty()).await? {
             Ok(passed) => passed,
             Err(outcome) => {
                 tx.rollback().await?;
                 return Ok(outcome);
             }
         };
+        // A lease covers its shard's positions only: results elsewhere in
+        // the scan would be written under another lease's name (and, being
+        // first, would shadow the real ones).
+        if let Some(r) = results.iter().find(|r| !(start..end).contains(&r.position)) {
+            tx.rollback().await?;
+            return Ok(Applied::OutsideLease { position: r.position, start, end });
+        }
         if !results.is_empty() {
             let positions: Vec<i64> = results.iter().map(|r| r.position).collect();
             let ips: Vec<IpAddr> = results.iter().map(|r| r.ip).collect();

@@ -22,7 +22,7 @@ use sqlx::{
 use tokio_util::sync::CancellationToken;
 
 pub use agents::{AgentIntro, AgentRecord, Beat};
-pub use error::StoreError;
+pub use error::{StoreError, unavailable_hint};
 pub use events::{PendingEvent, PendingEvents};
 pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, LeasedScan, PortRecord,

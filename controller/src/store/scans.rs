@@ -143,7 +143,37 @@ impl Store {
     /// unless `policy_version` is still the scope rules' version; the check
     /// holds the version (FOR SHARE) until the scans commit, so a policy
     /// change either waits for them (and its sweep sees them) or they see it.
+    ///
+    /// One statement stores the batch. When it fails for a reason other
+    /// than the connection (a value the database refuses, say), the scans
+    /// are stored one at a time so only the bad one fails: its error is in
+    /// its place in the list. An `Err` of the whole call stored nothing.
     pub async fn insert_scans(
+        &self,
+        scans: &[NewScan],
+        policy_version: i64,
+    ) -> Result<Vec<Result<(ScanRecord, bool), StoreError>>, StoreError> {
+        match self.insert_scan_batch(scans, policy_version).await {
+            Ok(stored) => Ok(stored.into_iter().map(Ok).collect()),
+            Err(e) if scans.len() > 1 && !e.is_transient() => {
+                tracing::warn!(error = %e, scans = scans.len(), "storing a batch of scans failed; storing them one at a time");
+                let mut out = Vec::with_capacity(scans.len());
+                for scan in scans {
+                    match self.insert_scan_batch(std::slice::from_ref(scan), policy_version).await {
+                        Ok(mut one) => {
+                            out.push(one.pop().ok_or_else(|| StoreError::Corrupt("no row for a stored scan".into())))
+                        }
+                        Err(e) if !e.is_transient() => out.push(Err(e)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn insert_scan_batch(
         &self,
         scans: &[NewScan],
         policy_version: i64,

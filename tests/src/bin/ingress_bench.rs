@@ -2,7 +2,7 @@
 //! broker and Postgres:
 //!
 //!   cargo build --release -p portfleet-controller -p portfleet-tests --bins
-//!   ./target/release/ingress-bench [--burst 20000] [--paced 2000] [--seconds 10]
+//!   ./target/release/ingress-bench [--burst 20000] [--paced 2000] [--seconds 10] [--prefetch 128]
 //!
 //! Phase 1 (throughput): `--burst` requests published at once; requests
 //! consumed per second, from the first publish to the last scan committed
@@ -13,6 +13,12 @@
 //! creating transaction sends, which Postgres delivers only after commit).
 //! Prints the ratios to NaabuM8's target (1,000/s, p95 < 100 ms) and to
 //! this project's goal (5,000/s, p95 < 20 ms).
+//!
+//!   ./target/release/ingress-bench --memory
+//!
+//! Instead: the controller's peak RSS while 8 maximum-size requests (the
+//! default limit, 1 MiB of targets each) are in flight, then while 8
+//! 32 MiB bodies arrive (refused unparsed); goal < 300 MB.
 
 use std::{
     collections::HashMap,
@@ -107,6 +113,96 @@ impl Drop for Child {
     }
 }
 
+/// The process's resident set, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Peak RSS while `work` runs, sampled every 5 ms.
+async fn peak_rss<F: std::future::Future<Output = ()>>(pid: u32, work: F) -> f64 {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    work.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap()
+}
+
+async fn memory_phase(broker: &TestBroker, pool: &sqlx::PgPool, pid: u32) {
+    let limit = portfleet_controller::ingress::DEFAULT_MAX_MESSAGE_BYTES;
+    let c = &broker.config;
+    // Just under the limit: every target a distinct string, so parsing
+    // holds them all.
+    let body_of = |tag: u32, bytes: usize| {
+        let mut targets = Vec::new();
+        let mut len = 40;
+        let mut i = 0u32;
+        while len + 20 < bytes {
+            let t = format!("198.51.100.{}", i % 256);
+            len += t.len() + 3;
+            targets.push(t);
+            i += 1;
+        }
+        serde_json::to_vec(
+            &serde_json::json!({ "targets": targets, "ports": "80", "labels": { "phase": format!("mem-{tag}") } }),
+        )
+        .unwrap()
+    };
+    let idle = rss_mib(pid);
+    let max_size: Vec<Vec<u8>> = (0..8).map(|i| body_of(i, limit - 64)).collect();
+    assert!(max_size.iter().all(|b| b.len() <= limit), "bodies within the limit");
+    let peak_valid = peak_rss(pid, async {
+        for b in &max_size {
+            broker.publish(&c.exchange, &c.routing_key, b, BasicProperties::default()).await;
+        }
+        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM scans WHERE labels->>'phase' LIKE 'mem-%'")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0)
+            < 8
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let huge = vec![b' '; 32 << 20];
+    let dlq = format!("{}.dlq", c.queue);
+    let peak_huge = peak_rss(pid, async {
+        for _ in 0..8 {
+            broker.publish(&c.exchange, &c.routing_key, &huge, BasicProperties::default()).await;
+        }
+        while broker.depth(&dlq).await < 8 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    println!("ingress memory: controller RSS idle {idle:.0} MiB");
+    println!(
+        "  8 requests of {} KiB (the maximum) in flight: peak {peak_valid:.0} MiB ({:.2}x the 300 MB goal)",
+        max_size[0].len() / 1024,
+        peak_valid * 1.048_576 / 300.0
+    );
+    println!(
+        "  8 bodies of 32 MiB (refused unparsed): peak {peak_huge:.0} MiB ({:.2}x the goal)",
+        peak_huge * 1.048_576 / 300.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -114,6 +210,8 @@ async fn main() {
     let burst = arg(&args, "--burst", 20_000);
     let paced = arg(&args, "--paced", 2_000);
     let seconds = arg(&args, "--seconds", 10);
+    let memory = args.iter().any(|a| a == "--memory");
+    let prefetch = arg(&args, "--prefetch", u64::from(portfleet_controller::ingress::DEFAULT_PREFETCH));
     let db = TestDb::create().await;
     let mut broker = TestBroker::new().await;
     broker.config.naabum8 = None;
@@ -127,12 +225,17 @@ async fn main() {
         .args(["--amqp-url", &c.url, "--amqp-exchange", &c.exchange, "--amqp-queue", &c.queue])
         .args(["--amqp-dead-letter-exchange", &c.dead_letter_exchange, "--amqp-events-exchange", &c.events_exchange])
         .args(["--db-pool-size", "16", "--allow", "198.51.100.0/24"])
+        .args(["--amqp-prefetch", &prefetch.to_string()])
         .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .spawn()
         .unwrap();
     let child = Child(child);
     broker.wait_ready().await;
     let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+    if memory {
+        memory_phase(&broker, &pool, child.0.id()).await;
+        return;
+    }
 
     // Phase 1: a burst.
     let start = Instant::now();
@@ -191,7 +294,7 @@ async fn main() {
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     let dpct = |p: f64| delivery[((delivery.len() as f64 - 1.0) * p).round() as usize];
     drop(child);
-    println!("ingress: ack after commit, default prefetch (1000), one controller");
+    println!("ingress: ack after commit, prefetch {prefetch}, one controller");
     println!(
         "  burst of {burst}: published in {:.2} s, all committed after {elapsed:.2} s: {rate:.0} requests/s",
         published.as_secs_f64()

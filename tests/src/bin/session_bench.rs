@@ -4,6 +4,8 @@
 //!   cargo run --release -p portfleet-tests --bin session-bench -- ingest [--results 10000000] [--agents 16]
 //!   cargo run --release -p portfleet-tests --bin session-bench -- fleet [--agents 1000] [--scans 100]
 //!   cargo run --release -p portfleet-tests --bin session-bench -- caps [--agents 100] [--running 500] [--scans 100]
+//!   cargo run --release -p portfleet-tests --bin session-bench -- watch [--watchers 500] [--runs 3] [--agents 4]
+//!       [--shard-rate 8000] [--controller PATH] [--client-nice]
 //!
 //! `ingest`: agents stream result batches (1000 results each, up to 64
 //! unacked per lease, as the real agent does); reports results committed
@@ -14,6 +16,17 @@
 //! leases (each over 20 /24s and 20 addresses of 10.0.0.0/14), CreateScan
 //! -> first Assign and the controller's CPU with the caps off, then on, in
 //! the same run.
+//! `watch`: what WatchScan streams cost the rest: a scan of 2^20 positions
+//! (64 shards) reported by simulated agents at a fixed pace per shard, as
+//! a real agent sends (a batch every 100 ms, a checkpoint every second,
+//! holding while its controller's heartbeat echoes are late), timed from
+//! the agents' start to Completed, while GetScan is timed every 10 ms;
+//! once with no watcher and once with `--watchers` streams on the scan,
+//! alternating, `--runs` times each; prints medians and ratios. The
+//! watchers are one child process (`watch-client`, one thread, 100 streams
+//! per HTTP/2 connection, 25 per token: under the default caps), so their
+//! decoding shows apart; `--client-nice` runs it at nice 19.
+//! `--controller PATH` runs another build of the controller binary.
 //! Needs `cargo build --release -p portfleet-controller` first.
 
 use std::{
@@ -74,8 +87,13 @@ impl Drop for Controller {
 }
 
 async fn start_controller(db: &TestDb) -> Controller {
+    start_controller_bin(db, None).await
+}
+
+/// The controller built next to this bench, or the binary at `bin`.
+async fn start_controller_bin(db: &TestDb, bin: Option<&str>) -> Controller {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().join("portfleet-controller");
+    let bin = bin.map_or_else(|| exe.parent().unwrap().join("portfleet-controller"), std::path::PathBuf::from);
     assert!(bin.exists(), "build it first: cargo build --release -p portfleet-controller");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = std::process::Command::new(bin)
@@ -477,9 +495,471 @@ async fn main() {
         Some("ingest") => ingest(&args).await,
         Some("fleet") => fleet(&args).await,
         Some("caps") => caps(&args).await,
+        Some("watch") => watch::bench(&args).await,
+        Some("watch-client") => tokio::task::block_in_place(|| watch::client(&args)),
         _ => {
-            eprintln!("usage: session-bench ingest|fleet|caps [options] (see the file's header)");
+            eprintln!("usage: session-bench ingest|fleet|caps|watch [options] (see the file's header)");
             std::process::exit(2);
+        }
+    }
+}
+
+/// The `watch` mode: WatchScan streams against a scan's pace and GetScan's
+/// latency.
+mod watch {
+    use std::{
+        collections::HashMap,
+        net::IpAddr,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant, SystemTime},
+    };
+
+    use portfleet_core::{AddressSet, PortSet, ScanSpace, permutation::Permutation};
+    use portfleet_proto::{
+        auth::Bearer,
+        v1::{
+            self as pb, agent_message::Frame as Out, agent_service_client::AgentServiceClient,
+            controller_message::Frame as In, watch_scan_response::Event,
+        },
+    };
+    use portfleet_tests::TestDb;
+    use tokio::sync::{mpsc, watch};
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::transport::Channel;
+
+    use super::{admin_client, arg, cpu_secs, pct, start_controller_bin};
+
+    /// Under the default cap per token (32).
+    const WATCHERS_PER_TOKEN: usize = 25;
+    /// Under the controller's 128 streams per connection.
+    const STREAMS_PER_CONNECTION: usize = 100;
+    /// One position in this many reports open: 4096 results in the scan.
+    const OPEN_EVERY: u64 = 256;
+    /// Frames of a lease in flight, as the controller's Welcome allows.
+    const WINDOW: u64 = 64;
+    const SLOTS_PER_AGENT: u32 = 2;
+
+    struct Figures {
+        scan_secs: f64,
+        p50_ms: f64,
+        p99_ms: f64,
+        samples: usize,
+        holds: u64,
+        max_silence_ms: u64,
+        controller_cpu: f64,
+        bench_cpu: f64,
+        watchers_complete: usize,
+    }
+
+    pub async fn bench(args: &[String]) {
+        let watchers = arg(args, "--watchers", 500) as usize;
+        let runs = arg(args, "--runs", 3) as usize;
+        let agents = arg(args, "--agents", 4) as usize;
+        let shard_rate = arg(args, "--shard-rate", 8000);
+        let bin = args.iter().position(|a| a == "--controller").and_then(|i| args.get(i + 1)).cloned();
+        let nice = args.iter().any(|a| a == "--client-nice");
+        println!(
+            "watch: 10.0.0.0/16 x 16 ports (2^20 positions, 64 shards) on {agents} simulated agents x \
+             {SLOTS_PER_AGENT} slots, {shard_rate} positions/s per shard, 1 in {OPEN_EVERY} open; \
+             GetScan every 10 ms; controller {}",
+            bin.as_deref().unwrap_or("(built with this bench)")
+        );
+        let (mut none, mut many) = (Vec::new(), Vec::new());
+        for run in 1..=runs {
+            for n in [0, watchers] {
+                let f = run_once(n, agents, shard_rate, bin.as_deref(), nice).await;
+                println!(
+                    "  run {run}, {n:>4} watchers: scan {:.1} s, GetScan p50 {:.2} ms p99 {:.2} ms ({} calls), \
+                     agent holds {} (longest silence {} ms), controller CPU {:.0}%, bench CPU {:.0}%, \
+                     watchers with every result {}/{n}",
+                    f.scan_secs,
+                    f.p50_ms,
+                    f.p99_ms,
+                    f.samples,
+                    f.holds,
+                    f.max_silence_ms,
+                    f.controller_cpu,
+                    f.bench_cpu,
+                    f.watchers_complete
+                );
+                if n == 0 { none.push(f) } else { many.push(f) }
+            }
+        }
+        let median = |v: &[Figures], f: fn(&Figures) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        println!("medians of {runs} runs:");
+        println!("  | watchers | scan | GetScan p50 | GetScan p99 | agent holds | controller CPU |");
+        for (n, v) in [(0, &none), (watchers, &many)] {
+            println!(
+                "  | {n} | {:.1} s | {:.2} ms | {:.2} ms | {} | {:.0}% |",
+                median(v, |f| f.scan_secs),
+                median(v, |f| f.p50_ms),
+                median(v, |f| f.p99_ms),
+                median(v, |f| f.holds as f64),
+                median(v, |f| f.controller_cpu)
+            );
+        }
+        let ratio = |f: fn(&Figures) -> f64| median(&many, f) / median(&none, f);
+        println!(
+            "  {watchers}/0 watchers: scan duration {:.2}x, GetScan p50 {:.2}x, p99 {:.2}x (goal: within 1.2x)",
+            ratio(|f| f.scan_secs),
+            ratio(|f| f.p50_ms),
+            ratio(|f| f.p99_ms)
+        );
+    }
+
+    async fn run_once(watchers: usize, agents: usize, shard_rate: u64, bin: Option<&str>, nice: bool) -> Figures {
+        let db = TestDb::create().await;
+        let ctl = start_controller_bin(&db, bin).await;
+        let pid = ctl.child.id();
+        let mut api = admin_client(&db, &ctl).await;
+        let scan = api
+            .create_scan(pb::CreateScanRequest {
+                targets: vec!["10.0.0.0/16".into()],
+                ports: "1-16".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        // The watchers, each past its first event, before any agent: a
+        // cheap client, one thread for all their streams.
+        let mut tokens = Vec::new();
+        for _ in 0..watchers.div_ceil(WATCHERS_PER_TOKEN) {
+            tokens.push(db.token(portfleet_controller::auth::Scope::Read).await);
+        }
+        // One process for all the watchers' streams, so its CPU shows
+        // apart from this one's (and, with `--client-nice`, yields to the
+        // controller, Postgres and the GetScan prober, as a client on
+        // another machine would).
+        let mut client = tokio::process::Command::new(if nice { "nice" } else { "env" });
+        if nice {
+            client.args(["-n", "19"]);
+        }
+        let mut client = client
+            .arg(std::env::current_exe().unwrap())
+            .args(["watch-client", &ctl.url, &scan.id, &watchers.to_string()])
+            .args(&tokens)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let client_pid = client.id().unwrap_or(0);
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(client.stdout.take().unwrap()));
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"), "the watchers' client started");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let (cpu_ctl, cpu_bench) = (cpu_secs(pid), cpu_secs(std::process::id()) + cpu_secs(client_pid));
+        let start = Instant::now();
+        let stats = Arc::new(SimStats::default());
+        let sims: Vec<_> = (0..agents)
+            .map(|i| tokio::spawn(agent(ctl.url.clone(), format!("watch-{i}"), shard_rate, stats.clone())))
+            .collect();
+        // GetScan is timed from a thread and runtime of its own, so the
+        // watchers' decoding in this process never queues ahead of it.
+        let (probe_token, url, id) =
+            (db.token(portfleet_controller::auth::Scope::Read).await, ctl.url.clone(), scan.id.clone());
+        let prober = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut probe = portfleet_proto::auth::client(
+                    Channel::from_shared(url).unwrap().connect().await.unwrap(),
+                    Bearer::new(&probe_token).unwrap(),
+                );
+                let mut latencies = Vec::new();
+                loop {
+                    let t = Instant::now();
+                    let s = probe.get_scan(pb::GetScanRequest { id: id.clone() }).await.unwrap().into_inner();
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if s.state == pb::ScanState::Completed as i32 {
+                        return (latencies, s, Instant::now());
+                    }
+                    assert!(start.elapsed() < Duration::from_secs(1200), "the scan did not finish in 20 minutes");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        });
+        let (mut latencies, final_scan, done_at) =
+            tokio::task::spawn_blocking(move || prober.join().unwrap()).await.unwrap();
+        let elapsed = done_at.duration_since(start).as_secs_f64();
+        let controller_cpu = (cpu_secs(pid) - cpu_ctl) / elapsed * 100.0;
+        let bench_cpu = (cpu_secs(std::process::id()) + cpu_secs(client_pid) - cpu_bench) / elapsed * 100.0;
+        let (holds, max_silence_ms) =
+            (stats.holds.load(Ordering::Relaxed), stats.max_silence_ms.load(Ordering::Relaxed));
+        for s in sims {
+            s.abort();
+        }
+        // The client prints each watch's result count as it ends.
+        let mut watchers_complete = 0;
+        let expected = final_scan.open_ports.to_string();
+        let mut ended = 0;
+        while ended < watchers {
+            match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+                Ok(Ok(Some(line))) => {
+                    ended += 1;
+                    if line == expected {
+                        watchers_complete += 1;
+                    } else {
+                        eprintln!("  a watcher saw {line} of {expected} results");
+                    }
+                }
+                Ok(_) => break,
+                Err(_) => {
+                    eprintln!("  watchers still open a minute after the scan ended");
+                    break;
+                }
+            }
+        }
+        let _ = client.kill().await;
+        latencies.sort_by(f64::total_cmp);
+        Figures {
+            scan_secs: elapsed,
+            p50_ms: pct(&latencies, 0.5),
+            p99_ms: pct(&latencies, 0.99),
+            samples: latencies.len(),
+            holds,
+            max_silence_ms,
+            controller_cpu,
+            bench_cpu,
+            watchers_complete,
+        }
+    }
+
+    /// `watch-client URL SCAN N TOKEN...`: the watchers' process, one
+    /// thread. Opens N watches of SCAN over a few connections, each past its
+    /// first event, prints `ready`, then follows them all to their ends and
+    /// prints each one's result count (`failed` when it failed).
+    pub fn client(args: &[String]) {
+        let (url, id) = (args[2].clone(), args[3].clone());
+        let n: usize = args[4].parse().unwrap();
+        let tokens = args[5..].to_vec();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(follow_watches(url, id, n, tokens));
+    }
+
+    async fn follow_watches(url: String, id: String, n: usize, tokens: Vec<String>) {
+        let mut channels = Vec::new();
+        for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
+            channels.push(Channel::from_shared(url.clone()).unwrap().connect().await.unwrap());
+        }
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let bearer = Bearer::new(&tokens[i / WATCHERS_PER_TOKEN]).unwrap();
+            let mut client = portfleet_proto::auth::client(channels[i % channels.len()].clone(), bearer);
+            let mut stream = client.watch_scan(pb::WatchScanRequest { id: id.clone() }).await.unwrap().into_inner();
+            stream.message().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut results = 0;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(m)) => {
+                            if let Some(Event::Results(r)) = m.event {
+                                results += r.results.len();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            eprintln!("  a watch failed: {e}");
+                            println!("failed");
+                            return;
+                        }
+                    }
+                }
+                println!("{results}");
+            }));
+        }
+        println!("ready");
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Aborts a simulated agent's helper tasks when it ends or is aborted.
+    struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+    impl Drop for Tasks {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct SimStats {
+        /// Times an agent would have held its probes (the real agent's rule).
+        holds: AtomicU64,
+        /// The longest time since the last echoed heartbeat.
+        max_silence_ms: AtomicU64,
+    }
+
+    fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    }
+
+    fn system_time(t: &prost_types::Timestamp) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+    }
+
+    /// A simulated agent: heartbeats, echo-watching with the real agent's
+    /// hold rule, and a paced task per leased shard.
+    async fn agent(url: String, name: String, shard_rate: u64, stats: Arc<SimStats>) {
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let (tx, rx) = mpsc::channel(256);
+        let hello_sent = SystemTime::now();
+        let hello = pb::Hello {
+            agent_id: uuid::Uuid::new_v4().to_string(),
+            name,
+            version: "bench".into(),
+            min_protocol_version: 1,
+            max_protocol_version: 1,
+            capabilities: Some(pb::Capabilities { raw_socket: true, ipv6: true }),
+            max_shards: SLOTS_PER_AGENT,
+            ..Default::default()
+        };
+        tx.send(pb::AgentMessage { frame: Some(Out::Hello(hello)) }).await.unwrap();
+        let mut inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let welcome = match inbound.message().await.unwrap().and_then(|m| m.frame) {
+            Some(In::Welcome(w)) => w,
+            other => panic!("no Welcome: {other:?}"),
+        };
+        // agent/src/session: hold a margin before the lease could lapse.
+        let limits = welcome.limits.unwrap_or_default();
+        let lapse = [limits.lease_ttl_ms, limits.disconnect_grace_ms].into_iter().filter(|&ms| ms > 0).min();
+        let hold_after = lapse.map(|ms| {
+            let lapse = Duration::from_millis(u64::from(ms));
+            lapse.saturating_sub((lapse / 10).max(Duration::from_millis(250)))
+        });
+        let fresh = Arc::new(Mutex::new(hello_sent));
+        let held = Arc::new(AtomicBool::new(false));
+        let mut tasks = Tasks(Vec::new());
+        let beat = tx.clone();
+        let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms).max(100));
+        tasks.0.push(tokio::spawn(async move {
+            loop {
+                let h = pb::Heartbeat { sent_at: Some(timestamp(SystemTime::now())), ..Default::default() };
+                if beat.send(pb::AgentMessage { frame: Some(Out::Heartbeat(h)) }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }));
+        {
+            let (fresh, held, stats) = (fresh.clone(), held.clone(), stats.clone());
+            tasks.0.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let since = *fresh.lock().unwrap();
+                    let silent = SystemTime::now().duration_since(since).unwrap_or_default();
+                    stats.max_silence_ms.fetch_max(silent.as_millis() as u64, Ordering::Relaxed);
+                    let hold = hold_after.is_some_and(|d| silent > d);
+                    if hold && !held.swap(true, Ordering::Relaxed) {
+                        stats.holds.fetch_add(1, Ordering::Relaxed);
+                    } else if !hold {
+                        held.store(false, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let mut acks: HashMap<u64, watch::Sender<u64>> = HashMap::new();
+        while let Ok(Some(m)) = inbound.message().await {
+            match m.frame {
+                Some(In::Assign(a)) => {
+                    let (ack_tx, ack_rx) = watch::channel(0);
+                    acks.insert(a.shard_id, ack_tx);
+                    tasks.0.push(tokio::spawn(shard(a, tx.clone(), ack_rx, held.clone(), shard_rate)));
+                }
+                Some(In::Ack(a)) => {
+                    if let Some(w) = acks.get(&a.shard_id) {
+                        w.send_modify(|seq| *seq = (*seq).max(a.seq));
+                    }
+                }
+                Some(In::Heartbeat(h)) => {
+                    if let Some(sent) = h.sent_at.as_ref().map(system_time) {
+                        let mut f = fresh.lock().unwrap();
+                        *f = (*f).max(sent);
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(tasks);
+    }
+
+    /// Reports a leased shard at `rate` positions/s: a batch of the open
+    /// ones every 100 ms, a checkpoint every second, at most WINDOW frames
+    /// unacked, nothing while held; then completes it.
+    async fn shard(
+        a: pb::Assign,
+        tx: mpsc::Sender<pb::AgentMessage>,
+        mut acked: watch::Receiver<u64>,
+        held: Arc<AtomicBool>,
+        rate: u64,
+    ) {
+        let p = a.scan.clone().unwrap();
+        let space = ScanSpace::new(
+            AddressSet::parse_ranges(&p.address_ranges).unwrap(),
+            PortSet::parse(&p.ports).unwrap(),
+            p.seed,
+            Permutation::MAX_LEN,
+        )
+        .unwrap();
+        let (shard, epoch) = (a.shard_id, a.lease_epoch);
+        let step = (rate / 10).max(1);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut pos, mut seq, mut ticks) = (a.start_index, 0u64, 0u32);
+        let send = |frame: Out| {
+            let tx = tx.clone();
+            async move { tx.send(pb::AgentMessage { frame: Some(frame) }).await.is_ok() }
+        };
+        while pos < a.end_index {
+            tick.tick().await;
+            if held.load(Ordering::Relaxed) {
+                continue;
+            }
+            let end = (pos + step).min(a.end_index);
+            let results: Vec<pb::PortResult> = (pos.next_multiple_of(OPEN_EVERY)..end)
+                .step_by(OPEN_EVERY as usize)
+                .map(|p| {
+                    let (ip, port) = space.probe_at(p);
+                    let ip = match ip {
+                        IpAddr::V4(v4) => v4.octets().to_vec(),
+                        IpAddr::V6(v6) => v6.octets().to_vec(),
+                    };
+                    pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, observed_at: None }
+                })
+                .collect();
+            pos = end;
+            ticks += 1;
+            if !results.is_empty() {
+                seq += 1;
+                if acked.wait_for(|&done| seq <= done + WINDOW).await.is_err()
+                    || !send(Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results })).await
+                {
+                    return;
+                }
+            }
+            if ticks % 10 == 0 && pos < a.end_index {
+                seq += 1;
+                let progress = pb::Progress { shard_id: shard, lease_epoch: epoch, seq, checkpoint: pos, counts: None };
+                if acked.wait_for(|&done| seq <= done + WINDOW).await.is_err() || !send(Out::Progress(progress)).await {
+                    return;
+                }
+            }
+        }
+        seq += 1;
+        if acked.wait_for(|&done| seq <= done + WINDOW).await.is_ok() {
+            let done = pb::ShardComplete { shard_id: shard, lease_epoch: epoch, seq, counts: None };
+            send(Out::Complete(done)).await;
         }
     }
 }
