@@ -93,12 +93,9 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// The default agent name: this host's.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "agent".into())
+    portfleet_core::host_name().unwrap_or_else(|| "agent".into())
 }
 
 pub async fn run(args: RunArgs) -> i32 {

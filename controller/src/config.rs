@@ -406,11 +406,7 @@ impl Default for FleetConfig {
 
 /// `<hostname>-<random>`: distinct for every process, readable in logs.
 pub fn default_controller_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "controller".into());
+    let host = portfleet_core::host_name().unwrap_or_else(|| "controller".into());
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
@@ -539,12 +535,10 @@ pub struct TlsFiles {
     pub agent_cert_ttl: Duration,
 }
 
-/// A comma-separated list of CIDR blocks (or addresses).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<ipnet::IpNet>);
+pub use portfleet_core::policy::CidrList;
 
 fn parse_cidr_list(s: &str) -> Result<CidrList, String> {
-    portfleet_core::policy::parse_cidrs(s).map(CidrList)
+    s.parse()
 }
 
 impl From<&DatabaseArgs> for DatabaseConfig {

@@ -44,6 +44,12 @@ pub enum SpecError {
     Empty(String),
 }
 
+/// This host's name (the kernel's), for default agent names and
+/// controller ids; `None` when it cannot be read.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
+}
+
 /// How an agent probes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -99,6 +99,37 @@ impl ScopePolicy {
     }
 }
 
+/// A list of CIDR blocks as flags take them (`10.0.0.0/8,192.0.2.1`):
+/// bare addresses are /32 (/128), host bits are dropped and IPv4-mapped
+/// blocks are IPv4 ([`canonical_net`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrList(pub Vec<IpNet>);
+
+impl std::str::FromStr for CidrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_cidrs(s).map(Self)
+    }
+}
+
+impl std::fmt::Display for CidrList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, n) in self.0.iter().enumerate() {
+            write!(f, "{}{n}", if i == 0 { "" } else { "," })?;
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for CidrList {
+    type Target = [IpNet];
+
+    fn deref(&self) -> &[IpNet] {
+        &self.0
+    }
+}
+
 /// Parses a comma-separated list of CIDRs (or bare addresses).
 pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
     s.split(',')
