@@ -21,7 +21,7 @@ mkdir -p "$DIR"
 
 ensure_postgres
 echo "building (release)..." >&2
-cargo build --release -q -p portfleet-controller -p portfleet-agent
+cargo build --release -q -p portfleet-controller -p portfleet-agent -p portfleet-cli
 BIN=target/release
 
 psql -h "$PG_HOST" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||

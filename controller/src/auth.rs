@@ -15,6 +15,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tonic::{Status, metadata::MetadataMap};
 use uuid::Uuid;
 
@@ -74,10 +75,10 @@ fn digest(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }
 
-/// Compares without an early exit, so timing says nothing about where two
+/// Compares in constant time, so timing says nothing about where two
 /// hashes differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// Splits `pft_<id>_<secret>`.

@@ -77,9 +77,9 @@ pub enum CaCommand {
 pub enum AgentCommand {
     /// Print a one-time enrollment token for `portfleet-agent enroll`.
     EnrollToken {
-        /// Labels the enrolled agent gets, k=v,...
-        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
-        labels: Vec<(String, String)>,
+        /// Labels the enrolled agent gets, k=v,... (the flag may repeat).
+        #[arg(long)]
+        labels: Vec<portfleet_core::labels::Labels>,
         /// The token expires after this long.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
@@ -87,11 +87,6 @@ pub enum AgentCommand {
     /// Revoke an agent: its session closes within seconds and its
     /// certificate never connects again.
     Revoke { id: uuid::Uuid },
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
-    Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
 #[derive(Subcommand, Debug)]

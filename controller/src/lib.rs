@@ -9,13 +9,13 @@
 
 pub mod api;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod enroll;
 pub mod health;
 pub mod ingress;
 pub mod notify;
+pub mod plans;
 pub mod policy;
 pub mod politeness;
 pub mod scans;
@@ -106,8 +106,8 @@ pub async fn run(
         Err(StoreError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    store.add_scope_rules("allow", &config.policy.allow).await?;
-    store.add_scope_rules("deny", &config.policy.deny).await?;
+    store.add_scope_rules(store::ScopeAction::Allow, &config.policy.allow).await?;
+    store.add_scope_rules(store::ScopeAction::Deny, &config.policy.deny).await?;
     store.set_rate_caps(config.rate_caps).await?;
     let rules = store.scope_rules().await?;
     let caps = store.rate_caps().await?;
@@ -123,21 +123,21 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScanServiceServer<api::ScanApi>>().await;
-    health.set_serving::<AgentServiceServer<sessions::AgentApi>>().await;
+    health.set_serving::<AgentServiceServer<api::AgentApi>>().await;
     let tasks = TaskTracker::new();
     // Background work stops before the pool closes.
     let background = shutdown.child_token();
     tasks.spawn(health::watch_database(
         config.database.options.clone(),
         health.clone(),
-        vec![ScanServiceServer::<api::ScanApi>::NAME, AgentServiceServer::<sessions::AgentApi>::NAME],
+        vec![ScanServiceServer::<api::ScanApi>::NAME, AgentServiceServer::<api::AgentApi>::NAME],
         background.clone(),
     ));
     let notifier = notify::Notifier::start(store.pool().clone(), background.clone(), &tasks);
     let fleet = Arc::new(sessions::Fleet {
         store: store.clone(),
         registry: sessions::Registry::default(),
-        spaces: Default::default(),
+        plans: plans::ScanPlans::new(store.clone()),
         config: sessions_config(&config),
         notifier: notifier.clone(),
         wake: tokio::sync::Notify::new(),
@@ -164,7 +164,7 @@ pub async fn run(
     }
     let watches = api::WatchHub::new(api_store.clone(), notifier, background.clone(), tasks.clone(), &config.api);
     let scan_api = api::ScanApi::new(scans, api_store.clone(), watches);
-    let agent_api = sessions::AgentApi::new(fleet);
+    let agent_api = api::AgentApi::new(fleet);
 
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)

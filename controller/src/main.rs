@@ -12,6 +12,7 @@ use portfleet_controller::{
     store::{DatabaseConfig, Store},
     telemetry,
 };
+use portfleet_core::labels::Labels;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -87,8 +88,8 @@ async fn agents(db: &DatabaseArgs, action: AgentCommand, shutdown: &Cancellation
     store.migrate(shutdown).await?;
     let result = match action {
         AgentCommand::EnrollToken { labels, ttl } => {
-            let labels = labels.into_iter().collect();
-            let token = enroll::create_enroll_token(&store, &labels, ttl).await?;
+            let labels = labels.iter().try_fold(Labels::default(), |all, l| all.merged(l))?;
+            let token = enroll::create_enroll_token(&store, labels.as_map(), ttl).await?;
             eprintln!("one-time enrollment token, valid for {}:", humantime::format_duration(ttl));
             println!("{token}");
             Ok(())

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use portfleet_core::backoff::Backoff;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -29,19 +30,63 @@ pub enum Notice {
     Resync,
 }
 
+/// The kinds of notice that carry an id, and how a payload spells each.
+/// SQL that notifies for many rows at once binds [`NoticeKind::prefix`]
+/// and appends the id (`pg_notify($1, $2 || id)`): this is the only place
+/// the encoding is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    ScanCreated,
+    ScanChanged,
+    Results,
+    Leases,
+    AgentDrain,
+}
+
+impl NoticeKind {
+    const ALL: [Self; 5] = [Self::ScanCreated, Self::ScanChanged, Self::Results, Self::Leases, Self::AgentDrain];
+
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::ScanCreated => "c:",
+            Self::ScanChanged => "s:",
+            Self::Results => "r:",
+            Self::Leases => "l:",
+            Self::AgentDrain => "d:",
+        }
+    }
+
+    fn notice(self, id: Uuid) -> Notice {
+        match self {
+            Self::ScanCreated => Notice::ScanCreated(id),
+            Self::ScanChanged => Notice::ScanChanged(id),
+            Self::Results => Notice::Results(id),
+            Self::Leases => Notice::Leases(id),
+            Self::AgentDrain => Notice::AgentDrain(id),
+        }
+    }
+}
+
 impl Notice {
-    /// Parses a payload: `c:`, `s:`, `l:`, `r:` or `d:` and a UUID.
+    /// Parses a payload: a kind's prefix and a UUID.
     pub fn parse(payload: &str) -> Option<Self> {
-        let (kind, id) = payload.split_once(':')?;
-        let id = Uuid::try_parse(id).ok()?;
-        Some(match kind {
-            "c" => Self::ScanCreated(id),
-            "s" => Self::ScanChanged(id),
-            "l" => Self::Leases(id),
-            "r" => Self::Results(id),
-            "d" => Self::AgentDrain(id),
-            _ => return None,
-        })
+        let kind = NoticeKind::ALL.into_iter().find(|k| payload.starts_with(k.prefix()))?;
+        let id = Uuid::try_parse(&payload[kind.prefix().len()..]).ok()?;
+        Some(kind.notice(id))
+    }
+
+    /// The payload this notice travels as; `None` for [`Notice::Resync`],
+    /// which only the listener makes.
+    pub fn encode(&self) -> Option<String> {
+        let (kind, id) = match self {
+            Self::ScanCreated(id) => (NoticeKind::ScanCreated, id),
+            Self::ScanChanged(id) => (NoticeKind::ScanChanged, id),
+            Self::Results(id) => (NoticeKind::Results, id),
+            Self::Leases(id) => (NoticeKind::Leases, id),
+            Self::AgentDrain(id) => (NoticeKind::AgentDrain, id),
+            Self::Resync => return None,
+        };
+        Some(format!("{}{id}", kind.prefix()))
     }
 }
 
@@ -73,7 +118,7 @@ impl Notifier {
 }
 
 async fn listen(pool: PgPool, tx: broadcast::Sender<Notice>, cancel: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let connected = async {
             let mut l = PgListener::connect_with(&pool).await?;
@@ -85,17 +130,17 @@ async fn listen(pool: PgPool, tx: broadcast::Sender<Notice>, cancel: Cancellatio
             l = connected => match l {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "cannot listen for notifications");
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(error = %e, ?retry_in, "cannot listen for notifications");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                     continue;
                 }
             },
         };
-        delay = Duration::from_millis(200);
+        backoff.reset();
         let _ = tx.send(Notice::Resync);
         loop {
             let got = tokio::select! {
@@ -126,10 +171,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_payloads() {
+    fn payloads_round_trip() {
         let id = Uuid::now_v7();
+        for kind in NoticeKind::ALL {
+            let notice = kind.notice(id);
+            let payload = notice.encode().unwrap();
+            assert_eq!(payload, format!("{}{id}", kind.prefix()));
+            assert_eq!(Notice::parse(&payload), Some(notice));
+        }
         assert_eq!(Notice::parse(&format!("c:{id}")), Some(Notice::ScanCreated(id)));
-        assert_eq!(Notice::parse(&format!("r:{id}")), Some(Notice::Results(id)));
+        assert_eq!(Notice::Resync.encode(), None);
         assert_eq!(Notice::parse("x:y"), None);
         assert_eq!(Notice::parse("garbage"), None);
     }

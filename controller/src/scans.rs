@@ -16,6 +16,8 @@ use crate::{
     store::{NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError},
 };
 
+pub use crate::store::Origin;
+
 /// Limits on what one scan may ask for.
 #[derive(Clone, Debug)]
 pub struct ScanLimits {
@@ -77,24 +79,6 @@ pub struct ScanRequestInput {
     pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Origin {
-    #[default]
-    Api,
-    Amqp,
-    NaabuM8,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Api => "api",
-            Self::Amqp => "amqp",
-            Self::NaabuM8 => "naabum8",
-        }
-    }
 }
 
 /// A validated scan request with defaults filled in.
@@ -258,9 +242,9 @@ impl ScanManager {
         let mut after = None;
         loop {
             let page = self.store.active_scan_ranges(after, 1000).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(*last);
-            for (id, ranges) in page {
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for crate::store::ActiveScanRanges { id, address_ranges: ranges } in page {
                 let addrs = AddressSet::parse_ranges(&ranges)
                     .map_err(|e| StoreError::Corrupt(format!("scan {id} address ranges: {e}")))?;
                 if let Some(range) = policy.first_offending(&addrs) {
@@ -342,7 +326,7 @@ impl ScanManager {
                         stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))??;
                     if created {
                         tracing::info!(scan_id = %record.id, probes = record.probes_planned,
-                            shards = record.shard_count, origin = n.origin, "scan created");
+                            shards = record.shard_count, origin = %n.origin, "scan created");
                     }
                     Ok((record, created))
                 }
@@ -440,7 +424,7 @@ impl ScanManager {
             port_count: space.ports().len() as i32,
             probes_planned: space.len() as i64,
             has_ipv6: space.addresses().has_ipv6(),
-            origin: req.origin.as_str(),
+            origin: req.origin,
             reply_to: req.reply_to.clone(),
             correlation_id: req.correlation_id.clone(),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
@@ -464,7 +448,7 @@ impl ScanManager {
             return Ok(scan);
         }
         let scan = self.get(id).await?;
-        match scan.state()? {
+        match scan.state {
             ScanState::Cancelled => Ok(scan),
             state => Err(ScanError::FailedPrecondition(format!("scan {id} is already {}", state.as_str()))),
         }

@@ -165,3 +165,38 @@ async fn token_lifetimes_are_checked() {
     let tokens: i64 = sqlx::query_scalar("SELECT count(*) FROM api_tokens").fetch_one(&mut conn).await.unwrap();
     assert_eq!(tokens, 1, "only the valid token was stored");
 }
+
+/// Labels follow one rule set everywhere: what enrollment refuses, a
+/// scan's selector refuses too, and what it accepts a selector can match.
+#[tokio::test]
+async fn enrollment_labels_follow_the_selector_rules() {
+    let db = TestDb::create().await;
+    let enroll = |labels: &str| {
+        controller().args(["agents", "--database-url", db.url(), "enroll-token", "--labels", labels]).output().unwrap()
+    };
+    for bad in ["bad key=x", "k=a\u{1b}[2Jb", "novalue"] {
+        let out = enroll(bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("--labels"), "{bad:?}: {stderr}");
+    }
+    let out = enroll("site=lab-1,k8s.io/zone=eu-west");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same labels as a scan's agent_selector are accepted; the refused
+    // ones are refused there too.
+    let c = portfleet_tests::TestController::start(portfleet_tests::controller_config(db.options())).await;
+    let mut api = c.client().await;
+    let scan = |k: &str, v: &str| portfleet_proto::v1::CreateScanRequest {
+        targets: vec!["198.51.100.1".into()],
+        ports: "80".into(),
+        agent_selector: [(k.to_string(), v.to_string())].into(),
+        ..Default::default()
+    };
+    api.create_scan(scan("site", "lab-1")).await.unwrap();
+    api.create_scan(scan("k8s.io/zone", "eu-west")).await.unwrap();
+    let err = api.create_scan(scan("bad key", "x")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let stored: String =
+        sqlx::query_scalar("SELECT labels::text FROM enroll_tokens").fetch_one(&mut db.connect().await).await.unwrap();
+    assert!(stored.contains("k8s.io/zone") && stored.contains("lab-1"), "{stored}");
+}

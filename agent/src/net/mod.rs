@@ -1,16 +1,29 @@
-//! Raw packet I/O for SYN scanning: choosing how probes leave, sending
-//! them in batches, and receiving only the replies.
+//! Raw packet I/O for SYN scanning: choosing how probes leave ([`plan`]),
+//! sending them in batches ([`Sender`]) and receiving only the replies
+//! ([`Receiver`]). The syscalls themselves, the agent's only unsafe code,
+//! are wrapped in [`sys`].
 //!
-//! Two send paths share one interface:
+//! Two send paths, chosen per address family by [`plan`]:
 //! - **link**: Ethernet frames on an AF_PACKET socket that bypasses the
-//!   qdisc, addressed to the gateway's MAC. The fast path, used for IPv4
-//!   targets that one gateway route on an Ethernet interface covers.
+//!   qdisc (`PACKET_QDISC_BYPASS`), addressed to the gateway's MAC (the
+//!   neighbour cache, or our own ARP request: [`arp`]). The fast path, for
+//!   IPv4 targets that one gateway route on an Ethernet interface covers
+//!   ([`route`]), taken only where the kernel's own route (rtnetlink
+//!   `RTM_GETROUTE`) agrees for every range's first and last address.
 //! - **ip**: whole IP packets on a raw IP socket; the kernel routes them and
 //!   resolves neighbours. Used for IPv6, loopback, on-link targets,
 //!   non-Ethernet links, and whenever the link path cannot be set up.
 //!
-//! Replies are read from an AF_PACKET socket with a kernel BPF filter and
-//! a large receive buffer; its drop counter is reported, never hidden.
+//! Either way probes are written in place ([`packet`]) and go out up to
+//! [`sys::MAX_BATCH`] per `sendmmsg`.
+//!
+//! Replies arrive in a `TPACKET_V3` receive ring: blocks of memory shared
+//! with the kernel ([`DEFAULT_RING_BYTES`] unless the caller picks a size),
+//! with no syscall, copy or wake-up per packet. A classic BPF program
+//! ([`bpf`]), attached before the socket is bound, lets only TCP SYN-ACKs
+//! and RSTs to our source port in. [`Receiver::recv`] polls the ring and
+//! never sleeps in the kernel; the ring's drop counter
+//! ([`Receiver::take_drops`]) is reported, never hidden.
 
 pub mod arp;
 pub mod bpf;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     scans::ScanRequestInput,
-    store::{AgentRecord, ResultRecord, ScanRecord, ScanState, TargetRecord},
+    store::{AgentRecord, AgentState, PortState, ResultRecord, ScanRecord, ScanState, TargetRecord},
 };
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -50,14 +50,13 @@ pub fn scan_state_from_pb(value: i32) -> Result<Option<ScanState>, Status> {
     })
 }
 
-fn scan_state_to_pb(state: &str) -> pb::ScanState {
-    match ScanState::parse(state) {
-        Ok(ScanState::Pending) => pb::ScanState::Pending,
-        Ok(ScanState::Running) => pb::ScanState::Running,
-        Ok(ScanState::Completed) => pb::ScanState::Completed,
-        Ok(ScanState::Cancelled) => pb::ScanState::Cancelled,
-        Ok(ScanState::Failed) => pb::ScanState::Failed,
-        Err(_) => pb::ScanState::Unspecified,
+fn scan_state_to_pb(state: ScanState) -> pb::ScanState {
+    match state {
+        ScanState::Pending => pb::ScanState::Pending,
+        ScanState::Running => pb::ScanState::Running,
+        ScanState::Completed => pb::ScanState::Completed,
+        ScanState::Cancelled => pb::ScanState::Cancelled,
+        ScanState::Failed => pb::ScanState::Failed,
     }
 }
 
@@ -86,7 +85,7 @@ impl From<ScanRecord> for pb::Scan {
         let eta = eta(&s);
         pb::Scan {
             id: s.id.to_string(),
-            state: scan_state_to_pb(&s.state) as i32,
+            state: scan_state_to_pb(s.state) as i32,
             request: Some(pb::CreateScanRequest {
                 targets: s.targets,
                 target_group: s.target_group,
@@ -118,7 +117,7 @@ impl From<ScanRecord> for pb::Scan {
 
 /// Extrapolates the average probe rate since the scan started.
 fn eta(s: &ScanRecord) -> Option<prost_types::Timestamp> {
-    if s.state != "running" || s.probes_done <= 0 {
+    if s.state != ScanState::Running || s.probes_done <= 0 {
         return None;
     }
     let started = s.started_at?;
@@ -151,12 +150,11 @@ impl From<TargetRecord> for pb::Target {
     }
 }
 
-fn port_state_to_pb(state: &str) -> pb::PortState {
+fn port_state_to_pb(state: PortState) -> pb::PortState {
     match state {
-        "open" => pb::PortState::Open,
-        "closed" => pb::PortState::Closed,
-        "filtered" => pb::PortState::Filtered,
-        _ => pb::PortState::Unspecified,
+        PortState::Open => pb::PortState::Open,
+        PortState::Closed => pb::PortState::Closed,
+        PortState::Filtered => pb::PortState::Filtered,
     }
 }
 
@@ -166,7 +164,7 @@ impl From<ResultRecord> for pb::Result {
             ip: r.ip.to_string(),
             port: r.port as u32,
             protocol: if r.protocol == "tcp" { pb::Protocol::Tcp } else { pb::Protocol::Unspecified } as i32,
-            state: port_state_to_pb(&r.state) as i32,
+            state: port_state_to_pb(r.state) as i32,
             hostname: r.hostname.unwrap_or_default(),
             observed_at: Some(timestamp(r.last_seen_at)),
             first_observed_at: Some(timestamp(r.first_seen_at)),
@@ -174,12 +172,12 @@ impl From<ResultRecord> for pb::Result {
     }
 }
 
-pub fn agent_state_from_pb(value: i32) -> Result<Option<&'static str>, Status> {
+pub fn agent_state_from_pb(value: i32) -> Result<Option<AgentState>, Status> {
     Ok(match pb::AgentState::try_from(value) {
         Ok(pb::AgentState::Unspecified) => None,
-        Ok(pb::AgentState::Connected) => Some("connected"),
-        Ok(pb::AgentState::Draining) => Some("draining"),
-        Ok(pb::AgentState::Gone) => Some("gone"),
+        Ok(pb::AgentState::Connected) => Some(AgentState::Connected),
+        Ok(pb::AgentState::Draining) => Some(AgentState::Draining),
+        Ok(pb::AgentState::Gone) => Some(AgentState::Gone),
         Err(_) => return Err(Status::invalid_argument(format!("state: unknown value {value}"))),
     })
 }
@@ -190,11 +188,10 @@ impl From<AgentRecord> for pb::Agent {
             id: a.id.to_string(),
             name: a.name,
             labels: a.labels.0.into_iter().collect(),
-            state: match a.state.as_str() {
-                "connected" => pb::AgentState::Connected,
-                "draining" => pb::AgentState::Draining,
-                "gone" => pb::AgentState::Gone,
-                _ => pb::AgentState::Unspecified,
+            state: match a.state {
+                AgentState::Connected => pb::AgentState::Connected,
+                AgentState::Draining => pb::AgentState::Draining,
+                AgentState::Gone => pb::AgentState::Gone,
             } as i32,
             version: a.version,
             controller_id: a.controller_id.unwrap_or_default(),

@@ -1,6 +1,7 @@
 //! gRPC adapters: thin translations between `portfleet.v1` messages and the
 //! domain (scans) and store. No business logic lives here.
 
+mod agent;
 mod convert;
 mod page;
 mod status;
@@ -14,6 +15,7 @@ use portfleet_proto::v1::{self as pb, scan_service_server::ScanService};
 use tonic::{Request, Response, Status};
 
 pub use self::{
+    agent::AgentApi,
     status::{store_status, to_status},
     watch::WatchHub,
 };
@@ -21,7 +23,7 @@ pub use self::{
 use crate::{
     auth::{Authorizer, Scope},
     scans::{ScanManager, ScanRequestInput},
-    store::{CapsUpdate, NewTarget, Page, ScopeRules, Store, TargetFilter},
+    store::{AgentState, CapsUpdate, NewTarget, Page, ScopeRules, Store, TargetFilter},
 };
 
 /// Most targets one CreateTargets call may carry.
@@ -192,7 +194,7 @@ impl ScanService for ScanApi {
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let agent = self.store.drain_agent(id).await.map_err(store_status)?;
         let agent = agent.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
-        if agent.state == "gone" {
+        if agent.state == AgentState::Gone {
             return Err(Status::failed_precondition(format!("agent {id} is not connected")));
         }
         Ok(Response::new(agent.into()))

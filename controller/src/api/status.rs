@@ -3,7 +3,7 @@
 
 use tonic::Status;
 
-use crate::{scans::ScanError, store::StoreError};
+use crate::{enroll::EnrollError, scans::ScanError, store::StoreError};
 
 pub fn to_status(err: ScanError) -> Status {
     match err {
@@ -38,6 +38,20 @@ pub fn store_status(err: StoreError) -> Status {
         other => {
             tracing::error!(error = %other, "internal error");
             Status::internal("internal error")
+        }
+    }
+}
+
+/// Enrollment and renewal: a bad token or request is the caller's; a CA
+/// that cannot sign needs an operator.
+pub fn enroll_status(err: EnrollError) -> Status {
+    match err {
+        EnrollError::BadToken => Status::permission_denied(err.to_string()),
+        EnrollError::BadRequest(_) => Status::invalid_argument(err.to_string()),
+        EnrollError::Store(e) => store_status(e),
+        EnrollError::Ca(m) => {
+            tracing::error!(error = %m, "cannot sign an agent certificate");
+            Status::internal("the controller cannot sign certificates")
         }
     }
 }

@@ -67,7 +67,7 @@ use crate::{
     auth::Caller,
     config::ApiConfig,
     notify::{Notice, Notifier},
-    store::{ResultRecord, ScanRecord, ScanState, Store, StoreError},
+    store::{ResultHead, ResultRecord, ScanRecord, Store, StoreError},
 };
 
 /// Batches read per query: at most a few thousand rows in memory.
@@ -116,7 +116,7 @@ fn change(a: &ScanRecord, b: &ScanRecord) -> Change {
 }
 
 fn terminal(s: &ScanRecord) -> bool {
-    ScanState::parse(&s.state).is_ok_and(ScanState::is_terminal)
+    s.state.is_terminal()
 }
 
 fn scan_event(scan: ScanRecord) -> Arc<pb::WatchScanResponse> {
@@ -493,7 +493,7 @@ async fn follow(hub: &Hub, feed: &Feed, mut last: ScanRecord) -> Option<End> {
             Err(e) => return Some(End::Failed(store_status(e))),
         };
         let mut step = Step::default();
-        for (shard, head) in heads {
+        for ResultHead { shard_id: shard, batches: head } in heads {
             let cursor = cursors.entry(shard).or_insert(0);
             while *cursor < head {
                 let upto = head.min(*cursor + BATCHES_PER_READ);

@@ -34,6 +34,7 @@ use lapin::{
 use portfleet_core::backoff::Backoff;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{
     Ingress, IngressConfig, IngressError,
@@ -202,7 +203,8 @@ pub async fn run(
         // Even when the stream failed, settle what is in hand (or it goes
         // back unacked with the channel).
         let (n, t0) = (batch.len(), std::time::Instant::now());
-        let handled = handle(&ingress, &dead, &queue, &channel, batch, &mut lane, &cancel).await;
+        let span = tracing::debug_span!("ingress.batch", queue = %queue.name, requests = n);
+        let handled = handle(&ingress, &dead, &queue, &channel, batch, &mut lane, &cancel).instrument(span).await;
         tracing::debug!(requests = n, elapsed = ?t0.elapsed(), "batch settled");
         if let Err(e) = handled {
             break Err(e);
@@ -333,14 +335,18 @@ async fn handle(
             Ok(input) if input.needs_lookup() => {
                 lane.tags.insert(d.delivery_tag);
                 let (ingress, dead, queue, cancel) = (ingress.clone(), dead.clone(), queue.clone(), cancel.clone());
-                lane.tasks.spawn(async move {
-                    let tag = d.delivery_tag;
-                    if let Some(mut outcome) = store(&ingress, vec![input.clone()], &cancel).await {
-                        let outcome = outcome.pop().unwrap_or(Outcome::Transient("no outcome".into()));
-                        settle(&ingress, &dead, &queue, d, &input.request_id, outcome, &cancel).await?;
+                let span = tracing::debug_span!("ingress.lookup", queue = %queue.name, request_id = %input.request_id);
+                lane.tasks.spawn(
+                    async move {
+                        let tag = d.delivery_tag;
+                        if let Some(mut outcome) = store(&ingress, vec![input.clone()], &cancel).await {
+                            let outcome = outcome.pop().unwrap_or(Outcome::Transient("no outcome".into()));
+                            settle(&ingress, &dead, &queue, d, &input.request_id, outcome, &cancel).await?;
+                        }
+                        Ok(tag)
                     }
-                    Ok(tag)
-                });
+                    .instrument(span),
+                );
             }
             Ok(input) => valid.push((d, input)),
             Err(BadMessage(reason)) => reject(dead, queue, &d, &reason, 1).await?,

@@ -16,6 +16,7 @@ mod topology;
 use std::{sync::Arc, time::Duration};
 
 use lapin::{Connection, ConnectionProperties, types::ShortString};
+use portfleet_core::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 pub use messages::NaabuDefaults;
@@ -124,21 +125,23 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let ingress = Arc::new(Ingress { config, scans, store, notifier, attempts: Default::default() });
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let started = tokio::time::Instant::now();
-        match session(&ingress, &cancel).await {
+        let failed = match session(&ingress, &cancel).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "AMQP ingress interrupted; reconnecting"),
-        }
+            Err(e) => e,
+        };
+        // A connection that lasted a while starts the schedule over.
         if started.elapsed() > Duration::from_secs(30) {
-            delay = Duration::from_millis(200);
+            backoff.reset();
         }
+        let retry_in = backoff.next_delay();
+        tracing::warn!(error = %failed, ?retry_in, "AMQP ingress interrupted; reconnecting");
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..1.5))) => {}
+            _ = tokio::time::sleep(retry_in) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -164,7 +167,11 @@ async fn serve(conn: &Arc<Connection>, ingress: &Arc<Ingress>, cancel: &Cancella
     let mut tasks = tokio::task::JoinSet::new();
     for q in queues {
         let (conn, ingress, dead, stop) = (conn.clone(), ingress.clone(), dead.clone(), stop.clone());
-        tasks.spawn(async move { consumer::run(&conn, q, ingress, dead, stop).await });
+        let span = tracing::info_span!("ingress.consumer", queue = %q.name);
+        tasks.spawn(tracing::Instrument::instrument(
+            async move { consumer::run(&conn, q, ingress, dead, stop).await },
+            span,
+        ));
     }
     {
         let (conn, ingress, stop) = (conn.clone(), ingress.clone(), stop.clone());

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Ingress, IngressError, consumer::json_properties};
 use crate::{
     notify::Notice,
-    store::{PendingEvent, ScanRecord},
+    store::{Origin, PendingEvent, ScanEvent, ScanRecord},
 };
 
 const BATCH: i64 = 200;
@@ -45,9 +45,9 @@ pub fn event_body(event: &str, s: &ScanRecord) -> serde_json::Value {
 }
 
 /// NaabuM8's completion message, as its downstream services expect it.
-pub fn naabum8_completion(routing_key: &str, s: &ScanRecord, event: &str) -> serde_json::Value {
+pub fn naabum8_completion(routing_key: &str, s: &ScanRecord, event: ScanEvent) -> serde_json::Value {
     let (status, message) = match event {
-        "completed" => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
+        ScanEvent::Completed => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
         other => (
             "incomplete",
             format!("scan {} {other}{}", s.id, s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
@@ -91,17 +91,17 @@ async fn publish_event(
     let body = event_body(&name, s);
     let events = &ingress.config.events_exchange;
     confirms.push(publish(ch, events, &name, &body, format!("{}:{name}", s.id), None).await?);
-    if e.event == "created"
+    if e.event == ScanEvent::Created
         && let Some(reply_to) = &s.reply_to
     {
         // The default exchange routes by queue name.
         confirms.push(publish(ch, "", reply_to, &body, format!("{}:reply", s.id), s.correlation_id.as_deref()).await?);
     }
-    if e.event != "created"
-        && s.origin == "naabum8"
+    if e.event != ScanEvent::Created
+        && s.origin == Origin::NaabuM8
         && let Some(n) = &ingress.config.naabum8
     {
-        let body = naabum8_completion(&n.completion_key, s, &e.event);
+        let body = naabum8_completion(&n.completion_key, s, e.event);
         confirms.push(publish(ch, &n.exchange, &n.completion_key, &body, format!("{}:naabum8", s.id), None).await?);
     }
     Ok(())

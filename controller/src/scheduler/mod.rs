@@ -13,7 +13,6 @@ use std::{
 };
 
 use portfleet_core::ScanType;
-use portfleet_proto::v1::{self as pb, controller_message::Frame as Out};
 use tokio::{
     sync::{Notify, broadcast::error::RecvError},
     time::Instant,
@@ -22,20 +21,20 @@ use uuid::Uuid;
 
 use crate::{
     notify::Notice,
-    sessions::{Fleet, LeaseInfo, registry::Candidate},
-    store::{AgentClass, Grant, StoreError},
+    sessions::{
+        Fleet, LeaseInfo,
+        registry::{Candidate, Outbound},
+        wire::{Assignment, ToAgent},
+    },
+    store::{AgentClass, AgentStanding, Grant, LeaseEpoch, ShardId, ShardState, StoreError},
 };
 
 mod rates;
 
-use rates::{ParamsCache, ScanRates, apply_rates, lease_rate, scan_rates};
+use rates::{RatesMemo, ScanRates, apply_rates, lease_rate, scan_rates};
 
 /// Rate passes asked for within this long are done once.
 const REBALANCE_DEBOUNCE: Duration = Duration::from_millis(5);
-
-fn frame(f: Out) -> pb::ControllerMessage {
-    pb::ControllerMessage { frame: Some(f) }
-}
 
 /// Runs the scheduler until shutdown: assignment and upkeep in two loops,
 /// so a slow upkeep pass (a large fleet) never delays handing out work.
@@ -48,7 +47,7 @@ pub async fn run(fleet: Arc<Fleet>) {
 /// from older rows can never overwrite a newer one.
 async fn assign_loop(fleet: Arc<Fleet>, rebalance_due: Arc<Notify>) {
     let mut notices = fleet.notifier.subscribe();
-    let mut cache = ParamsCache::default();
+    let mut memo = RatesMemo::default();
     let mut tick = tokio::time::interval(fleet.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rebalance_at: Option<Instant> = None;
@@ -62,16 +61,16 @@ async fn assign_loop(fleet: Arc<Fleet>, rebalance_due: Arc<Notify>) {
             _ = fleet.shutdown.cancelled() => return,
             () = async { tokio::time::sleep_until(due.unwrap_or_else(Instant::now)).await }, if due.is_some() => {
                 rebalance_at = None;
-                rebalance(&fleet, &mut cache).await
+                rebalance(&fleet, &mut memo).await
             }
             _ = rebalance_due.notified() => later(),
-            _ = fleet.wake.notified() => assign(&fleet, &mut cache).await,
-            _ = tick.tick() => assign(&fleet, &mut cache).await,
+            _ = fleet.wake.notified() => assign(&fleet, &mut memo).await,
+            _ = tick.tick() => assign(&fleet, &mut memo).await,
             notice = notices.recv() => match notice {
-                Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut cache).await,
+                Ok(Notice::ScanCreated(_)) => assign(&fleet, &mut memo).await,
                 // A scan started or ended, or gained leases (here or on
                 // another controller): shares and caps split differently.
-                Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, &mut cache, id).await.and_then(|()| later()),
+                Ok(Notice::ScanChanged(id)) => stop_leases_of(&fleet, id).await.and_then(|()| later()),
                 Ok(Notice::Leases(_)) => later(),
                 Ok(Notice::AgentDrain(id)) => {
                     drain(&fleet, id).await;
@@ -113,7 +112,8 @@ async fn upkeep_loop(fleet: Arc<Fleet>, rebalance_due: Arc<Notify>) {
 }
 
 /// Claims work for every local agent with room, and delivers it.
-async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+#[tracing::instrument(name = "scheduler.assign", skip_all)]
+async fn assign(fleet: &Fleet, memo: &mut RatesMemo) -> Result<(), StoreError> {
     let cfg = &fleet.config;
     let mut exhausted: HashSet<AgentClass> = HashSet::new();
     let mut granted: Vec<(Candidate, Grant)> = Vec::new();
@@ -135,7 +135,7 @@ async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError
     }
     // Rates with the new leases counted; running leases slow down first, so
     // new work never adds to a block before the old work has made room.
-    let rates = scan_rates(fleet, cache).await?;
+    let rates = scan_rates(fleet, memo).await?;
     if !apply_rates(fleet, &rates) {
         for (_, g) in granted {
             fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
@@ -143,47 +143,35 @@ async fn assign(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError
         return Ok(());
     }
     for (agent, g) in granted {
-        deliver(fleet, cache, &agent, g, &rates).await?;
+        deliver(fleet, &agent, g, &rates).await?;
     }
     Ok(())
 }
 
-async fn deliver(
-    fleet: &Fleet,
-    cache: &mut ParamsCache,
-    agent: &Candidate,
-    g: Grant,
-    rates: &ScanRates,
-) -> Result<(), StoreError> {
-    let params = cache.get(fleet, g.scan_id).await?;
-    let Some(params) = params.filter(|p| p.state == "pending" || p.state == "running") else {
+async fn deliver(fleet: &Fleet, agent: &Candidate, g: Grant, rates: &ScanRates) -> Result<(), StoreError> {
+    // The claim checked the scan was pending or running; a scan whose plan
+    // cannot be read gets no work.
+    let Some(plan) = fleet.plans.get(g.scan_id).await? else {
         fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
         return Ok(());
     };
     // A SYN scan reaches a connect-only agent only when the scan allows the
     // fallback (the claim checked): it then runs as a connect scan there.
-    let scan_type = match ScanType::parse(&params.scan_type) {
-        Some(ScanType::Syn) if agent.class.raw_socket => pb::ScanType::Syn,
-        _ => pb::ScanType::Connect,
+    let scan_type = match plan.scan_type {
+        ScanType::Syn if agent.class.raw_socket => ScanType::Syn,
+        _ => ScanType::Connect,
     };
     // Not leased by the time rates were read (it lapsed meanwhile): the
     // next pass sets its share; until then the least.
     let (scan_rate, leases) = rates.get(&g.scan_id).copied().unwrap_or((1, 1));
     let rate = lease_rate(scan_rate, leases, agent.max_rate, agent.max_shards);
-    let assign = pb::Assign {
-        shard_id: g.shard_id as u64,
-        lease_epoch: g.lease_epoch as u64,
-        scan: Some(pb::ScanParameters {
-            scan_id: params.id.to_string(),
-            scan_type: scan_type as i32,
-            ports: params.ports.clone(),
-            address_ranges: params.address_ranges.clone(),
-            retries: params.retries as u32,
-            seed: params.seed as u64,
-            total: params.probes_planned as u64,
-        }),
-        start_index: g.checkpoint as u64,
-        end_index: g.end_index as u64,
+    let assignment = Assignment {
+        shard_id: g.shard_id,
+        lease_epoch: g.lease_epoch,
+        plan,
+        scan_type,
+        start: g.checkpoint,
+        end: g.end_index,
         rate,
     };
     fleet.registry.add_lease(
@@ -191,71 +179,71 @@ async fn deliver(
         g.shard_id,
         LeaseInfo { lease_epoch: g.lease_epoch, scan_id: g.scan_id, rate },
     );
-    if agent.tx.try_send(Ok(frame(Out::Assign(assign)))).is_err() {
+    if agent.tx.try_send(ToAgent::Assign(assignment)).is_err() {
         // The session is gone or not reading: the shard goes back at once.
         fleet.registry.remove_lease(agent.agent_id, g.shard_id);
         fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
         return Ok(());
     }
-    tracing::info!(agent_id = %agent.agent_id, shard_id = g.shard_id, scan_id = %g.scan_id,
+    tracing::info!(agent_id = %agent.agent_id, shard_id = %g.shard_id, scan_id = %g.scan_id,
         start = g.checkpoint, end = g.end_index, rate, "shard assigned");
     Ok(())
 }
 
 /// Re-splits every scan's (capped) rate over its leases, fleet-wide, and
 /// tells local agents whose share changed.
-async fn rebalance(fleet: &Fleet, cache: &mut ParamsCache) -> Result<(), StoreError> {
+#[tracing::instrument(name = "scheduler.rebalance", skip_all)]
+async fn rebalance(fleet: &Fleet, memo: &mut RatesMemo) -> Result<(), StoreError> {
     if fleet.registry.leases().is_empty() {
         return Ok(());
     }
-    let rates = scan_rates(fleet, cache).await?;
+    let rates = scan_rates(fleet, memo).await?;
     apply_rates(fleet, &rates);
     Ok(())
 }
 
 /// Tells local agents to stop the leases of a scan that is over.
-async fn stop_leases_of(fleet: &Fleet, cache: &mut ParamsCache, scan_id: Uuid) -> Result<(), StoreError> {
+async fn stop_leases_of(fleet: &Fleet, scan_id: Uuid) -> Result<(), StoreError> {
     let local: Vec<_> = fleet.registry.leases().into_iter().filter(|l| l.info.scan_id == scan_id).collect();
     if local.is_empty() {
         return Ok(());
     }
-    cache.forget(scan_id);
-    let Some(params) = cache.get(fleet, scan_id).await? else { return Ok(()) };
-    if params.state == "running" || params.state == "pending" {
+    let Some(state) = fleet.store.scan_state(scan_id).await? else { return Ok(()) };
+    if state.is_active() {
         return Ok(());
     }
     for l in local {
-        cancel(fleet, &l.tx, l.agent_id, l.shard_id, l.info.lease_epoch, &format!("scan {}", params.state));
+        cancel(fleet, &l.tx, l.agent_id, l.shard_id, l.info.lease_epoch, &format!("scan {state}"));
     }
     Ok(())
 }
 
-fn cancel(fleet: &Fleet, tx: &crate::sessions::registry::Outbound, agent: Uuid, shard: i64, epoch: i64, reason: &str) {
-    fleet.registry.remove_lease(agent, shard);
-    let msg = pb::Cancel { shard_id: shard as u64, lease_epoch: epoch as u64, reason: reason.to_string() };
-    if tx.try_send(Ok(frame(Out::Cancel(msg)))).is_err() {
+fn cancel(fleet: &Fleet, tx: &Outbound, agent: Uuid, shard_id: ShardId, lease_epoch: LeaseEpoch, reason: &str) {
+    fleet.registry.remove_lease(agent, shard_id);
+    if tx.try_send(ToAgent::Cancel { shard_id, lease_epoch, reason: reason.to_string() }).is_err() {
         // A session that cannot take a Cancel is stuck: close it.
         fleet.registry.close(agent);
     }
-    tracing::info!(agent_id = %agent, shard_id = shard, reason, "lease cancelled");
+    tracing::info!(agent_id = %agent, %shard_id, reason, "lease cancelled");
 }
 
 /// Compares local leases with the database and cancels those that are no
 /// longer held (cancelled scans, expired leases): the fallback for missed
 /// notifications.
+#[tracing::instrument(name = "scheduler.check_leases", skip_all)]
 async fn check_leases(fleet: &Fleet) -> Result<(), StoreError> {
     let local = fleet.registry.leases();
     if local.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = local.iter().map(|l| l.shard_id).collect();
-    let states: HashMap<i64, _> = fleet.store.lease_states(&ids).await?.into_iter().map(|s| (s.id, s)).collect();
+    let ids: Vec<ShardId> = local.iter().map(|l| l.shard_id).collect();
+    let states: HashMap<ShardId, _> = fleet.store.lease_states(&ids).await?.into_iter().map(|s| (s.id, s)).collect();
     for l in local {
         let held = states.get(&l.shard_id).is_some_and(|s| {
-            s.state == "leased" && s.lease_epoch == l.info.lease_epoch && s.agent_id == Some(l.agent_id)
+            s.state == ShardState::Leased && s.lease_epoch == l.info.lease_epoch && s.agent_id == Some(l.agent_id)
         });
         if !held {
-            let why = states.get(&l.shard_id).map_or("gone".to_string(), |s| s.state.clone());
+            let why = states.get(&l.shard_id).map_or("gone", |s| s.state.as_str());
             cancel(fleet, &l.tx, l.agent_id, l.shard_id, l.info.lease_epoch, &format!("lease no longer held ({why})"));
         }
     }
@@ -264,13 +252,14 @@ async fn check_leases(fleet: &Fleet) -> Result<(), StoreError> {
 
 async fn drain(fleet: &Fleet, agent_id: Uuid) {
     if let Some(tx) = fleet.registry.drain(agent_id) {
-        let _ = tx.try_send(Ok(frame(Out::Drain(pb::Drain {}))));
+        let _ = tx.try_send(ToAgent::Drain);
         tracing::info!(%agent_id, "agent draining");
     }
 }
 
 /// Once a second: heartbeats, lease upkeep, completion, progress, and why
 /// waiting scans wait.
+#[tracing::instrument(name = "scheduler.upkeep", skip_all)]
 async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     let cfg = &fleet.config;
     let store = &fleet.store;
@@ -288,22 +277,20 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     let local = fleet.registry.generations();
     if !local.is_empty() {
         let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();
-        let current: HashMap<Uuid, (i64, bool, bool)> =
-            store.agent_generations(&ids).await?.into_iter().map(|(id, g, d, r)| (id, (g, d, r))).collect();
+        let current: HashMap<Uuid, AgentStanding> =
+            store.agent_standings(&ids).await?.into_iter().map(|s| (s.id, s)).collect();
         for (id, generation) in local {
-            match current.get(&id) {
-                Some((_, _, true)) => {
-                    tracing::warn!(agent_id = %id, "closing the session of a revoked agent");
-                    fleet.registry.close(id);
-                }
-                Some((g, _, _)) if *g > generation => {
-                    tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
-                    fleet.registry.close(id);
-                }
+            let Some(now) = current.get(&id) else { continue };
+            if now.revoked {
+                tracing::warn!(agent_id = %id, "closing the session of a revoked agent");
+                fleet.registry.close(id);
+            } else if now.generation > generation {
+                tracing::info!(agent_id = %id, "closing a session superseded by a newer one");
+                fleet.registry.close(id);
+            } else if now.draining && !fleet.registry.is_draining(id) {
                 // A drain whose notification this controller missed (asked
                 // while its listener was reconnecting).
-                Some((_, true, _)) if !fleet.registry.is_draining(id) => drain(fleet, id).await,
-                _ => {}
+                drain(fleet, id).await;
             }
         }
     }
@@ -327,7 +314,7 @@ async fn explain_waiting(fleet: &Fleet) -> Result<(), StoreError> {
                 s.allow_connect_fallback,
                 s.has_ipv6,
                 &s.agent_selector.0,
-                &classes.iter().map(|(raw, v6, l)| (*raw, *v6, &l.0)).collect::<Vec<_>>(),
+                &classes.iter().map(|c| (c.raw_socket, c.ipv6, &c.labels)).collect::<Vec<_>>(),
             );
             (s.id, reason)
         })

@@ -9,19 +9,20 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use portfleet_proto::v1::{self as pb, ControllerMessage, controller_message::Frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use uuid::Uuid;
 
-use crate::store::{AgentClass, Beat};
+use super::wire::{SentAt, ToAgent};
+use crate::store::{AgentClass, Beat, LeaseEpoch, ShardId};
 
-pub type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
+/// What the controller says to one agent, in order; its session turns it
+/// into frames.
+pub type Outbound = mpsc::Sender<ToAgent>;
 
 #[derive(Clone, Debug)]
 pub struct LeaseInfo {
-    pub lease_epoch: i64,
+    pub lease_epoch: LeaseEpoch,
     pub scan_id: Uuid,
     pub rate: u32,
 }
@@ -34,11 +35,11 @@ struct Entry {
     max_shards: u32,
     max_rate: u32,
     draining: bool,
-    leases: HashMap<i64, LeaseInfo>,
+    leases: HashMap<ShardId, LeaseInfo>,
     beat: Option<Beat>,
     /// `sent_at` of the agent's latest heartbeat, echoed back once its
     /// leases have been extended after it.
-    last_sent_at: Option<prost_types::Timestamp>,
+    last_sent_at: Option<SentAt>,
     closer: CancellationToken,
 }
 
@@ -57,7 +58,7 @@ pub struct Candidate {
 #[derive(Clone, Debug)]
 pub struct HeldLease {
     pub agent_id: Uuid,
-    pub shard_id: i64,
+    pub shard_id: ShardId,
     pub info: LeaseInfo,
     pub max_rate: u32,
     pub max_shards: u32,
@@ -72,7 +73,7 @@ pub struct NewSession {
     pub class: AgentClass,
     pub max_shards: u32,
     pub max_rate: u32,
-    pub leases: HashMap<i64, LeaseInfo>,
+    pub leases: HashMap<ShardId, LeaseInfo>,
     pub closer: CancellationToken,
 }
 
@@ -143,29 +144,25 @@ impl Registry {
         out
     }
 
-    pub fn add_lease(&self, agent_id: Uuid, shard_id: i64, info: LeaseInfo) {
+    pub fn add_lease(&self, agent_id: Uuid, shard_id: ShardId, info: LeaseInfo) {
         if let Some(e) = self.lock().get_mut(&agent_id) {
             e.leases.insert(shard_id, info);
         }
     }
 
-    pub fn remove_lease(&self, agent_id: Uuid, shard_id: i64) -> Option<LeaseInfo> {
+    pub fn remove_lease(&self, agent_id: Uuid, shard_id: ShardId) -> Option<LeaseInfo> {
         self.lock().get_mut(&agent_id).and_then(|e| e.leases.remove(&shard_id))
     }
 
-    pub fn set_lease_rate(&self, agent_id: Uuid, shard_id: i64, rate: u32) {
+    pub fn set_lease_rate(&self, agent_id: Uuid, shard_id: ShardId, rate: u32) {
         if let Some(l) = self.lock().get_mut(&agent_id).and_then(|e| e.leases.get_mut(&shard_id)) {
             l.rate = rate;
         }
     }
 
     /// The scan a local lease belongs to.
-    pub fn lease_scan(&self, agent_id: Uuid, shard_id: i64) -> Option<Uuid> {
+    pub fn lease_scan(&self, agent_id: Uuid, shard_id: ShardId) -> Option<Uuid> {
         self.lock().get(&agent_id).and_then(|e| e.leases.get(&shard_id)).map(|l| l.scan_id)
-    }
-
-    pub fn holds(&self, agent_id: Uuid, shard_id: i64, epoch: i64) -> bool {
-        self.lock().get(&agent_id).and_then(|e| e.leases.get(&shard_id)).is_some_and(|l| l.lease_epoch == epoch)
     }
 
     /// Every lease held by local agents.
@@ -185,7 +182,7 @@ impl Registry {
             .collect()
     }
 
-    pub fn record_beat(&self, beat: Beat, sent_at: Option<prost_types::Timestamp>) {
+    pub fn record_beat(&self, beat: Beat, sent_at: Option<SentAt>) {
         if let Some(e) = self.lock().get_mut(&beat.agent_id) {
             e.beat = Some(beat);
             e.last_sent_at = sent_at.or(e.last_sent_at);
@@ -200,9 +197,8 @@ impl Registry {
         for id in agents {
             let Some(e) = map.get(id) else { continue };
             let Some(sent_at) = e.last_sent_at else { continue };
-            let echo = pb::Heartbeat { sent_at: Some(sent_at), ..Default::default() };
             // A full queue skips one echo; the next comes within a second.
-            let _ = e.tx.try_send(Ok(pb::ControllerMessage { frame: Some(Frame::Heartbeat(echo)) }));
+            let _ = e.tx.try_send(ToAgent::Echo(sent_at));
         }
     }
 

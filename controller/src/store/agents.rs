@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Page, Paged, Store, StoreError, scans::Labels};
+use super::{AgentClass, AgentState, Page, Paged, Store, StoreError, scans::Labels};
+use crate::notify::Notice;
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AgentRecord {
@@ -18,7 +19,8 @@ pub struct AgentRecord {
     pub ipv6: bool,
     pub max_rate: i32,
     pub max_shards: i32,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: AgentState,
     pub controller_id: Option<String>,
     pub current_rate: i32,
     pub active_shards: i32,
@@ -40,8 +42,8 @@ impl Store {
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        if row.as_ref().is_some_and(|a| a.state == "draining") {
-            sqlx::query("SELECT pg_notify('portfleet', 'd:' || $1::text)").bind(id).execute(&mut *tx).await?;
+        if row.as_ref().is_some_and(|a| a.state == AgentState::Draining) {
+            super::notify(&mut tx, Notice::AgentDrain(id)).await?;
         }
         tx.commit().await?;
         Ok(row)
@@ -49,7 +51,7 @@ impl Store {
 
     pub async fn list_agents(
         &self,
-        state: Option<&str>,
+        state: Option<AgentState>,
         page: Page<Uuid>,
     ) -> Result<Paged<AgentRecord, Uuid>, StoreError> {
         let rows = sqlx::query_as::<_, AgentRecord>(
@@ -59,13 +61,29 @@ impl Store {
              WHERE ($1::text IS NULL OR state = $1) AND id > $2
              ORDER BY id LIMIT $3",
         )
-        .bind(state)
+        .bind(state.map(AgentState::as_str))
         .bind(page.after.unwrap_or(Uuid::nil()))
         .bind(i64::from(page.limit) + 1)
         .fetch_all(&self.pool)
         .await?;
         Ok(Paged::from_rows(rows, page.limit, |a| a.id))
     }
+}
+
+/// Where an agent's current session stands.
+#[derive(Clone, Copy, Debug, sqlx::FromRow)]
+pub struct AgentStanding {
+    pub id: Uuid,
+    pub generation: i64,
+    pub draining: bool,
+    pub revoked: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClassRow {
+    raw_socket: bool,
+    ipv6: bool,
+    labels: Json<Labels>,
 }
 
 /// An agent as it introduced itself in Hello.
@@ -121,6 +139,7 @@ impl Store {
 
     /// Writes many heartbeats in one statement; an older session's beat
     /// changes nothing.
+    #[tracing::instrument(name = "store.record_heartbeats", skip_all, fields(beats = beats.len()))]
     pub async fn record_heartbeats(&self, beats: &[Beat]) -> Result<(), StoreError> {
         if beats.is_empty() {
             return Ok(());
@@ -143,26 +162,26 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_agent_state(&self, agent_id: Uuid, generation: i64, state: &str) -> Result<(), StoreError> {
+    pub async fn set_agent_state(&self, agent_id: Uuid, generation: i64, state: AgentState) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE agents SET state = $3, current_rate = CASE WHEN $3 = 'gone' THEN 0 ELSE current_rate END
              WHERE id = $1 AND session_generation = $2",
         )
         .bind(agent_id)
         .bind(generation)
-        .bind(state)
+        .bind(state.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Current session generations, to find sessions a newer one replaced.
-    /// Each agent's current session generation, whether an operator asked
-    /// it to drain, and whether it is revoked.
-    pub async fn agent_generations(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64, bool, bool)>, StoreError> {
-        let rows = sqlx::query_as::<_, (Uuid, i64, bool, bool)>(
-            "SELECT id, session_generation, state = 'draining',
-                    EXISTS (SELECT 1 FROM revoked_agents r WHERE r.agent_id = agents.id)
+    /// Each agent's current session generation (to find sessions a newer
+    /// one replaced), whether an operator asked it to drain, and whether it
+    /// is revoked.
+    pub async fn agent_standings(&self, ids: &[Uuid]) -> Result<Vec<AgentStanding>, StoreError> {
+        let rows = sqlx::query_as::<_, AgentStanding>(
+            "SELECT id, session_generation AS generation, state = 'draining' AS draining,
+                    EXISTS (SELECT 1 FROM revoked_agents r WHERE r.agent_id = agents.id) AS revoked
              FROM agents WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -183,14 +202,17 @@ impl Store {
         Ok(())
     }
 
-    /// What the connected fleet can run: (raw_socket, ipv6, labels) per
-    /// connected agent, for explaining why a scan waits.
-    pub async fn connected_agent_classes(&self) -> Result<Vec<(bool, bool, Json<Labels>)>, StoreError> {
-        let rows = sqlx::query_as::<_, (bool, bool, Json<Labels>)>(
+    /// What the connected fleet can run: each distinct class of connected
+    /// agent, for explaining why a scan waits.
+    pub async fn connected_agent_classes(&self) -> Result<Vec<AgentClass>, StoreError> {
+        let rows = sqlx::query_as::<_, ClassRow>(
             "SELECT DISTINCT raw_socket, ipv6, labels FROM agents WHERE state <> 'gone' LIMIT 1000",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows)
+        Ok(rows
+            .into_iter()
+            .map(|r| AgentClass { raw_socket: r.raw_socket, ipv6: r.ipv6, labels: r.labels.0 })
+            .collect())
     }
 }

@@ -33,7 +33,7 @@ impl Store {
         secret_hash: &[u8],
         agent_id: Uuid,
     ) -> Result<Option<Labels>, StoreError> {
-        let row: Option<(Json<Labels>,)> = sqlx::query_as(
+        let labels = sqlx::query_scalar::<_, Json<Labels>>(
             "UPDATE enroll_tokens SET used_at = now(), agent_id = $3
              WHERE id = $1 AND secret_hash = $2 AND used_at IS NULL AND expires_at > now()
              RETURNING labels",
@@ -43,7 +43,7 @@ impl Store {
         .bind(agent_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(l,)| l.0))
+        Ok(labels.map(|l| l.0))
     }
 
     pub async fn revoke_agent(&self, agent_id: Uuid) -> Result<(), StoreError> {

@@ -40,6 +40,11 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        // A column the code cannot decode (an unknown state, say): the row
+        // is wrong for this code, whatever the query.
+        if let sqlx::Error::ColumnDecode { index, source } = &e {
+            return Self::Corrupt(format!("column {index}: {source}"));
+        }
         if is_transient(&e) {
             UNAVAILABLE.notify_one();
             Self::Unavailable(e)
@@ -63,7 +68,10 @@ fn is_rejection(e: &sqlx::Error) -> bool {
 /// busy pool timing out costs one ping.
 static UNAVAILABLE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// See [`UNAVAILABLE`].
+/// Notified whenever an error is classified as `Unavailable`, so the
+/// health task ([`crate::health`]) checks the database at once instead of
+/// at its next interval. A hint only: one stored wake-up, however many
+/// errors.
 pub fn unavailable_hint() -> &'static tokio::sync::Notify {
     &UNAVAILABLE
 }

@@ -5,12 +5,13 @@
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{ScanRecord, Store, StoreError};
+use super::{ScanEvent, ScanRecord, Store, StoreError};
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct PendingEvent {
     pub event_id: i64,
-    pub event: String,
+    #[sqlx(try_from = "String")]
+    pub event: ScanEvent,
     #[sqlx(flatten)]
     pub scan: ScanRecord,
 }
@@ -27,10 +28,14 @@ impl std::fmt::Debug for PendingEvents {
     }
 }
 
-pub(super) async fn record(tx: &mut Transaction<'_, Postgres>, scan_id: Uuid, event: &str) -> Result<(), StoreError> {
+pub(super) async fn record(
+    tx: &mut Transaction<'_, Postgres>,
+    scan_id: Uuid,
+    event: ScanEvent,
+) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO scan_events (scan_id, event) VALUES ($1, $2)")
         .bind(scan_id)
-        .bind(event)
+        .bind(event.as_str())
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -13,8 +13,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction, types::Json};
 use uuid::Uuid;
 
-use super::{Store, StoreError, scans::Labels};
-use crate::politeness::RateCaps;
+use super::{
+    LeaseEpoch, LeaseOutcome, ScanEvent, ScanState, Seq, ShardId, ShardState, Store, StoreError, scans::Labels,
+};
+use crate::{
+    notify::{self, Notice, NoticeKind},
+    politeness::RateCaps,
+};
 
 /// What an agent can run, for matching it to scans.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -27,14 +32,15 @@ pub struct AgentClass {
 /// A freshly granted lease.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Grant {
-    pub shard_id: i64,
+    pub shard_id: ShardId,
     pub scan_id: Uuid,
-    pub lease_epoch: i64,
+    pub lease_epoch: LeaseEpoch,
     pub checkpoint: i64,
     pub end_index: i64,
 }
 
-/// What an agent needs to rebuild a scan's index space.
+/// What never changes about a scan once it is stored: what an agent needs
+/// to rebuild its index space, and its rate.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ScanParams {
     pub id: Uuid,
@@ -45,7 +51,6 @@ pub struct ScanParams {
     pub seed: i64,
     pub probes_planned: i64,
     pub rate: i32,
-    pub state: String,
 }
 
 /// A scan some agent is working on.
@@ -70,10 +75,10 @@ pub struct PortRecord {
 /// The fence a frame must pass.
 #[derive(Clone, Copy, Debug)]
 pub struct Fence {
-    pub shard_id: i64,
-    pub lease_epoch: i64,
+    pub shard_id: ShardId,
+    pub lease_epoch: LeaseEpoch,
     pub agent_id: Uuid,
-    pub seq: i64,
+    pub seq: Seq,
 }
 
 /// The result of applying a frame.
@@ -95,6 +100,7 @@ pub enum Applied {
 }
 
 /// What a frame's fence learned about its lease.
+#[derive(sqlx::FromRow)]
 struct Passed {
     scan_id: Uuid,
     /// The shard's result-batch number (bumped for a results frame).
@@ -106,14 +112,41 @@ struct Passed {
     end: i64,
 }
 
+/// A shard's lease as a refused frame's fence reads it, to say why.
+#[derive(sqlx::FromRow)]
+struct FenceState {
+    lease_epoch: LeaseEpoch,
+    #[sqlx(try_from = "String")]
+    state: ShardState,
+    agent_id: Option<Uuid>,
+    acked_seq: Seq,
+}
+
+/// A scan's lease count and rate, with the caps, as the rate pass reads
+/// them.
+#[derive(sqlx::FromRow)]
+struct LeasedScanRow {
+    scan_id: Uuid,
+    leases: i64,
+    rate: i32,
+    per_host: i32,
+    per_block: i32,
+}
+
 /// Progress an agent reports for a lease.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardProgress {
     pub checkpoint: i64,
     pub sent: i64,
     pub open: i64,
     pub closed: i64,
     pub filtered: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct FailedShard {
+    scan_id: Uuid,
+    failures: i32,
 }
 
 /// What happened to a scan when one of its shards failed.
@@ -129,26 +162,27 @@ pub enum FailOutcome {
 /// A lease as the registry sees it now.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct LeaseState {
-    pub id: i64,
-    pub lease_epoch: i64,
-    pub state: String,
+    pub id: ShardId,
+    pub lease_epoch: LeaseEpoch,
+    #[sqlx(try_from = "String")]
+    pub state: ShardState,
     pub agent_id: Option<Uuid>,
 }
 
 /// A lease an agent resumes after reconnecting.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Adopted {
-    pub id: i64,
-    pub lease_epoch: i64,
+    pub id: ShardId,
+    pub lease_epoch: LeaseEpoch,
     pub scan_id: Uuid,
-    pub acked_seq: i64,
+    pub acked_seq: Seq,
 }
 
 /// A lease from the history table.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct LeaseRecord {
-    pub shard_id: i64,
-    pub lease_epoch: i64,
+    pub shard_id: ShardId,
+    pub lease_epoch: LeaseEpoch,
     pub agent_id: Uuid,
     pub controller_id: String,
     pub start_index: i64,
@@ -164,6 +198,7 @@ fn millis(d: Duration) -> i64 {
 impl Store {
     /// Leases up to `n` pending shards that an agent of `class` may run,
     /// oldest scan first, and marks their scans running.
+    #[tracing::instrument(name = "store.claim_shards", skip_all, fields(%agent_id, n))]
     pub async fn claim_shards(
         &self,
         agent_id: Uuid,
@@ -221,30 +256,31 @@ impl Store {
                     WHERE id = ANY($1) AND state = 'pending'
                     RETURNING id
                  )
-                 SELECT pg_notify('portfleet', 's:' || id) FROM started
+                 SELECT pg_notify($2, $3 || id) FROM started
                  UNION ALL
-                 SELECT pg_notify('portfleet', 'l:' || id) FROM unnest($1::uuid[]) AS id
+                 SELECT pg_notify($2, $4 || id) FROM unnest($1::uuid[]) AS id
                  WHERE id NOT IN (SELECT id FROM started)",
             )
             .bind(&scans)
+            .bind(notify::CHANNEL)
+            .bind(NoticeKind::ScanChanged.prefix())
+            .bind(NoticeKind::Leases.prefix())
             .execute(&self.pool)
             .await?;
         }
         Ok(grants)
     }
 
-    pub async fn scan_params(&self, id: Uuid) -> Result<Option<ScanParams>, StoreError> {
-        let row = sqlx::query_as::<_, ScanParams>(
-            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, state
-             FROM scans WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row)
+    /// A scan's state now.
+    pub async fn scan_state(&self, id: Uuid) -> Result<Option<ScanState>, StoreError> {
+        let state = sqlx::query_scalar::<_, String>("SELECT state FROM scans WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        state.as_deref().map(ScanState::parse).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    pub async fn shard_scan(&self, shard_id: i64) -> Result<Option<Uuid>, StoreError> {
+    pub async fn shard_scan(&self, shard_id: ShardId) -> Result<Option<Uuid>, StoreError> {
         let id = sqlx::query_scalar::<_, Uuid>("SELECT scan_id FROM shards WHERE id = $1")
             .bind(shard_id)
             .fetch_optional(&self.pool)
@@ -254,9 +290,11 @@ impl Store {
 
     /// Every scan with leases in force now, across every controller: its
     /// lease count and configured rate; with the politeness caps.
+    #[tracing::instrument(name = "store.leased_scans", skip_all)]
     pub async fn leased_scans(&self) -> Result<(Vec<LeasedScan>, RateCaps), StoreError> {
-        let rows = sqlx::query_as::<_, (Uuid, i64, i32, i32, i32)>(
-            "SELECT sh.scan_id, count(*), s.rate, coalesce(c.per_host, 0), coalesce(c.per_block, 0)
+        let rows = sqlx::query_as::<_, LeasedScanRow>(
+            "SELECT sh.scan_id, count(*) AS leases, s.rate, coalesce(c.per_host, 0) AS per_host,
+                    coalesce(c.per_block, 0) AS per_block
              FROM shards sh JOIN scans s ON s.id = sh.scan_id LEFT JOIN rate_caps c ON true
              WHERE sh.state = 'leased'
              GROUP BY sh.scan_id, s.rate, c.per_host, c.per_block
@@ -264,12 +302,13 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let caps = rows
-            .first()
-            .map_or_else(RateCaps::default, |r| RateCaps { per_host: r.3.max(0) as u32, per_block: r.4.max(0) as u32 });
+        let caps = rows.first().map_or_else(RateCaps::default, |r| RateCaps {
+            per_host: r.per_host.max(0) as u32,
+            per_block: r.per_block.max(0) as u32,
+        });
         let scans = rows
             .into_iter()
-            .map(|(id, leases, rate, ..)| LeasedScan { id, leases, rate: rate.max(1) as u32 })
+            .map(|r| LeasedScan { id: r.scan_id, leases: r.leases, rate: r.rate.max(1) as u32 })
             .collect();
         Ok((scans, caps))
     }
@@ -277,7 +316,7 @@ impl Store {
     /// Parameters of many scans in one query.
     pub async fn scan_params_many(&self, ids: &[Uuid]) -> Result<Vec<ScanParams>, StoreError> {
         let rows = sqlx::query_as::<_, ScanParams>(
-            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, state
+            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate
              FROM scans WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -295,11 +334,12 @@ impl Store {
         f: &Fence,
         batch: bool,
     ) -> Result<Result<Passed, Applied>, StoreError> {
-        let passed = sqlx::query_as::<_, (Uuid, i32, bool, i64, i64)>(
+        let passed = sqlx::query_as::<_, Passed>(
             "UPDATE shards SET acked_seq = $4, updated_at = now(), result_batches = result_batches + $5
              WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased' AND acked_seq = $4 - 1
-             RETURNING scan_id, result_batches,
-                EXISTS (SELECT 1 FROM scan_hosts h WHERE h.scan_id = shards.scan_id), start_index, end_index",
+             RETURNING scan_id, result_batches AS batch,
+                EXISTS (SELECT 1 FROM scan_hosts h WHERE h.scan_id = shards.scan_id) AS named,
+                start_index AS start, end_index AS end",
         )
         .bind(f.shard_id)
         .bind(f.lease_epoch)
@@ -308,31 +348,34 @@ impl Store {
         .bind(i32::from(batch))
         .fetch_optional(&mut **tx)
         .await?;
-        if let Some((scan_id, batch, named, start, end)) = passed {
-            return Ok(Ok(Passed { scan_id, batch, named, start, end }));
+        if let Some(passed) = passed {
+            return Ok(Ok(passed));
         }
-        let row = sqlx::query_as::<_, (i64, String, Option<Uuid>, i64)>(
-            "SELECT lease_epoch, state, agent_id, acked_seq FROM shards WHERE id = $1",
-        )
-        .bind(f.shard_id)
-        .fetch_optional(&mut **tx)
-        .await?;
+        let row =
+            sqlx::query_as::<_, FenceState>("SELECT lease_epoch, state, agent_id, acked_seq FROM shards WHERE id = $1")
+                .bind(f.shard_id)
+                .fetch_optional(&mut **tx)
+                .await?;
         Ok(Err(match row {
             None => Applied::NotHeld,
-            Some((epoch, ..)) if epoch > f.lease_epoch => Applied::Stale,
-            Some((epoch, ..)) if epoch < f.lease_epoch => Applied::NotHeld,
-            Some((_, state, agent, acked)) => match state.as_str() {
-                _ if agent != Some(f.agent_id) && state == "leased" => Applied::NotHeld,
-                "leased" if acked >= f.seq => Applied::Duplicate,
-                "leased" => Applied::OutOfOrder,
-                "done" if acked >= f.seq && agent == Some(f.agent_id) => Applied::Duplicate,
-                _ => Applied::Stale,
-            },
+            Some(s) if s.lease_epoch > f.lease_epoch => Applied::Stale,
+            Some(s) if s.lease_epoch < f.lease_epoch => Applied::NotHeld,
+            Some(s) => {
+                let ours = s.agent_id == Some(f.agent_id);
+                match s.state {
+                    ShardState::Leased if !ours => Applied::NotHeld,
+                    ShardState::Leased if s.acked_seq >= f.seq => Applied::Duplicate,
+                    ShardState::Leased => Applied::OutOfOrder,
+                    ShardState::Done if s.acked_seq >= f.seq && ours => Applied::Duplicate,
+                    _ => Applied::Stale,
+                }
+            }
         }))
     }
 
     /// Writes a batch of open ports in one statement, idempotently, and
     /// moves the lease's sequence on: both or neither.
+    #[tracing::instrument(name = "store.apply_results", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq, results = results.len()))]
     pub async fn apply_results(&self, f: &Fence, results: &[PortRecord]) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Passed { scan_id, batch, named, start, end } = match Self::fence(&mut tx, f, !results.is_empty()).await? {
@@ -400,7 +443,7 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             if fresh > 0 {
-                sqlx::query("SELECT pg_notify('portfleet', 'r:' || $1::text)").bind(scan_id).execute(&mut *tx).await?;
+                super::notify(&mut tx, Notice::Results(scan_id)).await?;
             }
             if (fresh as usize) < results.len() {
                 // Seen before: only move the last observation on.
@@ -422,6 +465,7 @@ impl Store {
 
     /// Records a checkpoint: every position below it is final and its
     /// results are in earlier, committed frames.
+    #[tracing::instrument(name = "store.apply_progress", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq))]
     pub async fn apply_progress(&self, f: &Fence, p: &ShardProgress) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
@@ -445,6 +489,7 @@ impl Store {
     }
 
     /// Finishes a shard, and its scan when it was the last one.
+    #[tracing::instrument(name = "store.apply_complete", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq))]
     pub async fn apply_complete(&self, f: &Fence, p: &ShardProgress) -> Result<(Applied, Option<Uuid>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // The scan row first: two last shards finishing at once must not
@@ -492,7 +537,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(id) = completed {
-            super::events::record(&mut tx, id, "completed").await?;
+            super::events::record(&mut tx, id, ScanEvent::Completed).await?;
             notify_scan(&mut tx, id).await?;
         }
         tx.commit().await?;
@@ -500,16 +545,21 @@ impl Store {
     }
 
     /// Hands a lease back: the shard resumes from its checkpoint.
-    pub async fn release_lease(&self, shard_id: i64, lease_epoch: i64, agent_id: Uuid) -> Result<bool, StoreError> {
-        self.end_lease(shard_id, lease_epoch, Some(agent_id), "released").await
+    pub async fn release_lease(
+        &self,
+        shard_id: ShardId,
+        lease_epoch: LeaseEpoch,
+        agent_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        self.end_lease(shard_id, lease_epoch, Some(agent_id), LeaseOutcome::Released).await
     }
 
     async fn end_lease(
         &self,
-        shard_id: i64,
-        lease_epoch: i64,
+        shard_id: ShardId,
+        lease_epoch: LeaseEpoch,
         agent_id: Option<Uuid>,
-        outcome: &str,
+        outcome: LeaseOutcome,
     ) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "WITH back AS (
@@ -524,7 +574,7 @@ impl Store {
         .bind(shard_id)
         .bind(lease_epoch)
         .bind(agent_id)
-        .bind(outcome)
+        .bind(outcome.as_str())
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -532,8 +582,8 @@ impl Store {
     }
 
     /// A lease that could not be delivered goes straight back.
-    pub async fn return_undelivered(&self, shard_id: i64, lease_epoch: i64) -> Result<(), StoreError> {
-        self.end_lease(shard_id, lease_epoch, None, "undelivered").await?;
+    pub async fn return_undelivered(&self, shard_id: ShardId, lease_epoch: LeaseEpoch) -> Result<(), StoreError> {
+        self.end_lease(shard_id, lease_epoch, None, LeaseOutcome::Undelivered).await?;
         Ok(())
     }
 
@@ -541,8 +591,8 @@ impl Store {
     /// `reason`, and its other shards are cancelled.
     pub async fn fail_shard(
         &self,
-        shard_id: i64,
-        lease_epoch: i64,
+        shard_id: ShardId,
+        lease_epoch: LeaseEpoch,
         agent_id: Uuid,
         reason: &str,
         max_failures: i32,
@@ -553,7 +603,7 @@ impl Store {
             .bind(shard_id)
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query_as::<_, (Uuid, i32)>(
+        let row = sqlx::query_as::<_, FailedShard>(
             "UPDATE shards SET failures = failures + 1, last_error = $4, state = 'pending', agent_id = NULL,
                 controller_id = NULL, lease_expires_at = NULL, updated_at = now()
              WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased'
@@ -565,7 +615,7 @@ impl Store {
         .bind(reason)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((scan_id, failures)) = row else {
+        let Some(FailedShard { scan_id, failures }) = row else {
             tx.rollback().await?;
             return Ok(FailOutcome::Stale);
         };
@@ -598,7 +648,7 @@ impl Store {
             .bind(shard_id)
             .execute(&mut *tx)
             .await?;
-            super::events::record(&mut tx, scan_id, "failed").await?;
+            super::events::record(&mut tx, scan_id, ScanEvent::Failed).await?;
             notify_scan(&mut tx, scan_id).await?;
         }
         tx.commit().await?;
@@ -607,6 +657,7 @@ impl Store {
 
     /// Returns every lease past its expiry to the queue (from its
     /// checkpoint). Safe to run on every controller at once.
+    #[tracing::instrument(name = "store.expire_leases", skip_all)]
     pub async fn expire_leases(&self) -> Result<u64, StoreError> {
         let n = sqlx::query(
             "WITH expired AS (
@@ -647,14 +698,14 @@ impl Store {
         &self,
         agent_id: Uuid,
         controller_id: &str,
-        held: &[(i64, i64)],
+        held: &[(ShardId, LeaseEpoch)],
         ttl: Duration,
     ) -> Result<Vec<Adopted>, StoreError> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
-        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+        let ids: Vec<ShardId> = held.iter().map(|h| h.0).collect();
+        let epochs: Vec<LeaseEpoch> = held.iter().map(|h| h.1).collect();
         let rows = sqlx::query_as::<_, Adopted>(
             "UPDATE shards sh SET controller_id = $2, lease_expires_at = now() + $5 * interval '1 millisecond'
              FROM UNNEST($3::int8[], $4::int8[]) AS h(id, epoch)
@@ -685,7 +736,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn lease_states(&self, shard_ids: &[i64]) -> Result<Vec<LeaseState>, StoreError> {
+    pub async fn lease_states(&self, shard_ids: &[ShardId]) -> Result<Vec<LeaseState>, StoreError> {
         let rows =
             sqlx::query_as::<_, LeaseState>("SELECT id, lease_epoch, state, agent_id FROM shards WHERE id = ANY($1)")
                 .bind(shard_ids)
@@ -707,8 +758,10 @@ impl Store {
              ), events AS (
                 INSERT INTO scan_events (scan_id, event) SELECT id, 'completed' FROM completed
              )
-             SELECT pg_notify('portfleet', 's:' || id) FROM completed",
+             SELECT pg_notify($1, $2 || id) FROM completed",
         )
+        .bind(notify::CHANNEL)
+        .bind(NoticeKind::ScanChanged.prefix())
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -748,6 +801,5 @@ impl Store {
 }
 
 pub(super) async fn notify_scan(tx: &mut Transaction<'_, Postgres>, scan_id: Uuid) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_notify('portfleet', 's:' || $1::text)").bind(scan_id).execute(&mut **tx).await?;
-    Ok(())
+    super::notify(tx, Notice::ScanChanged(scan_id)).await
 }

@@ -6,31 +6,38 @@ mod agents;
 mod enroll;
 mod error;
 mod events;
+mod ids;
 mod leases;
 mod policy;
 mod results;
 mod scans;
+mod states;
 mod targets;
 mod tokens;
 
 use std::time::Duration;
 
+use portfleet_core::backoff::Backoff;
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio_util::sync::CancellationToken;
 
-pub use agents::{AgentIntro, AgentRecord, Beat};
+pub use agents::{AgentIntro, AgentRecord, AgentStanding, Beat};
 pub use error::{StoreError, unavailable_hint};
 pub use events::{PendingEvent, PendingEvents};
+pub use ids::{LeaseEpoch, OutOfRange, Seq, ShardId};
 pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, LeasedScan, PortRecord,
     ScanParams, ShardProgress,
 };
-pub use policy::{CapsUpdate, ScopeRules};
-pub use results::{ResultKey, ResultRecord};
-pub use scans::{Labels, NewScan, NewShard, ScanRecord, ScanState};
+pub use policy::{ActiveScanRanges, CapsUpdate, ScopeRules};
+pub use results::{ResultHead, ResultKey, ResultRecord};
+pub use scans::{Labels, NewScan, NewShard, ScanRecord};
+pub use states::{
+    AgentState, LeaseOutcome, Origin, PortState, ScanEvent, ScanState, ScopeAction, ShardState, UnknownValue,
+};
 pub use targets::{NewTarget, TargetFilter, TargetRecord};
 pub use tokens::TokenRecord;
 
@@ -96,20 +103,21 @@ impl Store {
     /// it is unreachable. Safe with several controllers starting at once:
     /// sqlx serialises them with an advisory lock.
     pub async fn migrate(&self, cancel: &CancellationToken) -> Result<(), StoreError> {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
-            match MIGRATOR.run(&self.pool).await {
+            let retry_in = match MIGRATOR.run(&self.pool).await {
                 Ok(()) => return Ok(()),
                 Err(sqlx::migrate::MigrateError::Execute(e)) if error::is_transient(&e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "database unreachable, waiting to migrate");
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(error = %e, ?retry_in, "database unreachable, waiting to migrate");
+                    retry_in
                 }
                 Err(e) => return Err(StoreError::Migrate(e)),
-            }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return Err(StoreError::Cancelled),
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(retry_in) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -122,4 +130,14 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Sends `notice` to every controller when `tx` commits.
+async fn notify(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    notice: crate::notify::Notice,
+) -> Result<(), StoreError> {
+    let Some(payload) = notice.encode() else { return Ok(()) };
+    sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(payload).execute(&mut **tx).await?;
+    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use ipnet::IpNet;
 
-use super::{Store, StoreError};
+use super::{ScopeAction, Store, StoreError};
 use crate::politeness::RateCaps;
 
 /// Politeness caps to set; `None` leaves one as it is.
@@ -27,6 +27,20 @@ pub struct ScopeRules {
     pub deny: Vec<IpNet>,
 }
 
+#[derive(sqlx::FromRow)]
+struct RuleRow {
+    #[sqlx(try_from = "String")]
+    action: ScopeAction,
+    cidr: String,
+}
+
+/// A scan that may still be probed, and what it covers.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ActiveScanRanges {
+    pub id: uuid::Uuid,
+    pub address_ranges: Vec<String>,
+}
+
 const BUMP_VERSION: &str = "UPDATE policy_state SET version = version + 1";
 
 impl Store {
@@ -39,24 +53,24 @@ impl Store {
     /// never pass with stale rules.
     pub async fn versioned_scope_rules(&self) -> Result<(i64, ScopeRules), StoreError> {
         let version: i64 = sqlx::query_scalar("SELECT version FROM policy_state").fetch_one(&self.pool).await?;
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT action, cidr::text FROM scope_rules ORDER BY action, cidr")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query_as::<_, RuleRow>("SELECT action, cidr::text FROM scope_rules ORDER BY action, cidr")
+            .fetch_all(&self.pool)
+            .await?;
         let mut rules = ScopeRules::default();
-        for (action, cidr) in rows {
-            let net: IpNet =
-                cidr.parse().map_err(|_| StoreError::Corrupt(format!("scope rule {cidr:?} is not a CIDR block")))?;
-            match action.as_str() {
-                "allow" => rules.allow.push(net),
-                _ => rules.deny.push(net),
+        for RuleRow { action, cidr } in rows {
+            let net: IpNet = cidr
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("scope_rules.cidr {cidr:?} is not a CIDR block")))?;
+            match action {
+                ScopeAction::Allow => rules.allow.push(net),
+                ScopeAction::Deny => rules.deny.push(net),
             }
         }
         Ok((version, rules))
     }
 
     /// Adds rules (existing ones stay); one statement.
-    pub async fn add_scope_rules(&self, action: &str, nets: &[IpNet]) -> Result<(), StoreError> {
+    pub async fn add_scope_rules(&self, action: ScopeAction, nets: &[IpNet]) -> Result<(), StoreError> {
         if nets.is_empty() {
             return Ok(());
         }
@@ -66,7 +80,7 @@ impl Store {
             "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
              ON CONFLICT DO NOTHING",
         )
-        .bind(action)
+        .bind(action.as_str())
         .bind(&cidrs)
         .execute(&mut *tx)
         .await?
@@ -106,20 +120,20 @@ impl Store {
         let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         let mut tx = self.pool.begin().await?;
         let mut changed = 0;
-        for (action, nets) in [("allow", &add.allow), ("deny", &add.deny)] {
+        for (action, nets) in [(ScopeAction::Allow, &add.allow), (ScopeAction::Deny, &add.deny)] {
             changed += sqlx::query(
                 "INSERT INTO scope_rules (action, cidr) SELECT $1, c::cidr FROM UNNEST($2::text[]) AS c
                  ON CONFLICT DO NOTHING",
             )
-            .bind(action)
+            .bind(action.as_str())
             .bind(text(nets))
             .execute(&mut *tx)
             .await?
             .rows_affected();
         }
-        for (action, nets) in [("allow", &remove.allow), ("deny", &remove.deny)] {
+        for (action, nets) in [(ScopeAction::Allow, &remove.allow), (ScopeAction::Deny, &remove.deny)] {
             changed += sqlx::query("DELETE FROM scope_rules WHERE action = $1 AND cidr = ANY($2::text[]::cidr[])")
-                .bind(action)
+                .bind(action.as_str())
                 .bind(text(nets))
                 .execute(&mut *tx)
                 .await?
@@ -142,8 +156,8 @@ impl Store {
         &self,
         after: Option<uuid::Uuid>,
         limit: i64,
-    ) -> Result<Vec<(uuid::Uuid, Vec<String>)>, StoreError> {
-        let rows = sqlx::query_as(
+    ) -> Result<Vec<ActiveScanRanges>, StoreError> {
+        let rows = sqlx::query_as::<_, ActiveScanRanges>(
             "SELECT id, address_ranges FROM scans
              WHERE state IN ('pending', 'running') AND id > $1 ORDER BY id LIMIT $2",
         )

@@ -6,17 +6,34 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Page, Paged, Store, StoreError};
+use super::{Page, Paged, PortState, Store, StoreError};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ResultRecord {
     pub ip: IpAddr,
     pub port: i32,
     pub protocol: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: PortState,
     pub hostname: Option<String>,
     pub first_seen_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
+}
+
+/// How many result batches a shard has committed (its `shard_batch`
+/// counter): a WatchScan cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct ResultHead {
+    pub shard_id: i64,
+    pub batches: i32,
+}
+
+/// A result with its position in the scan's index space (its keyset key).
+#[derive(sqlx::FromRow)]
+struct PositionedResult {
+    position: i64,
+    #[sqlx(flatten)]
+    record: ResultRecord,
 }
 
 /// Keyset position in a scan's results: the probe's position in the
@@ -28,9 +45,9 @@ pub struct ResultKey {
 
 impl Store {
     /// How many result batches each shard of a scan has committed.
-    pub async fn result_heads(&self, scan_id: Uuid) -> Result<Vec<(i64, i32)>, StoreError> {
-        let rows = sqlx::query_as::<_, (i64, i32)>(
-            "SELECT id, result_batches FROM shards WHERE scan_id = $1 AND result_batches > 0",
+    pub async fn result_heads(&self, scan_id: Uuid) -> Result<Vec<ResultHead>, StoreError> {
+        let rows = sqlx::query_as::<_, ResultHead>(
+            "SELECT id AS shard_id, result_batches AS batches FROM shards WHERE scan_id = $1 AND result_batches > 0",
         )
         .bind(scan_id)
         .fetch_all(&self.pool)
@@ -39,6 +56,7 @@ impl Store {
     }
 
     /// The results a shard's batches `(after, upto]` first wrote.
+    #[tracing::instrument(name = "store.shard_results", skip_all, fields(shard_id, after, upto))]
     pub async fn shard_results(&self, shard_id: i64, after: i32, upto: i32) -> Result<Vec<ResultRecord>, StoreError> {
         let rows = sqlx::query_as::<_, ResultRecord>(
             "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
@@ -54,29 +72,23 @@ impl Store {
     }
 
     /// In scan order (by position in the scan's index space).
+    #[tracing::instrument(name = "store.list_results", skip_all, fields(%scan_id, limit = page.limit))]
     pub async fn list_results(
         &self,
         scan_id: Uuid,
         page: Page<ResultKey>,
     ) -> Result<Paged<ResultRecord, ResultKey>, StoreError> {
-        let rows =
-            sqlx::query_as::<_, (i64, IpAddr, i32, String, String, Option<String>, DateTime<Utc>, DateTime<Utc>)>(
-                "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at
+        let rows = sqlx::query_as::<_, PositionedResult>(
+            "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at
              FROM results WHERE scan_id = $1 AND position > $2
              ORDER BY position LIMIT $3",
-            )
-            .bind(scan_id)
-            .bind(page.after.map_or(-1, |k| k.position))
-            .bind(i64::from(page.limit) + 1)
-            .fetch_all(&self.pool)
-            .await?;
-        let rows: Vec<(i64, ResultRecord)> = rows
-            .into_iter()
-            .map(|(position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at)| {
-                (position, ResultRecord { ip, port, protocol, state, hostname, first_seen_at, last_seen_at })
-            })
-            .collect();
-        let paged = Paged::from_rows(rows, page.limit, |(position, _)| ResultKey { position: *position });
-        Ok(Paged { items: paged.items.into_iter().map(|(_, r)| r).collect(), next: paged.next })
+        )
+        .bind(scan_id)
+        .bind(page.after.map_or(-1, |k| k.position))
+        .bind(i64::from(page.limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let paged = Paged::from_rows(rows, page.limit, |r| ResultKey { position: r.position });
+        Ok(Paged { items: paged.items.into_iter().map(|r| r.record).collect(), next: paged.next })
     }
 }

@@ -6,43 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Page, Paged, Store, StoreError};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ScanState {
-    Pending,
-    Running,
-    Completed,
-    Cancelled,
-    Failed,
-}
-
-impl ScanState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Completed => "completed",
-            Self::Cancelled => "cancelled",
-            Self::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "pending" => Self::Pending,
-            "running" => Self::Running,
-            "completed" => Self::Completed,
-            "cancelled" => Self::Cancelled,
-            "failed" => Self::Failed,
-            other => return Err(StoreError::Corrupt(format!("unknown scan state {other:?}"))),
-        })
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Cancelled | Self::Failed)
-    }
-}
+use super::{Origin, Page, Paged, ScanEvent, ScanState, ShardState, Store, StoreError};
+use crate::notify::{self, NoticeKind};
 
 pub type Labels = std::collections::BTreeMap<String, String>;
 
@@ -50,7 +15,8 @@ pub type Labels = std::collections::BTreeMap<String, String>;
 pub struct ScanRecord {
     pub id: Uuid,
     pub request_id: Option<String>,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: ScanState,
     pub targets: Vec<String>,
     pub target_group: String,
     pub ports: String,
@@ -75,15 +41,10 @@ pub struct ScanRecord {
     pub updated_at: DateTime<Utc>,
     pub has_ipv6: bool,
     pub waiting_reason: Option<String>,
-    pub origin: String,
+    #[sqlx(try_from = "String")]
+    pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
-}
-
-impl ScanRecord {
-    pub fn state(&self) -> Result<ScanState, StoreError> {
-        ScanState::parse(&self.state)
-    }
 }
 
 /// `"<prefix> <every scans column> <suffix>"`, built at compile time because
@@ -100,6 +61,10 @@ macro_rules! with_scan_columns {
         )
     };
 }
+
+/// One scan of a stored batch: its row, and whether this call created
+/// it (`false`: its request id already had a scan), or why it failed.
+pub type Stored = Result<(ScanRecord, bool), StoreError>;
 
 #[derive(Clone, Debug)]
 pub struct NewScan {
@@ -120,8 +85,7 @@ pub struct NewScan {
     pub port_count: i32,
     pub probes_planned: i64,
     pub has_ipv6: bool,
-    /// api, amqp or naabum8.
-    pub origin: &'static str,
+    pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub shards: Vec<NewShard>,
@@ -148,11 +112,8 @@ impl Store {
     /// than the connection (a value the database refuses, say), the scans
     /// are stored one at a time so only the bad one fails: its error is in
     /// its place in the list. An `Err` of the whole call stored nothing.
-    pub async fn insert_scans(
-        &self,
-        scans: &[NewScan],
-        policy_version: i64,
-    ) -> Result<Vec<Result<(ScanRecord, bool), StoreError>>, StoreError> {
+    #[tracing::instrument(name = "store.insert_scans", skip_all, fields(scans = scans.len()))]
+    pub async fn insert_scans(&self, scans: &[NewScan], policy_version: i64) -> Result<Vec<Stored>, StoreError> {
         match self.insert_scan_batch(scans, policy_version).await {
             Ok(stored) => Ok(stored.into_iter().map(Ok).collect()),
             Err(e) if scans.len() > 1 && !e.is_transient() => {
@@ -191,7 +152,7 @@ impl Store {
                     "allow_connect_fallback": s.allow_connect_fallback, "seed": s.seed,
                     "address_ranges": s.address_ranges, "address_count": s.address_count,
                     "port_count": s.port_count, "probes_planned": s.probes_planned,
-                    "shard_count": s.shards.len(), "has_ipv6": s.has_ipv6, "origin": s.origin,
+                    "shard_count": s.shards.len(), "has_ipv6": s.has_ipv6, "origin": s.origin.as_str(),
                     "reply_to": s.reply_to, "correlation_id": s.correlation_id,
                 })
             })
@@ -246,7 +207,7 @@ impl Store {
                 INSERT INTO scan_events (scan_id, event) SELECT id, 'created' FROM ins
              ), woke AS (
                 -- Schedulers on every controller wake up for new work.
-                SELECT pg_notify('portfleet', 'c:' || (SELECT min(id::text) FROM ins)) WHERE EXISTS (SELECT 1 FROM ins)
+                SELECT pg_notify($9, $10 || (SELECT min(id::text) FROM ins)) WHERE EXISTS (SELECT 1 FROM ins)
              )
              SELECT",
             "FROM ins, (SELECT count(*) FROM woke) AS w"
@@ -259,6 +220,8 @@ impl Store {
         .bind(&host_scan)
         .bind(&host_ip)
         .bind(&host_name)
+        .bind(notify::CHANNEL)
+        .bind(NoticeKind::ScanCreated.prefix())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -346,7 +309,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if row.is_some() {
-            stop_unfinished_shards(&mut tx, id, "cancelled").await?;
+            stop_unfinished_shards(&mut tx, id, ScanEvent::Cancelled).await?;
         }
         tx.commit().await?;
         Ok(row)
@@ -365,7 +328,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if failed.is_some() {
-            stop_unfinished_shards(&mut tx, id, "failed").await?;
+            stop_unfinished_shards(&mut tx, id, ScanEvent::Failed).await?;
         }
         tx.commit().await?;
         Ok(failed.is_some())
@@ -409,13 +372,14 @@ impl Store {
 async fn stop_unfinished_shards(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: Uuid,
-    event: &str,
+    event: ScanEvent,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE shards SET state = 'cancelled', updated_at = now()
+        "UPDATE shards SET state = $2, updated_at = now()
          WHERE scan_id = $1 AND state IN ('pending', 'leased')",
     )
     .bind(id)
+    .bind(ShardState::Cancelled.as_str())
     .execute(&mut **tx)
     .await?;
     super::events::record(tx, id, event).await?;

@@ -487,16 +487,24 @@ async fn fleet(args: &[String]) {
     println!("  vs goals: RSS {:.2}x of 300 MB, p99 {:.2}x of 100 ms", rss_idle / 300.0, pct(0.99) / 100.0);
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("ingest") => ingest(&args).await,
-        Some("fleet") => fleet(&args).await,
-        Some("caps") => caps(&args).await,
-        Some("watch") => watch::bench(&args).await,
-        Some("watch-client") => tokio::task::block_in_place(|| watch::client(&args)),
+        // A child process of `watch` with a runtime of its own (one
+        // thread), so it starts before and instead of the multi-threaded one.
+        Some("watch-client") => watch::client(&args),
+        _ => bench(&args),
+    }
+}
+
+#[tokio::main]
+async fn bench(args: &[String]) {
+    match args.get(1).map(String::as_str) {
+        Some("ingest") => ingest(args).await,
+        Some("fleet") => fleet(args).await,
+        Some("caps") => caps(args).await,
+        Some("watch") => watch::bench(args).await,
         _ => {
             eprintln!("usage: session-bench ingest|fleet|caps|watch [options] (see the file's header)");
             std::process::exit(2);

@@ -1,7 +1,7 @@
-//! `portfleet`: the command-line client.
+//! `portfleet`: the command-line client (see the library for the commands).
 
 use clap::Parser;
-use portfleet_controller::cli::{Cli, run};
+use portfleet_cli::{Cli, run};
 
 fn main() {
     let cli = Cli::parse();
