@@ -7,11 +7,15 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use portfleet_core::labels::Labels;
 use portfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use tonic::transport::Endpoint;
 
-use crate::{run_cmd, session::state_path};
+use crate::{
+    run_cmd,
+    session::{state_path, write_labels},
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct EnrollArgs {
@@ -72,12 +76,14 @@ async fn enroll(args: EnrollArgs) -> Result<String, String> {
         .map_err(|s| format!("enrollment refused ({:?}): {}", s.code(), s.message()))?
         .into_inner();
     let id = uuid::Uuid::try_parse(&r.agent_id).map_err(|_| "the controller sent a bad agent id".to_string())?;
+    // The labels this agent will announce: only ones a scan's
+    // agent_selector can match (the same rules as `run --labels`).
+    let labels = Labels::try_from(r.labels).map_err(|e| format!("the enrollment token's labels: {e}"))?;
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     write_private(&state_path(&dir, &name, "key"), key.serialize_pem().as_bytes())?;
     write_private(&state_path(&dir, &name, "crt"), r.certificate_pem.as_bytes())?;
     write_private(&state_path(&dir, &name, "ca.pem"), &ca)?;
-    let labels: String = r.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-    write_private(&state_path(&dir, &name, "labels"), labels.as_bytes())?;
+    write_private(&state_path(&dir, &name, "labels"), write_labels(&labels).as_bytes())?;
     // The certificate's identity becomes the agent's.
     write_private(&state_path(&dir, &name, "id"), format!("{id}\n").as_bytes())?;
     Ok(format!("enrolled agent {id} ({name}); certificate in {}", state_path(&dir, &name, "crt").display()))

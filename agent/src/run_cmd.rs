@@ -1,8 +1,9 @@
 //! `portfleet-agent run`: the daemon that takes work from a controller.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
+use portfleet_core::{labels::Labels, policy::CidrList};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -19,9 +20,10 @@ pub struct RunArgs {
     /// names on one host are distinct agents.
     #[arg(long, env = "PORTFLEET_AGENT_NAME")]
     pub name: Option<String>,
-    /// Labels scans can select agents by, e.g. region=eu,dc=fra1
-    #[arg(long, env = "PORTFLEET_AGENT_LABELS", value_delimiter = ',', value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
+    /// Labels scans can select agents by, e.g. region=eu,dc=fra1 (the
+    /// rules of a scan's agent_selector; later ones win on a key).
+    #[arg(long, env = "PORTFLEET_AGENT_LABELS", value_parser = parse_labels)]
+    pub labels: Vec<Labels>,
     /// Probes per second over all shards (0: no limit of the agent's own).
     #[arg(long = "max-rate", env = "PORTFLEET_AGENT_MAX_RATE", default_value_t = 0)]
     pub max_rate: u32,
@@ -46,8 +48,8 @@ pub struct RunArgs {
     /// Only ever probe these CIDRs, whatever the controller assigns
     /// (default: every address but loopback, link-local and multicast,
     /// which need an explicit allow inside them, e.g. 127.0.0.1/32).
-    #[arg(long, env = "PORTFLEET_AGENT_ALLOW", value_parser = parse_nets, default_value = "")]
-    pub allow: Nets,
+    #[arg(long, env = "PORTFLEET_AGENT_ALLOW", value_parser = parse_cidrs, default_value = "")]
+    pub allow: CidrList,
     /// PEM CA that signed the controller's certificate (https:// URLs).
     #[arg(long, env = "PORTFLEET_AGENT_CA")]
     pub ca: Option<PathBuf>,
@@ -58,25 +60,16 @@ pub struct RunArgs {
     #[arg(long, env = "PORTFLEET_AGENT_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
     /// Never probe these CIDRs (wins over --allow).
-    #[arg(long, env = "PORTFLEET_AGENT_DENY", value_parser = parse_nets, default_value = "")]
-    pub deny: Nets,
+    #[arg(long, env = "PORTFLEET_AGENT_DENY", value_parser = parse_cidrs, default_value = "")]
+    pub deny: CidrList,
 }
 
-/// A comma-separated list of CIDR blocks.
-#[derive(Clone, Debug, Default)]
-pub struct Nets(pub Vec<ipnet::IpNet>);
-
-fn parse_nets(s: &str) -> Result<Nets, String> {
-    portfleet_core::policy::parse_cidrs(s).map(Nets)
+fn parse_cidrs(s: &str) -> Result<CidrList, String> {
+    s.parse()
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
-    let k = k.trim();
-    if k.is_empty() || k.len() > 63 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)) {
-        return Err(format!("label key {k:?}: 1-63 letters, digits, '-', '_', '.', '/'"));
-    }
-    Ok((k.to_string(), v.trim().to_string()))
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    s.parse().map_err(|e: portfleet_core::labels::LabelError| e.to_string())
 }
 
 pub fn default_state_dir() -> PathBuf {
@@ -113,8 +106,14 @@ pub async fn run(args: RunArgs) -> i32 {
         }
     };
     // Labels the enrollment token gave; explicit --labels win.
-    let mut labels = enrolled_labels;
-    labels.extend(args.labels.iter().cloned());
+    let labels = args.labels.iter().try_fold(enrolled_labels, |labels, more| labels.merged(more));
+    let labels = match labels {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: --labels: {e}");
+            return 2;
+        }
+    };
     let config = AgentConfig {
         controller: args.controller,
         name,
@@ -125,7 +124,7 @@ pub async fn run(args: RunArgs) -> i32 {
         net: NetOptions { interface: args.interface, source_ip: args.source_ip },
         wait: Duration::from_millis(args.wait),
         shutdown_timeout: Duration::from_secs(10),
-        policy: std::sync::Arc::new(portfleet_core::ScopePolicy::for_agent(&args.allow.0, &args.deny.0)),
+        policy: std::sync::Arc::new(portfleet_core::ScopePolicy::for_agent(&args.allow, &args.deny)),
         tls,
     };
     let shutdown = CancellationToken::new();
@@ -141,18 +140,14 @@ pub async fn run(args: RunArgs) -> i32 {
 
 /// TLS material: `--ca/--cert/--key`, else what `enroll` stored in the
 /// state directory; and the labels enrollment gave.
-fn client_tls(
-    args: &RunArgs,
-    dir: &std::path::Path,
-    name: &str,
-) -> Result<(Option<ClientTls>, BTreeMap<String, String>), String> {
+fn client_tls(args: &RunArgs, dir: &std::path::Path, name: &str) -> Result<(Option<ClientTls>, Labels), String> {
     let read = |what: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()));
     let stored = |ext: &str| Some(session::state_path(dir, name, ext)).filter(|p| p.exists());
-    let mut labels = BTreeMap::new();
-    if let Some(p) = stored("labels") {
-        let text = String::from_utf8_lossy(&read("labels", &p)?).to_string();
-        labels.extend(text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())));
-    }
+    let labels = match stored("labels") {
+        Some(p) => session::read_labels(&String::from_utf8_lossy(&read("labels", &p)?))
+            .map_err(|e| format!("labels {}: {e} (enroll again)", p.display()))?,
+        None => Labels::default(),
+    };
     // Only an enrolled identity (in the state dir) is renewed; files given
     // with --cert/--key belong to whoever issued them.
     let (cert, key, renewable) = match (&args.cert, &args.key) {
@@ -185,4 +180,43 @@ async fn signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal, exiting now");
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = ["agent", "--controller", "http://127.0.0.1:1"];
+        Cli::try_parse_from(base.iter().chain(args)).map(|c| c.run)
+    }
+
+    #[test]
+    fn labels_follow_the_selector_rules_and_later_ones_win() {
+        let args = parse(&["--labels", "site=lab, zone=a", "--labels", "zone=b"]).unwrap();
+        let labels = args.labels.iter().try_fold(Labels::default(), |l, more| l.merged(more)).unwrap();
+        assert_eq!(labels.to_string(), "site=lab,zone=b");
+        // What a scan's agent_selector would match.
+        assert!(labels.matches(&"zone=b".parse().unwrap()));
+        assert!(parse(&["--labels", "bad key=x"]).is_err());
+        assert!(parse(&["--labels", "novalue"]).is_err());
+        assert!(parse(&["--labels", &format!("k={}", "v".repeat(256))]).is_err());
+    }
+
+    #[test]
+    fn allow_and_deny_are_cidr_lists() {
+        let args = parse(&["--allow", "10.0.0.0/8, 192.0.2.1", "--deny", "10.9.0.0/16"]).unwrap();
+        assert_eq!(args.allow.to_string(), "10.0.0.0/8,192.0.2.1/32");
+        assert_eq!(args.deny.len(), 1);
+        assert!(parse(&[]).unwrap().allow.is_empty());
+        assert!(parse(&["--deny", "example.com"]).is_err());
+    }
 }

@@ -1,167 +1,119 @@
-//! One leased shard: rebuilds the scan's index space from the Assign,
-//! runs the engine over the leased range, and turns its events into
-//! frames - result batches, then each checkpoint after the results below
-//! it, then completion (or a hand-back, or a failure).
+//! One leased shard: checks the assignment against the agent's own scope
+//! and capabilities, runs the engine over the leased range, and turns its
+//! events into frames - result batches, then each checkpoint after the
+//! results below it, then completion (or a hand-back, or a failure).
+//!
+//! A shard task works through its own [`Lease`] handle only: its outbox
+//! (whose room paces the engine), its stop token and mode, its engine
+//! control. It never touches the registry of leases or the connection.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
+use std::{sync::Arc, time::Duration};
+
+use portfleet_core::{AddrRange, AddressSet, ScanType, ScopePolicy};
+use tokio::sync::mpsc;
+
+use super::{
+    leases::{Lease, StopMode},
+    wire::{Assignment, LeaseId, ShardFrame},
+};
+use crate::{
+    engine::{self, Event, Finding, ScanJob},
+    net::NetOptions,
 };
 
-use portfleet_core::{AddressSet, PortSet, ScanSpace, ScanType, ShardRange, permutation::Permutation};
-use portfleet_proto::v1::{self as pb, agent_message::Frame as Out};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-use super::{Agent, Slot, outbox::Outbox};
-use crate::engine::{self, Counts, EngineControl, Event, Finding, ScanJob};
-
-/// What to do with a shard that is stopped before it is done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopMode {
-    /// The controller cancelled it: forget it.
-    Drop,
-    /// This agent is shutting down: report the checkpoint, hand it back.
-    Release,
-}
-
+/// A batch of results goes out at most this long after its first result.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-fn msg(frame: Out) -> pb::AgentMessage {
-    pb::AgentMessage { frame: Some(frame) }
+/// Engine events buffered between the engine and its shard task.
+const ENGINE_EVENTS: usize = 4096;
+
+/// What every shard task takes from the agent's configuration.
+#[derive(Debug)]
+pub struct ShardSettings {
+    /// Longest wait for a reply to a probe.
+    pub wait: Duration,
+    pub net: NetOptions,
+    /// What this agent will probe, whatever it is assigned.
+    pub policy: Arc<ScopePolicy>,
+    /// The policy's complement, for the engine's per-probe check.
+    pub deny: Arc<AddressSet>,
+    pub raw_socket: bool,
+    /// Probes per second over all shards; 0 for no limit.
+    pub max_rate: u32,
+    pub max_shards: u32,
 }
 
-fn counts(c: &Counts) -> pb::ShardCounts {
-    pb::ShardCounts { sent: c.sent, open: c.open, closed: c.closed, filtered: c.filtered }
+/// Why this agent will not run an assignment it understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("refused by the agent's scope policy: {0} is outside its --allow/--deny")]
+    OutOfScope(AddrRange),
+    #[error("SYN scan assigned to an agent without raw sockets")]
+    NoRawSockets,
 }
 
-/// The agent's own rate ceiling for one shard.
-pub(super) fn capped(agent: &Agent, rate: u32) -> u32 {
-    let c = &agent.config;
-    if c.max_rate == 0 { rate.max(1) } else { rate.clamp(1, (c.max_rate / c.max_shards.max(1)).max(1)) }
-}
+impl ShardSettings {
+    /// The agent's own rate ceiling for one shard.
+    pub fn cap(&self, rate: u32) -> u32 {
+        if self.max_rate == 0 { rate.max(1) } else { rate.clamp(1, (self.max_rate / self.max_shards.max(1)).max(1)) }
+    }
 
-/// Registers the lease and starts its task.
-pub(super) fn start(agent: &Arc<Agent>, a: pb::Assign) {
-    let shard = a.shard_id;
-    let control = Arc::new(EngineControl::new(capped(agent, a.rate)));
-    let stop = CancellationToken::new();
-    let stop_mode = Arc::new(Mutex::new(StopMode::Drop));
-    let counts = Arc::new(Mutex::new(None));
-    let slot = Slot {
-        epoch: a.lease_epoch,
-        outbox: Outbox::new(0, agent.limits().max_unacked),
-        stop: stop.clone(),
-        stop_mode: stop_mode.clone(),
-        control: control.clone(),
-        counts: counts.clone(),
-        finished: false,
-    };
-    if let Some(old) = agent.lock().insert(shard, slot) {
-        old.stop.cancel();
+    /// Checks an assignment against the agent's own scope, whatever the
+    /// controller says, and against what this host can do.
+    pub fn admit(&self, a: &Assignment) -> Result<(), Refusal> {
+        if let Some(range) = self.policy.first_offending(a.space.addresses()) {
+            return Err(Refusal::OutOfScope(range));
+        }
+        if a.scan_type == ScanType::Syn && !self.raw_socket {
+            return Err(Refusal::NoRawSockets);
+        }
+        Ok(())
     }
-    tracing::info!(
-        shard_id = shard,
-        epoch = a.lease_epoch,
-        start = a.start_index,
-        end = a.end_index,
-        rate = a.rate,
-        "shard assigned"
-    );
-    if agent.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        // Shutting down: hand it straight back.
-        agent.push_final(
-            shard,
-            msg(Out::Released(pb::ShardReleased { shard_id: shard, lease_epoch: a.lease_epoch, agent_leaving: true })),
-        );
-        return;
-    }
-    tokio::spawn(run(agent.clone(), a, stop, stop_mode, control, counts));
-}
 
-fn job(agent: &Agent, a: &pb::Assign, control: Arc<EngineControl>) -> Result<ScanJob, String> {
-    let p = a.scan.as_ref().ok_or("assign without scan parameters")?;
-    let addrs = AddressSet::parse_ranges(&p.address_ranges).map_err(|e| format!("address ranges: {e}"))?;
-    // The agent's own scope, whatever the controller says.
-    if let Some(range) = agent.config.policy.first_offending(&addrs) {
-        return Err(format!("refused by the agent's scope policy: {range} is outside its --allow/--deny"));
-    }
-    let ports = PortSet::parse(&p.ports).map_err(|e| format!("ports: {e}"))?;
-    let space = ScanSpace::new(addrs, ports, p.seed, Permutation::MAX_LEN).map_err(|e| e.to_string())?;
-    if space.len() != p.total {
-        return Err(format!("index space of {} positions, the controller planned {}", space.len(), p.total));
-    }
-    if a.start_index > a.end_index || a.end_index > space.len() {
-        return Err(format!("range {}..{} outside the scan's {} positions", a.start_index, a.end_index, space.len()));
-    }
-    let scan_type = match pb::ScanType::try_from(p.scan_type) {
-        Ok(pb::ScanType::Connect) => ScanType::Connect,
-        Ok(pb::ScanType::Syn) if agent.raw_socket => ScanType::Syn,
-        Ok(pb::ScanType::Syn) => return Err("SYN scan assigned to an agent without raw sockets".into()),
-        _ => return Err(format!("unknown scan type {}", p.scan_type)),
-    };
-    let rate = control.rate();
-    let mut job = ScanJob::new(Arc::new(space), scan_type, rate);
-    job.control = control;
-    job.range = ShardRange { start: a.start_index, end: a.end_index };
-    job.retries = p.retries;
-    job.wait = agent.config.wait;
-    job.net = agent.config.net.clone();
-    job.deny = Arc::new(agent.config.policy.denied());
-    Ok(job)
-}
-
-fn port_result(f: &Finding) -> pb::PortResult {
-    let ip = match f.ip {
-        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    let at = f.observed_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    pb::PortResult {
-        ip,
-        port: u32::from(f.port),
-        state: pb::PortState::Open as i32,
-        observed_at: Some(prost_types::Timestamp { seconds: at.as_secs() as i64, nanos: at.subsec_nanos() as i32 }),
+    fn job(&self, a: &Assignment, lease: &Lease) -> ScanJob {
+        let control = lease.control().clone();
+        let mut job = ScanJob::new(a.space.clone(), a.scan_type, control.rate());
+        job.control = control;
+        job.range = a.range;
+        job.retries = a.retries;
+        job.wait = self.wait;
+        job.net = self.net.clone();
+        job.deny = self.deny.clone();
+        job
     }
 }
 
-async fn run(
-    agent: Arc<Agent>,
-    a: pb::Assign,
-    stop: CancellationToken,
-    stop_mode: Arc<Mutex<StopMode>>,
-    control: Arc<EngineControl>,
-    counts_slot: Arc<Mutex<Option<Arc<engine::LiveCounts>>>>,
-) {
-    let (shard, epoch) = (a.shard_id, a.lease_epoch);
-    let fail = |reason: String| {
-        tracing::warn!(shard_id = shard, %reason, "shard failed");
-        agent.push_final(shard, msg(Out::Failed(pb::ShardFailed { shard_id: shard, lease_epoch: epoch, reason })));
-    };
-    let job = match job(&agent, &a, control.clone()) {
-        Ok(j) => j,
-        Err(reason) => return fail(reason),
-    };
-    let (tx, mut rx) = mpsc::channel(4096);
-    let handle = match engine::start(job, tx, stop.clone()).await {
+/// The span a shard's work runs in: outside any one connection, since a
+/// shard keeps scanning across reconnects.
+pub fn span(parent: &tracing::Span, lease: LeaseId, scan_id: &str) -> tracing::Span {
+    tracing::info_span!(parent: parent, "shard", scan_id, shard_id = lease.shard.get(), epoch = lease.epoch.get())
+}
+
+/// Reports that the lease cannot be run; its last frame.
+pub fn fail(lease: &Lease, reason: String) {
+    tracing::warn!(%reason, "shard failed");
+    lease.push_final(ShardFrame::Failed { lease: lease.id(), reason });
+}
+
+/// Works the lease until its range is done, it is stopped, or the engine
+/// fails. `max_batch` bounds a result batch.
+pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>, max_batch: usize) {
+    let id = lease.id();
+    let stop = lease.stop_token().clone();
+    let (tx, mut rx) = mpsc::channel(ENGINE_EVENTS);
+    let handle = match engine::start(settings.job(&a, &lease), tx, stop.clone()).await {
         Ok(h) => h,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(&lease, e.to_string()),
     };
-    *counts_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.counts());
-    let max_batch = agent.limits().max_batch;
-    let mut batch: Vec<pb::PortResult> = Vec::new();
-    let flush = |batch: Vec<pb::PortResult>| {
-        let agent = agent.clone();
-        let control = control.clone();
+    lease.set_counts(handle.counts());
+    let mut batch: Vec<Finding> = Vec::new();
+    let flush = |results: Vec<Finding>| {
+        let lease = lease.clone();
         async move {
-            if batch.is_empty() {
+            if results.is_empty() {
                 return true;
             }
-            agent
-                .push(shard, &control, |seq| {
-                    msg(Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results: batch }))
-                })
-                .await
+            lease.push(|seq| ShardFrame::Results { lease: id, seq, results }).await
         }
     };
     let mut deadline = tokio::time::Instant::now() + FLUSH_EVERY;
@@ -180,28 +132,19 @@ async fn run(
                 if batch.is_empty() {
                     deadline = tokio::time::Instant::now() + FLUSH_EVERY;
                 }
-                batch.push(port_result(&f));
+                batch.push(f);
                 if batch.len() >= max_batch && !flush(std::mem::take(&mut batch)).await {
                     return stop.cancel();
                 }
             }
-            Some(Event::Checkpoint { position, counts: c }) => {
+            Some(Event::Checkpoint { position, counts }) => {
                 // Results below the checkpoint go first: the controller
                 // commits frames of a lease in order.
                 if !flush(std::mem::take(&mut batch)).await {
                     return stop.cancel();
                 }
-                let pushed = agent
-                    .push(shard, &control, |seq| {
-                        msg(Out::Progress(pb::Progress {
-                            shard_id: shard,
-                            lease_epoch: epoch,
-                            seq,
-                            checkpoint: position,
-                            counts: Some(counts(&c)),
-                        }))
-                    })
-                    .await;
+                let pushed =
+                    lease.push(|seq| ShardFrame::Progress { lease: id, seq, checkpoint: position, counts }).await;
                 if !pushed {
                     return stop.cancel();
                 }
@@ -214,58 +157,73 @@ async fn run(
     }
     let summary = match handle.wait().await {
         Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(&lease, e.to_string()),
     };
-    tracing::info!(
-        shard_id = shard,
-        sent = summary.counts.sent,
-        open = summary.counts.open,
-        checkpoint = summary.checkpoint,
-        "shard engine finished"
-    );
-    if summary.checkpoint >= a.end_index {
-        let c = summary.counts;
-        let pushed = agent
-            .push(shard, &control, |seq| {
-                msg(Out::Complete(pb::ShardComplete {
-                    shard_id: shard,
-                    lease_epoch: epoch,
-                    seq,
-                    counts: Some(counts(&c)),
-                }))
-            })
-            .await;
-        if pushed {
-            mark_finished(&agent, shard);
+    let (counts, checkpoint) = (summary.counts, summary.checkpoint);
+    tracing::info!(sent = counts.sent, open = counts.open, checkpoint, "shard engine finished");
+    if checkpoint >= a.range.end {
+        if lease.push(|seq| ShardFrame::Complete { lease: id, seq, counts }).await {
+            lease.finish();
         }
         return;
     }
-    let mode = *stop_mode.lock().unwrap_or_else(|p| p.into_inner());
-    if mode == StopMode::Release {
-        let c = summary.counts;
-        let cp = summary.checkpoint;
-        agent
-            .push(shard, &control, |seq| {
-                msg(Out::Progress(pb::Progress {
-                    shard_id: shard,
-                    lease_epoch: epoch,
-                    seq,
-                    checkpoint: cp,
-                    counts: Some(counts(&c)),
-                }))
-            })
-            .await;
-        agent.push_final(
-            shard,
-            msg(Out::Released(pb::ShardReleased { shard_id: shard, lease_epoch: epoch, agent_leaving: true })),
-        );
-        tracing::info!(shard_id = shard, checkpoint = cp, "shard handed back");
+    if lease.stop_mode() == Some(StopMode::Release) {
+        lease.push(|seq| ShardFrame::Progress { lease: id, seq, checkpoint, counts }).await;
+        lease.push_final(ShardFrame::Released { lease: id, agent_leaving: true });
+        tracing::info!(checkpoint, "shard handed back");
     }
 }
 
-fn mark_finished(agent: &Agent, shard: u64) {
-    if let Some(slot) = agent.lock().get_mut(&shard) {
-        slot.finished = true;
+#[cfg(test)]
+mod tests {
+    use portfleet_core::{PortSet, ScanSpace, ShardRange};
+
+    use super::*;
+    use crate::session::wire::{LeaseEpoch, ShardId};
+
+    fn settings(allow: &str, raw_socket: bool, max_rate: u32) -> ShardSettings {
+        let allow = portfleet_core::policy::parse_cidrs(allow).unwrap();
+        let policy = Arc::new(ScopePolicy::for_agent(&allow, &[]));
+        ShardSettings {
+            wait: Duration::from_secs(1),
+            net: NetOptions::default(),
+            deny: Arc::new(policy.denied()),
+            policy,
+            raw_socket,
+            max_rate,
+            max_shards: 4,
+        }
     }
-    agent.outgoing.notify_one();
+
+    fn assignment(scan_type: ScanType) -> Assignment {
+        let addrs = AddressSet::parse_ranges(&["192.0.2.0-192.0.2.3"]).unwrap();
+        let space = ScanSpace::new(addrs, PortSet::parse("80").unwrap(), 0, u64::MAX).unwrap();
+        let lease = LeaseId { shard: ShardId::try_from(1).unwrap(), epoch: LeaseEpoch::try_from(1).unwrap() };
+        let range = ShardRange { start: 0, end: space.len() };
+        Assignment { lease, scan_id: "s".into(), space: Arc::new(space), scan_type, range, retries: 1, rate: 100 }
+    }
+
+    /// The reasons the shard task used to report, word for word.
+    #[test]
+    fn refuses_work_outside_its_scope_or_beyond_its_privileges() {
+        let connect = assignment(ScanType::Connect);
+        assert_eq!(settings("192.0.2.0/24", false, 0).admit(&connect), Ok(()));
+        let narrow = settings("192.0.2.0/31", true, 0).admit(&connect).unwrap_err();
+        assert_eq!(
+            narrow.to_string(),
+            "refused by the agent's scope policy: 192.0.2.2-192.0.2.3 is outside its --allow/--deny"
+        );
+        let syn = assignment(ScanType::Syn);
+        assert_eq!(settings("192.0.2.0/24", true, 0).admit(&syn), Ok(()));
+        let unprivileged = settings("192.0.2.0/24", false, 0).admit(&syn).unwrap_err();
+        assert_eq!(unprivileged.to_string(), "SYN scan assigned to an agent without raw sockets");
+    }
+
+    #[test]
+    fn the_agent_caps_each_shard_at_its_share_of_its_own_rate() {
+        assert_eq!(settings("", true, 0).cap(0), 1);
+        assert_eq!(settings("", true, 0).cap(5000), 5000);
+        assert_eq!(settings("", true, 1000).cap(5000), 250);
+        assert_eq!(settings("", true, 2).cap(5000), 1);
+    }
 }

@@ -94,23 +94,31 @@ async fn start_controller(db: &TestDb) -> Controller {
 async fn start_controller_bin(db: &TestDb, bin: Option<&str>) -> Controller {
     let exe = std::env::current_exe().unwrap();
     let bin = bin.map_or_else(|| exe.parent().unwrap().join("portfleet-controller"), std::path::PathBuf::from);
+    // Every simulated agent connects from 127.0.0.1: lift the per-address
+    // connection cap, if this binary has one (an older one, given with
+    // --controller, may predate it).
+    let help =
+        std::process::Command::new(&bin).args(["serve", "--help"]).output().map(|o| o.stdout).unwrap_or_default();
+    let own = String::from_utf8_lossy(&help).contains("--max-connections-per-ip");
     assert!(bin.exists(), "build it first: cargo build --release -p portfleet-controller");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = std::process::Command::new(bin)
-        .args([
-            "serve",
-            "--insecure",
-            "--database-url",
-            db.url(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--db-pool-size",
-            "16",
-        ])
-        .args(["--allow", "10.0.0.0/8,198.51.100.0/24"])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "serve",
+        "--insecure",
+        "--database-url",
+        db.url(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--db-pool-size",
+        "16",
+    ])
+    .args(["--allow", "10.0.0.0/8,198.51.100.0/24"])
+    .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()));
+    if own {
+        cmd.args(["--max-connections-per-ip", "10000"]);
+    }
+    let child = cmd.spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
     portfleet_tests::eventually("controller up", Duration::from_secs(30), || {
         let url = url.clone();
@@ -370,6 +378,9 @@ async fn assign_latencies(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!("  latencies in order: {:?}", latencies.iter().map(|l| l.round()).collect::<Vec<_>>());
+    }
     latencies.sort_by(f64::total_cmp);
     latencies
 }
@@ -451,8 +462,9 @@ async fn caps(args: &[String]) {
 async fn fleet(args: &[String]) {
     let agents = arg(args, "--agents", 1000) as usize;
     let scans = arg(args, "--scans", 100) as usize;
+    let bin = args.iter().position(|a| a == "--controller").and_then(|i| args.get(i + 1)).cloned();
     let db = TestDb::create().await;
-    let ctl = start_controller(&db).await;
+    let ctl = start_controller_bin(&db, bin.as_deref()).await;
     let pid = ctl.child.id();
     let rss_empty = rss_mb(pid);
     let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
