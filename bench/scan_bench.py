@@ -8,7 +8,7 @@
 
 Builds two network namespaces joined by a veth pair (TSO/GSO off, static
 neighbours, no default route: nothing can leave them). The target namespace
-answers for all of 10.77.1.0/24 and listens on 8 ports, so every host has
+answers for all of 198.18.1.0/24 and listens on 8 ports, so every host has
 the same 8 open ports. Workloads:
 
     (a) 1 host x ports 1-65535
@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCANNER, TARGET = "pfbench-s", "pfbench-t"
 S_IF, T_IF = "pfbench0", "pfbench1"
-S_IP, T_IP = "10.76.0.1", "10.76.0.2"
-LIVE = "10.77.1.0/24"
+S_IP, T_IP = "198.19.0.1", "198.19.0.2"
+LIVE = "198.18.1.0/24"
 OPEN_PORTS = [21, 22, 80, 139, 443, 445, 631, 993]
 
 
@@ -151,8 +151,8 @@ def tool_cmd(tool, agent, hosts, ports, rate, router_mac, out):
         return (["masscan", hosts, f"-p{ports}", "--rate", str(rate), "--wait", "1", "-e", S_IF,
                  "--adapter-ip", S_IP, "--router-mac", router_mac, "-oL", out], parse_masscan)
     if tool == "nmap":
-        # nmap spells a range 10.77.1.1-254.
-        hosts = hosts.replace("-10.77.1.", "-")
+        # nmap spells a range 198.18.1.1-254.
+        hosts = hosts.replace("-198.18.1.", "-")
         return ["nmap", "-sS", "-T4", "-n", "-Pn", "-p", ports, "-oG", "-", hosts], parse_nmap
     raise ValueError(tool)
 
@@ -172,10 +172,10 @@ def main():
     ensure_tools()
     agent = build_agent()
     tools = args.tools.split(",")
-    workloads = [("a", "1 x 65535", "10.77.1.1", "1-65535", 1),
-                 ("b", "254 x 1000", "10.77.1.1-10.77.1.254", "1-1000", 254)]
+    workloads = [("a", "1 x 65535", "198.18.1.1", "1-65535", 1),
+                 ("b", "254 x 1000", "198.18.1.1-198.18.1.254", "1-1000", 254)]
     if args.full:
-        workloads.append(("c", "254 x 65535", "10.77.1.1-10.77.1.254", "1-65535", 254))
+        workloads.append(("c", "254 x 65535", "198.18.1.1-198.18.1.254", "1-65535", 254))
     router_mac = setup()
     target = start_target()
     results = {}
@@ -187,9 +187,9 @@ def main():
             lo, hi = (int(x) for x in ports.split("-"))
             nports = hi - lo + 1
             probes = nhosts * nports
-            expected = {(f"10.77.1.{h}", str(p)) for h in range(1, nhosts + 1) for p in OPEN_PORTS if lo <= p <= hi}
+            expected = {(f"198.18.1.{h}", str(p)) for h in range(1, nhosts + 1) for p in OPEN_PORTS if lo <= p <= hi}
             if nhosts == 1:
-                expected = {("10.77.1.1", str(p)) for p in OPEN_PORTS if lo <= p <= hi}
+                expected = {("198.18.1.1", str(p)) for p in OPEN_PORTS if lo <= p <= hi}
             for tool in tools:
                 if tool == "nmap" and key == "c":
                     continue  # minutes per run; (a) and (b) show its pace
@@ -212,9 +212,9 @@ def main():
                                             expected=len(expected), label=label, runs=len(runs))
         if args.ring_sweep and "portfleet" in tools:
             sweep = []
-            expected = {(f"10.77.1.{h}", str(p)) for h in range(1, 255) for p in OPEN_PORTS}
+            expected = {(f"198.18.1.{h}", str(p)) for h in range(1, 255) for p in OPEN_PORTS}
             for kb in (64, 256, 1024, 4096, 16384):
-                stdout, stderr, wall, cpu, rss = timed([str(agent), "scan", "10.77.1.1-10.77.1.254", "-p", "1-1000",
+                stdout, stderr, wall, cpu, rss = timed([str(agent), "scan", "198.18.1.1-198.18.1.254", "-p", "1-1000",
                                                         "--rate", str(args.rate), "--recv-ring-kb", str(kb),
                                                         "--retries", "0", "--wait", "300"])
                 summary = stderr.strip().splitlines()[-1]

@@ -20,9 +20,16 @@ DIR=.quickstart
 mkdir -p "$DIR"
 
 ensure_postgres
-echo "building (release)..." >&2
-cargo build --release -q -p portfleet-controller -p portfleet-agent -p portfleet-cli
-BIN=target/release
+# The same build as README's `cargo build --release`, so neither repeats the
+# other's work. PORTFLEET_BIN_DIR runs binaries built elsewhere instead.
+if [ -n "${PORTFLEET_BIN_DIR:-}" ]; then
+  BIN=$PORTFLEET_BIN_DIR
+else
+  [ -x target/release/portfleet ] ||
+    echo "building release binaries: the first build takes about 10 minutes on 2 cores, later ones seconds" >&2
+  cargo build --release
+  BIN=target/release
+fi
 
 psql -h "$PG_HOST" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||
   psql -h "$PG_HOST" -U postgres -qc "CREATE DATABASE $DB"

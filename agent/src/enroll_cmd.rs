@@ -14,7 +14,7 @@ use tonic::transport::Endpoint;
 
 use crate::{
     run_cmd,
-    session::{state_path, write_labels},
+    session::{self, state_path, write_labels},
 };
 
 #[derive(Args, Debug, Clone)]
@@ -57,6 +57,9 @@ async fn enroll(args: EnrollArgs) -> Result<String, String> {
     }
     let name = args.name.unwrap_or_else(run_cmd::host_name);
     let dir = args.state_dir.unwrap_or_else(run_cmd::default_state_dir);
+    // Not under a running agent's feet (it renews these files itself), and
+    // before the one-time token is spent.
+    let _lock = session::lock(&dir, &name).map_err(|e| e.to_string())?;
     let ca = std::fs::read(&args.ca).map_err(|e| format!("--ca {}: {e}", args.ca.display()))?;
     let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
@@ -79,7 +82,6 @@ async fn enroll(args: EnrollArgs) -> Result<String, String> {
     // The labels this agent will announce: only ones a scan's
     // agent_selector can match (the same rules as `run --labels`).
     let labels = Labels::try_from(r.labels).map_err(|e| format!("the enrollment token's labels: {e}"))?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     write_private(&state_path(&dir, &name, "key"), key.serialize_pem().as_bytes())?;
     write_private(&state_path(&dir, &name, "crt"), r.certificate_pem.as_bytes())?;
     write_private(&state_path(&dir, &name, "ca.pem"), &ca)?;

@@ -98,6 +98,14 @@ pub async fn run(args: RunArgs) -> i32 {
     }
     let name = args.name.clone().unwrap_or_else(host_name);
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    // Before any state file is read or repaired, and held until exit.
+    let _lock = match session::lock(&state_dir, &name) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     let (tls, enrolled_labels) = match client_tls(&args, &state_dir, &name) {
         Ok(t) => t,
         Err(e) => {

@@ -218,31 +218,40 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
     let (tx, mut rx) = mpsc::channel(4096);
     let handle = engine::start(job, tx, cancel.clone()).await.map_err(|e| Failure(EXIT_FAILURE, e.to_string()))?;
     let progress = (!args.silent && std::io::stderr().is_terminal()).then(|| progress_bar(total, handle.counts()));
+    // Results on the bar's terminal would land after the bar's text on its
+    // line: the bar steps aside (clears its line) while they are written.
+    let bar_in_the_way = progress.as_ref().map(|(bar, _)| bar).filter(|_| std::io::stdout().is_terminal());
 
     let mut stdout = std::io::stdout().lock();
-    while let Some(event) = rx.recv().await {
-        let Event::Open(f) = event else { continue };
-        let line = if args.json {
-            let mut obj = serde_json::json!({
-                "ip": f.ip.to_string(),
-                "port": f.port,
-                "protocol": "tcp",
-                "timestamp": chrono::DateTime::<chrono::Utc>::from(f.observed_at)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            });
-            if let Some(host) = hostnames.get(&f.ip) {
-                obj["host"] = serde_json::Value::String(host.clone());
+    while let Some(first) = rx.recv().await {
+        // Whatever else is queued goes out with it: one write (and one
+        // redraw of the bar) per batch, not per result.
+        let mut text = String::new();
+        let mut next = Some(first);
+        while let Some(event) = next {
+            if let Event::Open(f) = event {
+                // One schema with `portfleet scan` / `results` (core's `Found`).
+                let found =
+                    portfleet_core::Found::tcp(f.ip, f.port, Some(f.observed_at), hostnames.get(&f.ip).cloned());
+                text += &if args.json { found.to_json() } else { found.to_string() };
+                text.push('\n');
             }
-            obj.to_string()
-        } else {
-            std::net::SocketAddr::new(f.ip, f.port).to_string()
+            next = if text.len() < 64 * 1024 { rx.try_recv().ok() } else { None };
+        }
+        if text.is_empty() {
+            continue;
+        }
+        let mut write = || stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+        let written = match bar_in_the_way {
+            Some(bar) => bar.suspend(write),
+            None => write(),
         };
         // A closed stdout (e.g. `| head`) ends the scan quietly.
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+        if written.is_err() {
             cancel.cancel();
         }
         if let Some(file) = &mut file {
-            writeln!(file, "{line}").map_err(|e| Failure(EXIT_FAILURE, format!("writing output file: {e}")))?;
+            file.write_all(text.as_bytes()).map_err(|e| Failure(EXIT_FAILURE, format!("writing output file: {e}")))?;
         }
     }
     let summary = handle.wait().await.map_err(|e| Failure(EXIT_FAILURE, e.to_string()))?;

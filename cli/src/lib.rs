@@ -3,26 +3,45 @@
 //! could make too.
 //!
 //! This crate is a client and nothing more: it links `portfleet-proto`,
-//! `portfleet-core` (the label rules the controller applies too) and
-//! tonic, never the controller's database or broker crates. [`run`]
-//! connects and hands each subcommand to its own function.
+//! `portfleet-core` (the label rules the controller applies too, and the
+//! result line the agent prints too) and tonic, never the controller's
+//! database or broker crates. [`run`] connects and hands each subcommand
+//! to its own function; `show` formats answers, `watch` follows a scan.
 //!
 //! `--agent-label` is checked here with the shared label rules
 //! ([`Labels`]); everything else is validated by the controller, which
 //! answers `InvalidArgument` naming the field.
+//!
+//! Scripts: results and tables go to stdout, everything else to stderr;
+//! output never depends on whether stdout is a terminal (no colour, fixed
+//! columns; `--no-headers` drops the header rows). Only `scan` draws a
+//! progress line, on stderr, and only when stderr is a terminal.
 
 #![forbid(unsafe_code)]
 
-use std::{io::Write, time::Duration};
+mod show;
+mod watch;
+
+use std::{
+    io::{IsTerminal, Write},
+    time::{Duration, Instant, SystemTime},
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use portfleet_core::labels::Labels;
+use portfleet_core::{Found, labels::Labels};
 use portfleet_proto::{
     auth::{self, ApiClient, Bearer},
     v1::{self as pb, watch_scan_response::Event},
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
+
+use crate::show::{Table, count};
+
+/// The exit status of `scan --timeout` when time runs out (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// The exit status of `scan` stopped by Ctrl-C (128 + SIGINT, as shells).
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser, Debug)]
 #[command(name = "portfleet", version, about = "Command-line client of a portfleet controller.")]
@@ -36,6 +55,9 @@ pub struct Cli {
     /// API token (`portfleet-controller tokens create`).
     #[arg(long, env = "PORTFLEET_TOKEN", hide_env_values = true, default_value = "", global = true)]
     pub token: String,
+    /// Tables without their header row (for scripts).
+    #[arg(long, global = true)]
+    pub no_headers: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,19 +65,28 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a scan and print its open ports as they are found.
+    ///
+    /// Open ports go to stdout as `ip:port` lines (or JSON Lines with
+    /// --json); on stderr, a progress line when stderr is a terminal, and
+    /// why the scan waits when it stays pending for a few seconds.
+    /// Exits 0 when the scan completed, 1 when it failed or was cancelled,
+    /// 124 when --timeout ran out, 130 on Ctrl-C; the last two leave the
+    /// scan running.
     Scan(ScanArgs),
-    /// Show one scan.
+    /// Show one scan: every field, one `field: value` per line.
     Get { id: String },
     /// List scans, newest first.
     List {
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// At most this many scans.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Print a scan's results.
+    /// Print a scan's open ports, sorted by address (IPv4 first) and port.
     Results {
         id: String,
+        /// JSON Lines, the schema of `portfleet-agent scan --json`.
         #[arg(long)]
         json: bool,
     },
@@ -64,8 +95,28 @@ pub enum Command {
     /// List agents.
     Agents,
     /// Ask an agent to finish its shards and take no new ones.
-    Drain { id: String },
-    /// Store targets (addresses, CIDR blocks, ranges, hostnames).
+    ///
+    /// AGENT is an id or a name (a name that several connected agents
+    /// share is refused, listing their ids). `undrain` ends the drain.
+    ///
+    /// A drain lasts for the agent's current session: it is stored in
+    /// Postgres with the agent, so every controller honours it, but the
+    /// agent's next session - after the agent or its controller restarts,
+    /// or the connection drops - starts undrained. Drain again then, or
+    /// stop the agent.
+    Drain {
+        /// The agent's id or name.
+        agent: String,
+    },
+    /// End an agent's drain: it takes new shards again (within a second).
+    ///
+    /// AGENT is an id or a name, as for `drain`.
+    Undrain {
+        /// The agent's id or name.
+        agent: String,
+    },
+    /// Store targets (addresses, CIDR blocks, ranges, hostnames) and list
+    /// them.
     AddTargets {
         values: Vec<String>,
         #[arg(long, default_value = "")]
@@ -77,6 +128,12 @@ pub enum Command {
     Targets {
         #[arg(long)]
         group: Option<String>,
+    },
+    /// Delete stored targets by id (see `targets`).
+    DeleteTarget {
+        /// Target ids, as `targets` lists them.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// Show the scope policy and politeness caps; with options, change
     /// them (an admin token; pending and running scans put out of scope
@@ -148,9 +205,14 @@ pub struct ScanArgs {
     /// Create the scan and print its id, without waiting.
     #[arg(long)]
     pub no_wait: bool,
-    /// Results as JSON Lines.
+    /// Results as JSON Lines, the schema of `portfleet-agent scan --json`.
     #[arg(long)]
     pub json: bool,
+    /// Stop waiting after this long (30s, 5m, 1h) and exit 124, naming the
+    /// scan's state. The scan is not cancelled: it goes on, and `get`,
+    /// `results` or `cancel` reach it later.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -171,16 +233,19 @@ pub enum StateArg {
 /// Runs the command; returns the process exit status.
 pub async fn run(cli: Cli) -> Result<i32, String> {
     let mut c = connect(&cli).await?;
+    let headers = !cli.no_headers;
     match cli.command {
         Command::Scan(a) => scan(&mut c, a).await,
         Command::Get { id } => get(&mut c, id).await,
-        Command::List { state, limit } => list(&mut c, state, limit).await,
+        Command::List { state, limit } => list(&mut c, state, limit, headers).await,
         Command::Results { id, json } => results(&mut c, id, json).await,
         Command::Cancel { id } => cancel(&mut c, id).await,
-        Command::Agents => agents(&mut c).await,
-        Command::Drain { id } => drain(&mut c, id).await,
-        Command::AddTargets { values, group, disabled } => add_targets(&mut c, values, group, disabled).await,
-        Command::Targets { group } => targets(&mut c, group).await,
+        Command::Agents => agents(&mut c, headers).await,
+        Command::Drain { agent } => drain(&mut c, &agent, Drain::On).await,
+        Command::Undrain { agent } => drain(&mut c, &agent, Drain::Off).await,
+        Command::AddTargets { values, group, disabled } => add_targets(&mut c, values, group, disabled, headers).await,
+        Command::Targets { group } => targets(&mut c, group, headers).await,
+        Command::DeleteTarget { ids } => delete_targets(&mut c, ids).await,
         Command::Policy(a) => policy(&mut c, a).await,
     }
 }
@@ -204,8 +269,11 @@ async fn connect(cli: &Cli) -> Result<ApiClient, String> {
 
 /// How a refused call is reported: the gRPC code and the server's message.
 fn status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    format!("{:?}: {}", s.code(), show::clean(s.message()))
 }
+
+/// The largest page the controller serves for agents and targets.
+const PAGE: u32 = 1000;
 
 /// `scan`: creates the scan, then (unless `--no-wait`) watches it and
 /// prints open ports as they land; exits 0 only if it completed.
@@ -231,31 +299,67 @@ async fn scan(c: &mut ApiClient, a: ScanArgs) -> Result<i32, String> {
         println!("{}", scan.id);
         return Ok(0);
     }
-    eprintln!("scan {} created: {} probes in {} shards", scan.id, scan.probes_planned, scan.shard_count);
-    let mut events = c.watch_scan(pb::WatchScanRequest { id: scan.id.clone() }).await.map_err(status)?.into_inner();
-    let mut out = std::io::stdout().lock();
-    let mut last = scan;
-    let mut said_waiting = String::new();
-    while let Some(event) = events.next().await {
-        match event.map_err(status)?.event {
-            Some(Event::Results(r)) => {
-                for r in &r.results {
-                    if writeln!(out, "{}", result_line(r, a.json)).and_then(|()| out.flush()).is_err() {
+    let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
+    let id = scan.id.clone();
+    eprintln!(
+        "scan {id} created: {} in {}",
+        count(scan.probes_planned, "probe"),
+        count(u64::from(scan.shard_count), "shard")
+    );
+    let mut events = c.watch_scan(pb::WatchScanRequest { id: id.clone() }).await.map_err(status)?.into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let mut view = watch::View::new(std::io::stdout(), std::io::stderr(), tty, a.json, scan, Instant::now());
+    // Redraws the progress line and times the waiting reason between
+    // events.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                None => break,
+                Some(Err(e)) => {
+                    view.erase();
+                    return Err(format!("watching scan {id}: {}", status(e)));
+                }
+                Some(Ok(pb::WatchScanResponse { event: Some(Event::Results(r)) })) => {
+                    view.on_results(&r.results, Instant::now());
+                    if view.closed() {
+                        // stdout's reader left (`| head`): done, quietly.
+                        view.erase();
                         return Ok(0);
                     }
                 }
+                Some(Ok(pb::WatchScanResponse { event: Some(Event::Scan(s)) })) => view.on_scan(s, Instant::now()),
+                Some(Ok(_)) => {}
+            },
+            _ = tick.tick() => view.tick(Instant::now()),
+            _ = tokio::signal::ctrl_c() => {
+                view.say(&format!(
+                    "interrupted: scan {id} goes on (`portfleet cancel {id}` stops it)"
+                ));
+                return Ok(EXIT_INTERRUPTED);
             }
-            Some(Event::Scan(s)) => {
-                if !s.waiting_reason.is_empty() && s.waiting_reason != said_waiting {
-                    eprintln!("waiting: {}", s.waiting_reason);
-                    said_waiting = s.waiting_reason.clone();
-                }
-                last = s;
+            () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                if deadline.is_some() =>
+            {
+                let s = view.scan().clone();
+                let waiting = if s.waiting_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", show::clean(&s.waiting_reason))
+                };
+                view.say(&format!(
+                    "timed out after {}: scan {id} is {}{waiting}, {}; it was not cancelled \
+                     (`portfleet cancel {id}` stops it)",
+                    show::duration(a.timeout.unwrap_or_default()),
+                    show::state_name(s.state),
+                    show::progress(&s),
+                ));
+                return Ok(EXIT_TIMEOUT);
             }
-            None => {}
         }
     }
-    eprintln!("{}", describe(&last));
+    let last = view.scan().clone();
+    view.say(&show::summary(&last));
     Ok(if last.state == pb::ScanState::Completed as i32 { 0 } else { 1 })
 }
 
@@ -265,15 +369,19 @@ fn selector(labels: &[Labels]) -> Result<Labels, String> {
     labels.iter().try_fold(Labels::default(), |all, more| all.merged(more)).map_err(|e| format!("--agent-label: {e}"))
 }
 
-/// `get`: one scan, one line.
+/// `get`: the whole scan, `field: value` lines.
 async fn get(c: &mut ApiClient, id: String) -> Result<i32, String> {
     let s = c.get_scan(pb::GetScanRequest { id }).await.map_err(status)?.into_inner();
-    let _ = writeln!(std::io::stdout().lock(), "{}", describe(&s));
+    let _ = show::fields(&mut std::io::stdout().lock(), &show::scan_fields(&s, SystemTime::now()));
     Ok(0)
 }
 
-/// `list`: the first `limit` scans, newest first, optionally in one state.
-async fn list(c: &mut ApiClient, state: Option<StateArg>, limit: u32) -> Result<i32, String> {
+/// Most characters of a scan's targets `list` shows.
+const TARGETS_COLUMN: usize = 48;
+
+/// `list`: up to `limit` scans, newest first, optionally in one state,
+/// page by page.
+async fn list(c: &mut ApiClient, state: Option<StateArg>, limit: u32, headers: bool) -> Result<i32, String> {
     let state = state.map_or(0, |s| match s {
         StateArg::Pending => pb::ScanState::Pending,
         StateArg::Running => pb::ScanState::Running,
@@ -281,21 +389,54 @@ async fn list(c: &mut ApiClient, state: Option<StateArg>, limit: u32) -> Result<
         StateArg::Cancelled => pb::ScanState::Cancelled,
         StateArg::Failed => pb::ScanState::Failed,
     } as i32);
-    let r = c
-        .list_scans(pb::ListScansRequest { state, page_size: limit, page_token: String::new() })
-        .await
-        .map_err(status)?
-        .into_inner();
     let mut out = std::io::stdout().lock();
-    for s in r.scans {
-        let _ = writeln!(out, "{}", describe(&s));
+    let mut table = Table::new(&["ID", "STATE", "CREATED", "PROBES", "OPEN", "TARGETS"], headers);
+    let (mut left, mut token) = (limit, String::new());
+    while left > 0 {
+        let page = c
+            .list_scans(pb::ListScansRequest { state, page_size: left.min(PAGE), page_token: token })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let rows: Vec<Vec<String>> = page.scans.iter().take(left as usize).map(scan_row).collect();
+        left = left.saturating_sub(rows.len() as u32);
+        let _ = table.page(&mut out, &rows);
+        if page.next_page_token.is_empty() || rows.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if table.rows() == 0 {
+        eprintln!("no scans");
     }
     Ok(0)
 }
 
-/// `results`: every result of a scan, page by page.
+fn scan_row(s: &pb::Scan) -> Vec<String> {
+    let r = s.request.clone().unwrap_or_default();
+    let mut what = r.targets.join(" ");
+    if !r.target_group.is_empty() {
+        what = format!("{what} group={}", r.target_group).trim_start().to_string();
+    }
+    let mut what = show::or_dash(&what);
+    if what.chars().count() > TARGETS_COLUMN {
+        what = what.chars().take(TARGETS_COLUMN - 3).collect::<String>() + "...";
+    }
+    vec![
+        s.id.clone(),
+        show::state_name(s.state).into(),
+        show::time(s.create_time.as_ref()),
+        format!("{}/{}", s.probes_done, s.probes_planned),
+        s.open_ports.to_string(),
+        what,
+    ]
+}
+
+/// `results`: every open port of a scan, sorted by address then port.
+/// The controller pages in scan order (its index), so the pages are
+/// gathered and sorted here.
 async fn results(c: &mut ApiClient, id: String, json: bool) -> Result<i32, String> {
-    let mut out = std::io::stdout().lock();
+    let mut found: Vec<Found> = Vec::new();
     let mut token = String::new();
     loop {
         let page = c
@@ -303,91 +444,225 @@ async fn results(c: &mut ApiClient, id: String, json: bool) -> Result<i32, Strin
             .await
             .map_err(status)?
             .into_inner();
-        for r in &page.results {
-            let _ = writeln!(out, "{}", result_line(r, json));
-        }
+        found.extend(page.results.iter().filter_map(watch::found));
         if page.next_page_token.is_empty() {
-            return Ok(0);
+            break;
         }
         token = page.next_page_token;
     }
+    // IpAddr orders numerically, IPv4 before IPv6.
+    found.sort_by_key(|f| (f.ip, f.port));
+    let mut out = std::io::stdout().lock();
+    for f in &found {
+        let line = if json { f.to_json() } else { f.to_string() };
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    Ok(0)
 }
 
 /// `cancel`: cancels a scan and shows it.
 async fn cancel(c: &mut ApiClient, id: String) -> Result<i32, String> {
     let s = c.cancel_scan(pb::CancelScanRequest { id }).await.map_err(status)?.into_inner();
-    let _ = writeln!(std::io::stdout().lock(), "{}", describe(&s));
+    let _ = writeln!(std::io::stdout().lock(), "{}", show::summary(&s));
     Ok(0)
 }
 
-/// `agents`: one line per agent.
-async fn agents(c: &mut ApiClient) -> Result<i32, String> {
-    let r = c.list_agents(pb::ListAgentsRequest::default()).await.map_err(status)?.into_inner();
+/// Every agent, page by page.
+async fn all_agents(c: &mut ApiClient) -> Result<Vec<pb::Agent>, String> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_agents(pb::ListAgentsRequest { state: 0, page_size: PAGE, page_token: token })
+            .await
+            .map_err(status)?
+            .into_inner();
+        all.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// `agents`: a table of every agent, page by page.
+async fn agents(c: &mut ApiClient, headers: bool) -> Result<i32, String> {
     let mut out = std::io::stdout().lock();
-    for a in r.agents {
-        let state = match pb::AgentState::try_from(a.state) {
-            Ok(pb::AgentState::Connected) => "connected",
-            Ok(pb::AgentState::Draining) => "draining",
-            Ok(pb::AgentState::Gone) => "gone",
-            _ => "unknown",
-        };
-        let _ = writeln!(
-            out,
-            "{}  {:<20}  {:<9}  {}  shards {}  {} probes/s  {}",
-            a.id,
-            a.name,
-            state,
-            if a.raw_socket { "syn" } else { "connect-only" },
-            a.active_shards,
-            a.current_rate,
-            a.controller_id
-        );
+    let mut table =
+        Table::new(&["ID", "NAME", "STATE", "PROBES", "SHARDS", "RATE", "CONNECTED", "CONTROLLER", "LABELS"], headers);
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_agents(pb::ListAgentsRequest { state: 0, page_size: PAGE, page_token: token })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let rows: Vec<Vec<String>> = page
+            .agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    show::or_dash(&a.name),
+                    show::agent_state_name(a.state).into(),
+                    if a.raw_socket { "syn" } else { "connect-only" }.into(),
+                    format!("{}/{}", a.active_shards, a.max_shards),
+                    format!("{}/s", a.current_rate),
+                    show::time(a.connect_time.as_ref()),
+                    show::or_dash(&a.controller_id),
+                    show::labels(&a.labels),
+                ]
+            })
+            .collect();
+        let _ = table.page(&mut out, &rows);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if table.rows() == 0 {
+        eprintln!("no agents");
     }
     Ok(0)
 }
 
-/// `drain`: asks an agent to finish its shards and take no new ones.
-async fn drain(c: &mut ApiClient, id: String) -> Result<i32, String> {
-    let a = c.drain_agent(pb::DrainAgentRequest { id }).await.map_err(status)?.into_inner();
-    let _ = writeln!(std::io::stdout().lock(), "{} draining", a.id);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    On,
+    Off,
+}
+
+/// `drain` / `undrain`: starts or ends an agent's drain.
+async fn drain(c: &mut ApiClient, agent: &str, drain: Drain) -> Result<i32, String> {
+    let id = resolve_agent(c, agent).await?;
+    let a = match drain {
+        Drain::On => c.drain_agent(pb::DrainAgentRequest { id }).await,
+        Drain::Off => c.undrain_agent(pb::UndrainAgentRequest { id }).await,
+    }
+    .map_err(status)?
+    .into_inner();
+    let what = match (drain, pb::AgentState::try_from(a.state)) {
+        (Drain::On, _) => "draining: finishing its shards, taking no new ones",
+        (Drain::Off, Ok(pb::AgentState::Connected)) => "undrained: taking new shards again",
+        // A leaving agent stays draining.
+        (Drain::Off, _) => show::agent_state_name(a.state),
+    };
+    let _ = writeln!(std::io::stdout().lock(), "agent {} ({}) {what}", a.id, show::or_dash(&a.name));
     Ok(0)
 }
 
-/// `add-targets`: stores the values in one group.
-async fn add_targets(c: &mut ApiClient, values: Vec<String>, group: String, disabled: bool) -> Result<i32, String> {
+/// An agent id as given, or the id of the one agent with that name:
+/// connected agents first, so a name an agent had before it was
+/// re-enrolled under a new id still names the live one.
+async fn resolve_agent(c: &mut ApiClient, agent: &str) -> Result<String, String> {
+    if uuid::Uuid::parse_str(agent).is_ok() {
+        return Ok(agent.to_string());
+    }
+    let all = all_agents(c).await?;
+    pick_agent(&all, agent)
+}
+
+fn pick_agent(all: &[pb::Agent], name: &str) -> Result<String, String> {
+    let named: Vec<&pb::Agent> = all.iter().filter(|a| a.name == name).collect();
+    let live: Vec<&pb::Agent> = named.iter().copied().filter(|a| a.state != pb::AgentState::Gone as i32).collect();
+    let candidates = if live.is_empty() { named } else { live };
+    match candidates.as_slice() {
+        [] => Err(format!("no agent is named {} (see `portfleet agents`)", portfleet_core::text::echo(name))),
+        [one] => Ok(one.id.clone()),
+        many => Err(format!(
+            "{} are named {}: {}; give one's id",
+            count(many.len() as u64, "agent"),
+            portfleet_core::text::echo(name),
+            many.iter()
+                .map(|a| format!("{} ({})", a.id, show::agent_state_name(a.state)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+const TARGET_HEADERS: &[&str] = &["ID", "GROUP", "KIND", "ENABLED", "CREATED", "VALUE"];
+
+fn target_row(t: &pb::Target) -> Vec<String> {
+    let kind = match pb::TargetKind::try_from(t.kind) {
+        Ok(pb::TargetKind::Address) => "address",
+        Ok(pb::TargetKind::Cidr) => "cidr",
+        Ok(pb::TargetKind::Range) => "range",
+        Ok(pb::TargetKind::Hostname) => "hostname",
+        _ => "unknown",
+    };
+    vec![
+        t.id.clone(),
+        show::or_dash(&t.group),
+        kind.into(),
+        if t.enabled.unwrap_or(true) { "yes" } else { "no" }.into(),
+        show::time(t.create_time.as_ref()),
+        show::clean(&t.value),
+    ]
+}
+
+/// `add-targets`: stores the values in one group and lists them as
+/// stored (normalised).
+async fn add_targets(
+    c: &mut ApiClient,
+    values: Vec<String>,
+    group: String,
+    disabled: bool,
+    headers: bool,
+) -> Result<i32, String> {
     let targets = values
         .into_iter()
         .map(|value| pb::Target { value, group: group.clone(), enabled: Some(!disabled), ..Default::default() })
         .collect();
     let r = c.create_targets(pb::CreateTargetsRequest { targets }).await.map_err(status)?.into_inner();
-    let _ = writeln!(std::io::stdout().lock(), "{} targets stored", r.targets.len());
+    let rows: Vec<Vec<String>> = r.targets.iter().map(target_row).collect();
+    let _ = Table::new(TARGET_HEADERS, headers).page(&mut std::io::stdout().lock(), &rows);
+    eprintln!("{} stored", count(r.targets.len() as u64, "target"));
     Ok(0)
 }
 
 /// `targets`: every stored target (of a group), page by page.
-async fn targets(c: &mut ApiClient, group: Option<String>) -> Result<i32, String> {
+async fn targets(c: &mut ApiClient, group: Option<String>, headers: bool) -> Result<i32, String> {
     let mut out = std::io::stdout().lock();
+    let mut table = Table::new(TARGET_HEADERS, headers);
     let mut token = String::new();
     loop {
         let page = c
             .list_targets(pb::ListTargetsRequest {
                 group: group.clone(),
                 enabled_only: false,
-                page_size: 1000,
+                page_size: PAGE,
                 page_token: token,
             })
             .await
             .map_err(status)?
             .into_inner();
-        for t in &page.targets {
-            let enabled = if t.enabled.unwrap_or(true) { "" } else { "  (disabled)" };
-            let _ = writeln!(out, "{}  {:<12}  {}{enabled}", t.id, t.group, t.value);
-        }
+        let rows: Vec<Vec<String>> = page.targets.iter().map(target_row).collect();
+        let _ = table.page(&mut out, &rows);
         if page.next_page_token.is_empty() {
-            return Ok(0);
+            break;
         }
         token = page.next_page_token;
     }
+    if table.rows() == 0 {
+        eprintln!("no targets");
+    }
+    Ok(0)
+}
+
+/// `delete-target`: deletes each id in turn; stops at the first refusal,
+/// naming it (those before it are deleted, and said so).
+async fn delete_targets(c: &mut ApiClient, ids: Vec<String>) -> Result<i32, String> {
+    let mut out = std::io::stdout().lock();
+    for id in ids {
+        c.delete_target(pb::DeleteTargetRequest { id: id.clone() })
+            .await
+            .map_err(|e| format!("target {}: {}", portfleet_core::text::echo(&id), status(e)))?;
+        let _ = writeln!(out, "deleted {id}");
+    }
+    Ok(0)
 }
 
 /// `policy`: shows the scope policy, or changes it when any option is
@@ -396,7 +671,7 @@ async fn policy(c: &mut ApiClient, a: PolicyArgs) -> Result<i32, String> {
     let mut out = std::io::stdout().lock();
     if !a.changes() {
         let p = c.get_scope_policy(pb::GetScopePolicyRequest {}).await.map_err(status)?.into_inner();
-        let _ = writeln!(out, "{}", describe_policy(&p));
+        let _ = show::fields(&mut out, &policy_fields(&p));
         return Ok(0);
     }
     let r = c
@@ -411,69 +686,35 @@ async fn policy(c: &mut ApiClient, a: PolicyArgs) -> Result<i32, String> {
         .await
         .map_err(status)?
         .into_inner();
-    let _ = writeln!(out, "{}", describe_policy(&r.policy.unwrap_or_default()));
+    let _ = show::fields(&mut out, &policy_fields(&r.policy.unwrap_or_default()));
     for id in r.failed_scan_ids {
         let _ = writeln!(out, "failed (now out of scope): {id}");
     }
     Ok(0)
 }
 
-fn describe_policy(p: &pb::ScopePolicy) -> String {
-    let list = |v: &[String]| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
-    let cap = |n: u32| if n == 0 { "no cap".to_string() } else { format!("{n} probes/s") };
-    format!(
-        "allow     {}\ndeny      {}\nbuilt-in  {}\nper host  {}\nper block {} (IPv4 /24, IPv6 /64)",
-        list(&p.allow),
-        list(&p.deny),
-        list(&p.builtin_deny),
-        cap(p.max_rate_per_host),
-        cap(p.max_rate_per_block)
-    )
-}
-
-fn state_name(state: i32) -> &'static str {
-    match pb::ScanState::try_from(state) {
-        Ok(pb::ScanState::Pending) => "pending",
-        Ok(pb::ScanState::Running) => "running",
-        Ok(pb::ScanState::Completed) => "completed",
-        Ok(pb::ScanState::Cancelled) => "cancelled",
-        Ok(pb::ScanState::Failed) => "failed",
-        _ => "unknown",
-    }
-}
-
-/// One result as `ip:port` (`[v6]:port`), or a JSON line with naabu's
-/// field names.
-fn result_line(r: &pb::Result, json: bool) -> String {
-    if json {
-        let mut v = serde_json::json!({ "ip": r.ip, "port": r.port, "protocol": "tcp" });
-        if !r.hostname.is_empty() {
-            v["host"] = serde_json::Value::String(r.hostname.clone());
+/// The policy as labelled lists, each entry once: the built-in entries
+/// apart from this controller's own addresses (a controller that does not
+/// tell them apart shows them all as built-in).
+fn policy_fields(p: &pb::ScopePolicy) -> Vec<(&'static str, String)> {
+    fn list<'a>(v: impl Iterator<Item = &'a String>) -> String {
+        let mut seen: Vec<&str> = Vec::new();
+        for s in v {
+            if !seen.contains(&s.as_str()) {
+                seen.push(s);
+            }
         }
-        return v.to_string();
+        if seen.is_empty() { "(none)".into() } else { show::clean(&seen.join(", ")) }
     }
-    match r.ip.parse::<std::net::IpAddr>() {
-        Ok(ip) => std::net::SocketAddr::new(ip, r.port as u16).to_string(),
-        Err(_) => format!("{}:{}", r.ip, r.port),
-    }
-}
-
-fn describe(s: &pb::Scan) -> String {
-    let mut line = format!(
-        "{}  {:<9}  {}/{} probes  {} open",
-        s.id,
-        state_name(s.state),
-        s.probes_done,
-        s.probes_planned,
-        s.open_ports
-    );
-    if !s.waiting_reason.is_empty() {
-        line += &format!("  waiting: {}", s.waiting_reason);
-    }
-    if !s.error.is_empty() {
-        line += &format!("  error: {}", s.error);
-    }
-    line
+    let cap = |n: u32| if n == 0 { "no cap".to_string() } else { format!("{n} probes/s") };
+    vec![
+        ("allow", list(p.allow.iter())),
+        ("deny", list(p.deny.iter())),
+        ("built-in deny", list(p.builtin_deny.iter().filter(|d| !p.host_addresses.contains(d)))),
+        ("this host", list(p.host_addresses.iter())),
+        ("per host", cap(p.max_rate_per_host)),
+        ("per block", format!("{} (IPv4 /24, IPv6 /64)", cap(p.max_rate_per_block))),
+    ]
 }
 
 #[cfg(test)]
@@ -517,10 +758,64 @@ mod tests {
     }
 
     #[test]
-    fn results_print_as_naabu_does() {
-        let r = pb::Result { ip: "2001:db8::1".into(), port: 443, ..Default::default() };
-        assert_eq!(result_line(&r, false), "[2001:db8::1]:443");
-        let r = pb::Result { ip: "192.0.2.1".into(), port: 80, hostname: "web".into(), ..Default::default() };
-        assert_eq!(result_line(&r, true), r#"{"host":"web","ip":"192.0.2.1","port":80,"protocol":"tcp"}"#);
+    fn results_print_as_the_agent_does_with_their_timestamp() {
+        let at = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 };
+        let r = pb::Result { ip: "2001:db8::1".into(), port: 443, observed_at: Some(at), ..Default::default() };
+        assert_eq!(watch::found(&r).unwrap().to_string(), "[2001:db8::1]:443");
+        let r = pb::Result {
+            ip: "192.0.2.1".into(),
+            port: 80,
+            hostname: "web".into(),
+            observed_at: Some(at),
+            ..Default::default()
+        };
+        assert_eq!(
+            watch::found(&r).unwrap().to_json(),
+            r#"{"host":"web","ip":"192.0.2.1","port":80,"protocol":"tcp","timestamp":"2023-11-14T22:13:20.000000000Z"}"#
+        );
+    }
+
+    #[test]
+    fn timeout_takes_human_durations() {
+        let cli = Cli::try_parse_from(["portfleet", "scan", "192.0.2.1", "--timeout", "1m 30s"]).unwrap();
+        let Command::Scan(a) = cli.command else { panic!("scan") };
+        assert_eq!(a.timeout, Some(Duration::from_secs(90)));
+        assert!(Cli::try_parse_from(["portfleet", "scan", "192.0.2.1", "--timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn an_agent_name_names_one_live_agent_or_is_refused_with_the_ids() {
+        let agent = |id: &str, name: &str, state: pb::AgentState| pb::Agent {
+            id: id.into(),
+            name: name.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let all = [
+            agent("a1", "web-1", pb::AgentState::Gone),
+            agent("a2", "web-1", pb::AgentState::Connected),
+            agent("a3", "db", pb::AgentState::Gone),
+            agent("a4", "twin", pb::AgentState::Connected),
+            agent("a5", "twin", pb::AgentState::Draining),
+        ];
+        assert_eq!(pick_agent(&all, "web-1").unwrap(), "a2", "the live one");
+        assert_eq!(pick_agent(&all, "db").unwrap(), "a3", "gone, the server says so");
+        let err = pick_agent(&all, "twin").unwrap_err();
+        assert!(err.contains("2 agents") && err.contains("a4 (connected)") && err.contains("a5 (draining)"), "{err}");
+        assert!(pick_agent(&all, "nope").unwrap_err().contains("no agent is named \"nope\""));
+    }
+
+    #[test]
+    fn the_policy_shows_built_ins_and_host_addresses_apart_and_once() {
+        let p = pb::ScopePolicy {
+            builtin_deny: vec!["127.0.0.0/8".into(), "10.1.2.3/32".into(), "127.0.0.0/8".into()],
+            host_addresses: vec!["10.1.2.3/32".into(), "10.1.2.3/32".into()],
+            ..Default::default()
+        };
+        let f = policy_fields(&p);
+        let get = |k: &str| f.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(get("built-in deny"), "127.0.0.0/8");
+        assert_eq!(get("this host"), "10.1.2.3/32");
+        assert_eq!(get("allow"), "(none)");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use portfleet_core::ShardPolicy;
 use sqlx::postgres::PgConnectOptions;
 
@@ -113,19 +113,43 @@ pub enum TokenCommand {
 
 pub use portfleet_telemetry::LogFormat;
 
+/// The database flags. Global, so that `tokens create --database-url X`
+/// works as well as `tokens --database-url X create`; clap cannot require
+/// a global flag, so [`DatabaseArgs::config`] checks the URL is there.
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
     /// Postgres URL, e.g. postgres://postgres@127.0.0.1:5432/portfleet
-    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
-    pub database_url: PgConnectOptions,
+    /// (required).
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true, global = true)]
+    pub database_url: Option<PgConnectOptions>,
     /// Most connections in the pool.
     #[arg(long, env = "PORTFLEET_DB_POOL_SIZE", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
+          value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub db_pool_size: u32,
     /// How long a call waits for a database connection before failing with
     /// UNAVAILABLE (e.g. 3s, 500ms).
-    #[arg(long, env = "PORTFLEET_DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "PORTFLEET_DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = parse_duration,
+          global = true)]
     pub db_acquire_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    /// The pool's settings; the message names the missing flag.
+    pub fn config(&self) -> Result<DatabaseConfig, String> {
+        let options = self.database_url.clone().ok_or("--database-url or DATABASE_URL is required")?;
+        // Postgres's NOTICEs ("relation ... already exists, skipping" from
+        // every start's migration check) are not news: only warnings and
+        // errors come back (sqlx would log each NOTICE at INFO).
+        let options = options.options([("client_min_messages", "warning")]);
+        Ok(DatabaseConfig { options, pool_size: self.db_pool_size, acquire_timeout: self.db_acquire_timeout })
+    }
+}
+
+/// Boolean flags take the usual spellings from the environment as well
+/// (`PORTFLEET_INSECURE=1`, `yes`, `on`, `true`; `0`, `no`, `off`, `false`),
+/// not only clap's default `true`/`false`.
+fn boolish() -> clap::builder::BoolishValueParser {
+    clap::builder::BoolishValueParser::new()
 }
 
 #[derive(Args, Debug, Clone)]
@@ -206,7 +230,8 @@ pub struct ServeArgs {
     pub agent_cert_ttl: Duration,
     /// Serve plaintext gRPC, without TLS: only on a network nobody else
     /// reaches (tokens and results cross it in clear).
-    #[arg(long, env = "PORTFLEET_INSECURE", conflicts_with = "tls_cert")]
+    #[arg(long, env = "PORTFLEET_INSECURE", conflicts_with = "tls_cert", action = ArgAction::SetTrue,
+          value_parser = boolish())]
     pub insecure: bool,
     /// Add these CIDRs to the scope policy's allow-list (kept in the
     /// database). With no allow rule at all, nothing may be scanned.
@@ -242,11 +267,12 @@ pub struct ServeArgs {
     pub max_watches_per_token: u32,
     /// Do not serve gRPC reflection (open by default: it reveals the
     /// schema, which is public, and lets grpcurl work without .proto files).
-    #[arg(long = "no-reflection", env = "PORTFLEET_NO_REFLECTION")]
+    #[arg(long = "no-reflection", env = "PORTFLEET_NO_REFLECTION", action = ArgAction::SetTrue,
+          value_parser = boolish())]
     pub no_reflection: bool,
     /// Do not serve grpc.health.v1 (open by default, for load balancers
     /// and probes; it tells whether the database is reachable).
-    #[arg(long = "no-health", env = "PORTFLEET_NO_HEALTH")]
+    #[arg(long = "no-health", env = "PORTFLEET_NO_HEALTH", action = ArgAction::SetTrue, value_parser = boolish())]
     pub no_health: bool,
     #[command(flatten)]
     pub amqp: AmqpArgs,
@@ -285,7 +311,7 @@ pub struct AmqpArgs {
     pub delivery_limit: u32,
     /// Also consume NaabuM8's queue and envelopes, and publish its
     /// completion message.
-    #[arg(long, env = "PORTFLEET_NAABUM8")]
+    #[arg(long, env = "PORTFLEET_NAABUM8", action = ArgAction::SetTrue, value_parser = boolish())]
     pub naabum8: bool,
     #[arg(long = "naabum8-exchange", env = "PORTFLEET_NAABUM8_EXCHANGE", default_value = "cptm8")]
     pub naabum8_exchange: String,
@@ -536,16 +562,13 @@ fn parse_cidr_list(s: &str) -> Result<CidrList, String> {
     s.parse()
 }
 
-impl From<&DatabaseArgs> for DatabaseConfig {
-    fn from(a: &DatabaseArgs) -> Self {
-        Self { options: a.database_url.clone(), pool_size: a.db_pool_size, acquire_timeout: a.db_acquire_timeout }
-    }
-}
+impl TryFrom<&ServeArgs> for ControllerConfig {
+    /// What is wrong, naming the flag.
+    type Error = String;
 
-impl From<&ServeArgs> for ControllerConfig {
-    fn from(a: &ServeArgs) -> Self {
-        Self {
-            database: DatabaseConfig::from(&a.database),
+    fn try_from(a: &ServeArgs) -> Result<Self, String> {
+        Ok(Self {
+            database: a.database.config()?,
             api: ApiConfig {
                 db_pool_size: a
                     .db_api_pool_size
@@ -593,6 +616,54 @@ impl From<&ServeArgs> for ControllerConfig {
                 handshake_timeout: a.handshake_timeout,
                 idle_timeout: a.idle_timeout,
             },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "postgres://postgres@127.0.0.1:5432/portfleet";
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("portfleet-controller").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn database_flags_go_before_or_after_the_subcommand() {
+        for args in [
+            &["tokens", "--database-url", URL, "create", "--scope", "read"][..],
+            &["tokens", "create", "--scope", "read", "--database-url", URL, "--db-pool-size", "3"],
+            &["agents", "revoke", "--database-url", URL, "00000000-0000-0000-0000-000000000001"],
+            &["tokens", "list", "--log-format", "json", "--database-url", URL],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let (Command::Tokens { database, .. } | Command::Agents { database, .. }) = cli.command else {
+                panic!("{args:?}")
+            };
+            assert!(database.config().is_ok(), "{args:?}");
         }
+        let Command::Tokens { database, .. } = parse(&["tokens", "list", "--db-pool-size", "3"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(database.db_pool_size, 3);
+    }
+
+    #[test]
+    fn boolean_flags_take_the_usual_spellings() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["serve", "--database-url", URL];
+            args.extend_from_slice(extra);
+            match parse(&args).map(|c| c.command) {
+                Ok(Command::Serve(a)) => Ok(a),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        assert!(serve(&["--insecure"]).unwrap().insecure);
+        assert!(!serve(&[]).unwrap().insecure);
+        assert!(serve(&["--no-health", "--no-reflection"]).is_ok_and(|a| a.no_health && a.no_reflection));
     }
 }

@@ -483,10 +483,12 @@ impl ConnIo {
                 self.expired = true;
                 match phase {
                     Phase::Handshake => {
-                        tracing::debug!(remote = ?self.info.remote_addr, timeout = ?limits.handshake_timeout,
+                        tracing::debug!(remote = self.info.remote_addr.map(tracing::field::display),
+                            timeout = ?limits.handshake_timeout,
                         "closing a connection that opened no call in time (--handshake-timeout)")
                     }
-                    Phase::Idle => tracing::debug!(remote = ?self.info.remote_addr, timeout = ?limits.idle_timeout,
+                    Phase::Idle => tracing::debug!(remote = self.info.remote_addr.map(tracing::field::display),
+                        timeout = ?limits.idle_timeout,
                         "closing an idle connection (--idle-timeout)"),
                 }
             }

@@ -99,13 +99,18 @@ pub async fn run(
     // AMQP ingress), so no client load can take the agent protocol's
     // connections.
     let store = Store::connect_lazy(&config.database);
-    let api_store =
-        Store::connect_lazy(&store::DatabaseConfig { pool_size: config.api.db_pool_size, ..config.database.clone() });
+    // API calls come and go: keep two connections warm so a call after a
+    // quiet spell does not wait for new ones (the fleet's pool stays busy).
+    let api_store = Store::connect_lazy_warm(
+        &store::DatabaseConfig { pool_size: config.api.db_pool_size, ..config.database.clone() },
+        2,
+    );
     match store.migrate(&shutdown).await {
         Ok(()) => {}
         Err(StoreError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
+    api_store.warm_up(2).await;
     store.add_scope_rules(store::ScopeAction::Allow, &config.policy.allow).await?;
     store.add_scope_rules(store::ScopeAction::Deny, &config.policy.deny).await?;
     store.set_rate_caps(config.rate_caps).await?;
@@ -114,10 +119,14 @@ pub async fn run(
     if rules.allow.is_empty() {
         tracing::warn!("the scope policy allows nothing: every scan will be refused until `serve --allow CIDR,...`");
     } else {
-        tracing::info!(allow = ?rules.allow, deny = ?rules.deny, max_rate_per_host = caps.per_host,
+        let (allow, deny) = (config::CidrList(rules.allow.clone()), config::CidrList(rules.deny.clone()));
+        tracing::info!(%allow, %deny, max_rate_per_host = caps.per_host,
             max_rate_per_block = caps.per_block, "scope policy");
     }
-    tracing::info!(addr = ?listener.local_addr().ok(), "controller serving");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "controller serving"),
+        Err(_) => tracing::info!("controller serving"),
+    }
     conn::raise_open_files_limit(&config.connections);
     let connections = conn::Connections::new(config.connections.clone());
 

@@ -41,7 +41,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(handle_signals(shutdown.clone()));
     match cli.command {
         Command::Migrate(db) => {
-            let store = Store::connect_lazy(&DatabaseConfig::from(&db));
+            let store = Store::connect_lazy(&database(&db));
             store.migrate(&shutdown).await?;
             tracing::info!("migrations applied");
             store.close().await;
@@ -61,17 +61,15 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agents { database, action } => agents(&database, action, &shutdown).await,
         Command::Serve(args) => {
+            let config = match ControllerConfig::try_from(&args).and_then(|c| c.validate().map(|()| c)) {
+                Ok(config) => config,
+                Err(e) => usage_error(&e),
+            };
             if args.tls_cert.is_none() && !args.insecure {
-                eprintln!(
-                    "error: no TLS: give --tls-cert and --tls-key (docs/security.md), or --insecure to serve \
-                     plaintext on a network nobody else reaches"
+                usage_error(
+                    "no TLS: give --tls-cert and --tls-key (docs/security.md), or --insecure to serve plaintext \
+                     on a network nobody else reaches",
                 );
-                std::process::exit(2);
-            }
-            let config = ControllerConfig::from(&args);
-            if let Err(e) = config.validate() {
-                eprintln!("error: {e}");
-                std::process::exit(2);
             }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
@@ -84,7 +82,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
 
 /// `agents enroll-token|revoke`, straight against the database.
 async fn agents(db: &DatabaseArgs, action: AgentCommand, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(&DatabaseConfig::from(db));
+    let store = Store::connect_lazy(&database(db));
     store.migrate(shutdown).await?;
     let result = match action {
         AgentCommand::EnrollToken { labels, ttl } => {
@@ -106,7 +104,7 @@ async fn agents(db: &DatabaseArgs, action: AgentCommand, shutdown: &Cancellation
 
 /// `tokens create|list|revoke`, straight against the database.
 async fn tokens(db: &DatabaseArgs, action: TokenCommand, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(&DatabaseConfig::from(db));
+    let store = Store::connect_lazy(&database(db));
     store.migrate(shutdown).await?;
     let result = match action {
         TokenCommand::Create { scope, name, ttl } => {
@@ -159,6 +157,17 @@ async fn tokens(db: &DatabaseArgs, action: TokenCommand, shutdown: &Cancellation
     };
     store.close().await;
     result
+}
+
+/// The database settings, or a usage error naming the missing flag.
+fn database(db: &DatabaseArgs) -> DatabaseConfig {
+    db.config().unwrap_or_else(|e| usage_error(&e))
+}
+
+/// Bad configuration: the message, and exit 2 like clap's own errors.
+fn usage_error(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
 }
 
 /// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits

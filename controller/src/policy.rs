@@ -8,7 +8,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use portfleet_core::{ScopePolicy, policy::default_deny};
+use portfleet_core::{
+    AddrRange, ScopePolicy,
+    policy::{Exclusion, default_deny},
+};
 
 use crate::store::{Store, StoreError};
 
@@ -46,6 +49,29 @@ pub struct PolicySource {
 impl std::fmt::Debug for PolicySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicySource").field("builtin", &self.builtin.len()).finish_non_exhaustive()
+    }
+}
+
+/// Why `range` (out of scope) is refused, naming the rule: the part of a
+/// refusal after "`range` may not be scanned: ". "Allows nothing yet" only
+/// when there is no allow rule at all.
+pub fn refusal(policy: &ScopePolicy, range: AddrRange) -> String {
+    let ip = range.first();
+    // The address the reason is about: "it" when the range is that one.
+    let subject = if range.len() == 1 { "it".to_string() } else { ip.to_string() };
+    match policy.exclusion(ip) {
+        Some(Exclusion::NoAllowRule) | None => {
+            "the scope policy allows nothing yet (serve --allow CIDR,...; docs/security.md)".into()
+        }
+        Some(Exclusion::Denied(rule)) => format!("{subject} is denied by the rule deny {rule}"),
+        Some(Exclusion::NotAllowed) => {
+            format!("{subject} is outside every allow rule of the scope policy (docs/security.md)")
+        }
+        Some(Exclusion::Builtin(entry)) if default_deny().contains(&entry) => format!(
+            "{subject} is in the built-in deny-list ({entry}); an allow rule inside {entry} opts in \
+             (docs/security.md)"
+        ),
+        Some(Exclusion::Builtin(_)) => format!("{subject} is an address of this controller's host"),
     }
 }
 

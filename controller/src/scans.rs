@@ -110,6 +110,9 @@ pub enum ScanError {
     /// Outside the scope policy.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A `request_id` that another, different request already used.
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -187,6 +190,48 @@ impl ScanRequestInput {
     }
 }
 
+impl ScanRequest {
+    /// A digest of what the request asks for, after normalisation (defaults
+    /// filled in, ports canonical, targets sorted): the same `request_id`
+    /// with the same fingerprint is a retry, with another a conflict. Where
+    /// the request came from and where to reply are not part of it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let canonical = serde_json::json!({
+            "targets": targets,
+            "target_group": self.target_group,
+            "ports": self.ports.to_string(),
+            "scan_type": self.scan_type.as_str(),
+            "rate": self.rate,
+            "retries": self.retries,
+            "labels": self.labels,
+            "agent_selector": self.agent_selector,
+            "allow_connect_fallback": self.allow_connect_fallback,
+        });
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("v1:{hex}")
+    }
+}
+
+/// The scan a request's `request_id` names, if it was made by the same
+/// request: a retry gets it back, a different request with the key is
+/// refused (like Stripe's idempotency keys). A scan stored before
+/// fingerprints were kept matches any request.
+fn same_request(existing: ScanRecord, fingerprint: Option<&str>) -> Result<ScanRecord, ScanError> {
+    match (&existing.request_fingerprint, fingerprint) {
+        (Some(stored), Some(asked)) if stored != asked => Err(ScanError::AlreadyExists(format!(
+            "request_id {} was used by scan {} with a different request",
+            existing.request_id.as_deref().unwrap_or_default(),
+            existing.id
+        ))),
+        _ => Ok(existing),
+    }
+}
+
 /// Free text must be storable (no NUL) and loggable (no control
 /// characters): checked before anything is stored.
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScanError> {
@@ -248,7 +293,10 @@ impl ScanManager {
                 let addrs = AddressSet::parse_ranges(&ranges)
                     .map_err(|e| StoreError::Corrupt(format!("scan {id} address ranges: {e}")))?;
                 if let Some(range) = policy.first_offending(&addrs) {
-                    let why = format!("the scope policy changed: {range} may no longer be scanned");
+                    let why = format!(
+                        "the scope policy changed: {range} may no longer be scanned: {}",
+                        crate::policy::refusal(&policy, range)
+                    );
                     if self.store.fail_scan(id, &why).await? {
                         tracing::warn!(scan_id = %id, %why, "scan failed by a policy change");
                         failed.push(id);
@@ -260,8 +308,9 @@ impl ScanManager {
     }
 
     /// Validates, resolves, plans and stores a scan. The same request id
-    /// returns the scan it first created, whatever else the request says;
-    /// the flag says whether this call created it.
+    /// with the same request returns the scan it first created; with a
+    /// different request it is refused (`AlreadyExists`). The flag says
+    /// whether this call created the scan.
     pub async fn create(&self, input: ScanRequestInput) -> Result<(ScanRecord, bool), ScanError> {
         let mut outcomes = self.create_many(vec![input]).await?;
         outcomes.pop().unwrap_or_else(|| Err(StoreError::Corrupt("no outcome for a scan request".into()).into()))
@@ -324,6 +373,9 @@ impl ScanManager {
                 (Ok(_), Some(Ok(Prepared::New(n)))) => {
                     let (record, created) =
                         stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))??;
+                    // Another request took the key first (a race, or the
+                    // same key twice in one batch).
+                    let record = if created { record } else { same_request(record, n.request_fingerprint.as_deref())? };
                     if created {
                         tracing::info!(scan_id = %record.id, probes = record.probes_planned,
                             shards = record.shard_count, origin = %n.origin, "scan created");
@@ -345,7 +397,9 @@ impl ScanManager {
     ) -> Option<Result<Prepared, ScanError>> {
         let req = req?;
         Some(match req.request_id.as_ref().and_then(|id| known.get(id)) {
-            Some(existing) => Ok(Prepared::Existing(Box::new(existing.clone()))),
+            Some(existing) => {
+                same_request(existing.clone(), Some(&req.fingerprint())).map(|r| Prepared::Existing(Box::new(r)))
+            }
             None => self.prepare(&req, policy).await.map(|new| Prepared::New(Box::new(new))),
         })
     }
@@ -397,11 +451,7 @@ impl ScanManager {
         .map_err(|e| invalid("targets", e))?;
         let space = &plan.space;
         if let Some(range) = policy.first_offending(space.addresses()) {
-            let why = if policy.is_empty() {
-                "the scope policy allows nothing yet (serve --allow CIDR,...; docs/security.md)".to_string()
-            } else {
-                "it is outside the scope policy (docs/security.md)".to_string()
-            };
+            let why = crate::policy::refusal(policy, range);
             return Err(ScanError::PermissionDenied(format!("targets: {range} may not be scanned: {why}")));
         }
         Ok(NewScan {
@@ -427,6 +477,7 @@ impl ScanManager {
             origin: req.origin,
             reply_to: req.reply_to.clone(),
             correlation_id: req.correlation_id.clone(),
+            request_fingerprint: req.request_id.is_some().then(|| req.fingerprint()),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
         })

@@ -19,9 +19,13 @@ impl Backoff {
     }
 
     /// The next delay: the current step with +-50% jitter (so many clients
-    /// that failed together do not retry together), then the step doubles.
+    /// that failed together do not retry together), never over `max`, then
+    /// the step doubles. At the cap the delay is drawn from `max/2..=max`
+    /// rather than clipped, so clients waiting at the cap stay spread out
+    /// instead of half of them landing on `max` together.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.current.mul_f64(rand::random_range(0.5..1.5)).min(self.max);
+        let (low, high) = (self.current / 2, (self.current.saturating_mul(3) / 2).min(self.max));
+        let delay = low + (high - low).mul_f64(rand::random_range(0.0..=1.0));
         self.current = (self.current * 2).min(self.max);
         delay
     }
@@ -47,5 +51,19 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(150));
+    }
+
+    #[test]
+    fn delays_at_the_cap_stay_under_it_and_spread_out() {
+        let max = Duration::from_secs(4);
+        let mut b = Backoff::new(Duration::from_millis(100), max);
+        let delays: Vec<Duration> = (0..400).map(|_| b.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= max), "{delays:?}");
+        let at_cap = &delays[10..];
+        assert!(at_cap.iter().all(|d| *d >= max / 2), "{at_cap:?}");
+        // Jittered, not clipped: few (if any) land on the cap exactly.
+        assert!(at_cap.iter().filter(|d| **d == max).count() < 10, "{at_cap:?}");
+        let mean = at_cap.iter().sum::<Duration>() / at_cap.len() as u32;
+        assert!(mean < max * 85 / 100, "{mean:?}");
     }
 }

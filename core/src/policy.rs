@@ -36,10 +36,30 @@ pub fn default_deny() -> Vec<IpNet> {
 }
 
 /// The addresses a policy permits, precomputed as one [`AddressSet`], so
-/// a check is a binary search.
+/// a check is a binary search; the rules are kept to say why an address
+/// is refused.
 #[derive(Clone, Debug)]
 pub struct ScopePolicy {
     permitted: AddressSet,
+    /// The operator's rules (canonical) and the built-in deny-list.
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    builtin: Vec<IpNet>,
+}
+
+/// Why a policy refuses an address: what a refusal names, so an operator
+/// can find the rule to change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    /// There is no allow rule at all.
+    NoAllowRule,
+    /// No allow rule covers the address.
+    NotAllowed,
+    /// This deny rule of the operator covers it.
+    Denied(IpNet),
+    /// This entry of the built-in deny-list covers it, and no allow rule
+    /// inside the entry opts into it.
+    Builtin(IpNet),
 }
 
 fn everything() -> Vec<IpNet> {
@@ -66,7 +86,41 @@ impl ScopePolicy {
             allow.iter().filter(|a| builtin_deny.iter().any(|d| d.contains(*a))).copied().collect();
         let builtin = set(builtin_deny).subtract(&set(&opted_in));
         let denied = AddressSet::new(set(deny).ranges().iter().chain(builtin.ranges()).copied());
-        Self { permitted: set(allow).subtract(&denied) }
+        Self {
+            permitted: set(allow).subtract(&denied),
+            allow: allow.to_vec(),
+            deny: deny.to_vec(),
+            builtin: builtin_deny.to_vec(),
+        }
+    }
+
+    /// Why `ip` is out of scope (`None`: it is in scope). Rules are judged
+    /// in the policy's order: an operator deny wins, then an address must
+    /// be allowed, then the built-in deny-list applies.
+    pub fn exclusion(&self, ip: IpAddr) -> Option<Exclusion> {
+        if self.permits(ip) {
+            return None;
+        }
+        // Raw and canonical: a mapped value is judged as its IPv4 self by
+        // the operator's rules, but may lie inside a wide IPv6 allow too.
+        let canonical = canonical_ip(ip);
+        let covers = |n: &&IpNet| n.contains(&ip) || n.contains(&canonical);
+        if let Some(d) = self.deny.iter().find(covers) {
+            return Some(Exclusion::Denied(*d));
+        }
+        if self.allow.is_empty() {
+            return Some(Exclusion::NoAllowRule);
+        }
+        if !self.allow.iter().any(|a| covers(&a)) {
+            return Some(Exclusion::NotAllowed);
+        }
+        Some(self.builtin.iter().find(covers).map_or(Exclusion::NotAllowed, |b| Exclusion::Builtin(*b)))
+    }
+
+    /// Whether the operator gave any allow rule (a policy may permit
+    /// nothing with some: its deny rules cover them).
+    pub fn has_allow_rules(&self) -> bool {
+        !self.allow.is_empty()
     }
 
     /// An agent's policy: `allow` (everything when empty) minus `deny` and
@@ -179,6 +233,26 @@ mod tests {
         assert_eq!(bad.to_string(), "10.1.0.0-10.1.0.255");
         let bad = p.first_offending(&targets(&["10.255.255.255", "11.0.0.0/30"])).unwrap();
         assert_eq!(bad.to_string(), "11.0.0.0-11.0.0.3");
+    }
+
+    #[test]
+    fn a_refusal_names_the_rule_that_refuses() {
+        let none = ScopePolicy::new(&[], &nets("10.0.0.0/8"), &default_deny());
+        assert_eq!(none.exclusion(ip("192.0.2.1")), Some(Exclusion::NoAllowRule));
+        assert!(!none.has_allow_rules());
+        // Allowed and denied alike: the deny rule is named, not "nothing
+        // allowed".
+        let p = ScopePolicy::new(&nets("127.0.0.1/32,10.0.0.0/8"), &nets("127.0.0.1/32,10.1.0.0/16"), &default_deny());
+        assert!(p.has_allow_rules());
+        assert_eq!(p.exclusion(ip("127.0.0.1")), Some(Exclusion::Denied(nets("127.0.0.1/32")[0])));
+        assert_eq!(p.exclusion(ip("10.1.2.3")), Some(Exclusion::Denied(nets("10.1.0.0/16")[0])));
+        assert_eq!(p.exclusion(ip("::ffff:10.1.2.3")), Some(Exclusion::Denied(nets("10.1.0.0/16")[0])));
+        assert_eq!(p.exclusion(ip("11.0.0.1")), Some(Exclusion::NotAllowed));
+        assert_eq!(p.exclusion(ip("10.0.0.1")), None);
+        let wide = ScopePolicy::new(&nets("0.0.0.0/0"), &[], &default_deny());
+        assert_eq!(wide.exclusion(ip("127.0.0.2")), Some(Exclusion::Builtin(nets("127.0.0.0/8")[0])));
+        let all_denied = ScopePolicy::new(&nets("127.0.0.1/32"), &nets("127.0.0.1/32"), &default_deny());
+        assert!(all_denied.is_empty() && all_denied.has_allow_rules());
     }
 
     #[test]

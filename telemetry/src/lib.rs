@@ -7,7 +7,9 @@
 //! - in plain lines every field value and message has its control
 //!   characters escaped (CR/LF in a caller's name cannot forge a line, ESC
 //!   cannot drive a terminal) and is cut after [`MAX_FIELD_CHARS`]
-//!   characters (JSON escapes control characters by itself).
+//!   characters (JSON escapes control characters by itself);
+//! - errors logged with their causes ([`ErrorChain`]), never as a bare
+//!   "transport error".
 
 #![forbid(unsafe_code)]
 
@@ -102,6 +104,45 @@ impl VisitFmt for SafeVisitor<'_> {
     }
 }
 
+/// An error and its causes, `outer: inner: root`, for log fields: most
+/// errors' own text is generic ("transport error") and the cause is what a
+/// reader needs. A cause whose text the previous one already ends with
+/// (errors that print their source themselves) is not repeated.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_chain(f, self.0.to_string(), self.0.source())
+    }
+}
+
+/// `text` followed by the causes from `source` on, as [`ErrorChain`] shows
+/// them: for errors whose own text is not their `Display` (a gRPC status's
+/// message).
+pub fn with_causes(text: &str, source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_chain(&mut out, text.to_string(), source);
+    out
+}
+
+fn write_chain(
+    f: &mut dyn fmt::Write,
+    mut shown: String,
+    mut cause: Option<&(dyn std::error::Error + 'static)>,
+) -> fmt::Result {
+    f.write_str(&shown)?;
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !shown.ends_with(&text) {
+            write!(f, ": {text}")?;
+        }
+        shown = text;
+        cause = e.source();
+    }
+    Ok(())
+}
+
 /// A value with its control characters escaped, cut after
 /// [`MAX_FIELD_CHARS`] characters.
 pub struct Escaped<'a>(pub &'a str);
@@ -143,6 +184,37 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn error_chains_name_every_cause_once() {
+        let refused = Layer("connection refused (os error 111)", None);
+        let e = Layer("transport error", Some(Box::new(Layer("tcp connect error", Some(Box::new(refused))))));
+        assert_eq!(ErrorChain(&e).to_string(), "transport error: tcp connect error: connection refused (os error 111)");
+        // A layer that already printed its cause does not get it twice.
+        let e = Layer("dns error: no such host", Some(Box::new(Layer("no such host", None))));
+        assert_eq!(ErrorChain(&e).to_string(), "dns error: no such host");
+        assert_eq!(ErrorChain(&Layer("alone", None)).to_string(), "alone");
+        let status_source = Layer("error reading a body from connection", Some(Box::new(Layer("broken pipe", None))));
+        assert_eq!(
+            with_causes("h2 protocol error: error reading a body from connection", Some(&status_source)),
+            "h2 protocol error: error reading a body from connection: broken pipe"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod controller;
 pub mod db;
 pub mod dns;
+pub mod fake_agent;
 pub mod netns;
 pub mod pgcluster;
 pub mod procs;
@@ -50,6 +51,13 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of /proc/self is the process's effective user.
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// Path of a workspace binary built next to the test executable.

@@ -24,10 +24,10 @@ use std::{
 use tokio::task::JoinHandle;
 
 /// Target addresses: live IPv4 block, silent IPv4 block, live IPv6 block.
-pub const LIVE_V4: &str = "10.77.1.0/24";
-pub const DEAD_V4: &str = "10.77.2.0/28";
-pub const LIVE_V6: &str = "fd77:1::/120";
-pub const DEAD_V6: &str = "fd77:2::/124";
+pub const LIVE_V4: &str = "198.18.1.0/24";
+pub const DEAD_V4: &str = "198.18.2.0/28";
+pub const LIVE_V6: &str = "2001:db8:77:1::/120";
+pub const DEAD_V6: &str = "2001:db8:77:2::/124";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -122,7 +122,9 @@ impl NetTopology {
             }
         }
         ip(&["link", "add", si, "netns", s, "type", "veth", "peer", "name", ti, "netns", tg])?;
-        for (ns, dev, v4, v6) in [(s, si, "10.76.0.1/30", "fd76::1/64"), (tg, ti, "10.76.0.2/30", "fd76::2/64")] {
+        for (ns, dev, v4, v6) in
+            [(s, si, "198.19.0.1/30", "2001:db8:76::1/64"), (tg, ti, "198.19.0.2/30", "2001:db8:76::2/64")]
+        {
             ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
             ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
@@ -133,10 +135,10 @@ impl NetTopology {
         // IPv6 listeners may bind addresses that are local only by route.
         ip(&["netns", "exec", tg, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])?;
         for block in [LIVE_V4, DEAD_V4] {
-            ip(&["-n", s, "route", "add", block, "via", "10.76.0.2", "dev", si])?;
+            ip(&["-n", s, "route", "add", block, "via", "198.19.0.2", "dev", si])?;
         }
         for block in [LIVE_V6, DEAD_V6] {
-            ip(&["-n", s, "-6", "route", "add", block, "via", "fd76::2", "dev", si])?;
+            ip(&["-n", s, "-6", "route", "add", block, "via", "2001:db8:76::2", "dev", si])?;
         }
         // Static neighbours: IPv6 neighbour discovery on a link that just came
         // up takes a second, and the kernel drops what it queued meanwhile.
@@ -148,7 +150,7 @@ impl NetTopology {
         };
         let (smac, tmac) = (mac(s, si)?, mac(tg, ti)?);
         for (ns, dev, peer4, peer6, lladdr) in
-            [(s, si, "10.76.0.2", "fd76::2", &tmac), (tg, ti, "10.76.0.1", "fd76::1", &smac)]
+            [(s, si, "198.19.0.2", "2001:db8:76::2", &tmac), (tg, ti, "198.19.0.1", "2001:db8:76::1", &smac)]
         {
             ip(&["-n", ns, "neigh", "replace", peer4, "lladdr", lladdr, "dev", dev, "nud", "permanent"])?;
             ip(&["-n", ns, "-6", "neigh", "replace", peer6, "lladdr", lladdr, "dev", dev, "nud", "permanent"])?;
@@ -305,9 +307,9 @@ pub fn random_open_set(count: usize, v6: bool, ports: &[u16]) -> BTreeSet<Socket
     while set.len() < count {
         let host: u8 = rand::random_range(1..=254);
         let ip = if v6 {
-            IpAddr::V6(Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, u16::from(host)))
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 1, 0, 0, 0, u16::from(host)))
         } else {
-            IpAddr::V4(Ipv4Addr::new(10, 77, 1, host))
+            IpAddr::V4(Ipv4Addr::new(198, 18, 1, host))
         };
         let port = ports[rand::random_range(0..ports.len())];
         set.insert(SocketAddr::new(ip, port));

@@ -18,7 +18,6 @@
 //! ```
 
 use std::{
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::Output,
     str::FromStr,
@@ -73,11 +72,6 @@ fn bin_dir() -> PathBuf {
     })
 }
 
-fn is_root() -> bool {
-    // The owner of /proc/self is the process's effective user.
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
 /// `id -u postgres` and `id -g postgres`.
 fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
@@ -100,7 +94,7 @@ impl PgCluster {
     /// starts it on a free port of 127.0.0.1.
     pub async fn start() -> Self {
         let bin = bin_dir();
-        let as_postgres = is_root();
+        let as_postgres = crate::is_root();
         // Under /tmp, not $TMPDIR: the `postgres` user must reach it.
         let mut builder = tempfile::Builder::new();
         builder.prefix("pf-pgcluster-");

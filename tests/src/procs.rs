@@ -53,6 +53,11 @@ impl Proc {
     /// SIGTERM, then waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -111,6 +116,23 @@ pub fn agent(topo: &NetTopology, name: &str, controller_url: &str, extra: &[&str
     let state = logs.path().join("state");
     cmd.args(["run", "--controller", controller_url, "--name", name, "--state-dir"]).arg(state).args(extra);
     Proc::spawn(name, cmd, logs)
+}
+
+/// Runs an agent daemon in this namespace, for tests of the daemon itself
+/// that never scan (its lock, reconnects, logs), with its log kept as
+/// `log_name` (several processes may run one agent name) and its state in
+/// `logs/state`.
+pub fn host_agent(
+    log_name: &str,
+    agent_name: &str,
+    controller_url: &str,
+    extra: &[&str],
+    logs: &tempfile::TempDir,
+) -> Proc {
+    let mut cmd = Command::new(binary("portfleet-agent"));
+    let state = logs.path().join("state");
+    cmd.args(["run", "--controller", controller_url, "--name", agent_name, "--state-dir"]).arg(state).args(extra);
+    Proc::spawn(log_name, cmd, logs)
 }
 
 /// A free TCP port on `ip` (bound and released: good enough for tests).

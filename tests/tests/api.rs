@@ -43,10 +43,10 @@ async fn targets_are_stored_listed_and_deleted() {
     let created = client
         .create_targets(pb::CreateTargetsRequest {
             targets: vec![
-                target("10.1.0.0/24", "corp", None),
+                target("203.0.113.0/24", "corp", None),
                 target("Example.COM", "corp", Some(false)),
-                target("10.1.0.5", "", None),
-                target("10.2.0.1-10.2.0.9", "lab", None),
+                target("203.0.113.5", "", None),
+                target("192.0.2.1-192.0.2.9", "lab", None),
                 target("2001:db8::1", "lab", Some(true)),
             ],
         })
@@ -105,11 +105,11 @@ async fn targets_are_stored_listed_and_deleted() {
     assert_status(
         client
             .create_targets(pb::CreateTargetsRequest {
-                targets: vec![target("10.0.0.1", "", None), target("10.0.0.0/40", "", None)],
+                targets: vec![target("192.0.2.1", "", None), target("192.0.2.0/40", "", None)],
             })
             .await,
         Code::InvalidArgument,
-        &["targets[1].value", "10.0.0.0/40"],
+        &["targets[1].value", "192.0.2.0/40"],
     );
     assert_status(
         client.create_targets(pb::CreateTargetsRequest { targets: vec![] }).await,
@@ -134,9 +134,9 @@ async fn scans_by_address_cidr_hostname_and_group() {
     assert_eq!((cidr.address_count, cidr.probes_planned), (256, 512));
     assert_eq!(cidr.request.as_ref().unwrap().targets, ["198.51.100.0/24", "198.51.100.9"]);
 
-    // A /8 plans without expanding, cut into bounded shards.
-    let big = client.create_scan(scan_req(&["10.0.0.0/8"], "top-100")).await.unwrap().into_inner();
-    assert_eq!(big.probes_planned, 100 << 24);
+    // A /15 plans without expanding, cut into at most 4096 shards.
+    let big = client.create_scan(scan_req(&["198.18.0.0/15"], "top-1000")).await.unwrap().into_inner();
+    assert_eq!(big.probes_planned, 1000 << 17);
     assert_eq!(big.shard_count, 4096);
 
     let named = client.create_scan(scan_req(&["localhost"], "top-1000")).await.unwrap().into_inner();
@@ -267,6 +267,54 @@ async fn request_id_returns_the_same_scan() {
     assert_eq!(count, 2);
 }
 
+/// A key reused for another request is refused, naming the scan that holds
+/// it, like Stripe's idempotency keys; a retry of the same request (even
+/// spelled differently: defaults, port order) still gets its scan back.
+#[tokio::test]
+async fn a_request_id_reused_with_a_different_request_is_refused() {
+    let (db, _c, client) = setup().await;
+    let mut req = scan_req(&["198.51.100.0/29", "198.51.100.9"], "443,80");
+    req.request_id = "job-1".into();
+    let first = client.clone().create_scan(req.clone()).await.unwrap().into_inner();
+    let mut same = scan_req(&["198.51.100.9", "198.51.100.0/29"], "80,443");
+    same.request_id = "job-1".into();
+    same.rate = 1000; // the default, spelled out
+    assert_eq!(client.clone().create_scan(same).await.unwrap().into_inner().id, first.id);
+
+    let conflict = format!("request_id job-1 was used by scan {} with a different request", first.id);
+    let mut other_ports = req.clone();
+    other_ports.ports = "22".into();
+    assert_status(client.clone().create_scan(other_ports).await, Code::AlreadyExists, &[&conflict]);
+    let mut other_targets = req.clone();
+    other_targets.targets = vec!["198.51.100.10".into()];
+    assert_status(client.clone().create_scan(other_targets).await, Code::AlreadyExists, &[&conflict]);
+
+    // Racing different requests with one fresh key: one scan, the others
+    // refused.
+    let results = futures::future::join_all((0..6).map(|i| {
+        let mut c = client.clone();
+        let mut r = scan_req(&["198.51.100.0/29"], &(1000 + i % 2).to_string());
+        r.request_id = "race".into();
+        async move { c.create_scan(r).await.map(|s| s.into_inner().id).map_err(|e| e.code()) }
+    }))
+    .await;
+    let won: HashSet<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|id| won.contains(id)) || r == &Err(Code::AlreadyExists)));
+
+    // Scans stored before fingerprints were kept match any request.
+    let mut conn = db.connect().await;
+    sqlx::query("UPDATE scans SET request_fingerprint = NULL WHERE request_id = 'job-1'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut old = req.clone();
+    old.ports = "22".into();
+    assert_eq!(client.clone().create_scan(old).await.unwrap().into_inner().id, first.id);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM scans").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(count, 2);
+}
+
 #[tokio::test]
 async fn cancel_moves_scan_and_shards_to_cancelled() {
     let (db, _c, mut client) = setup().await;
@@ -303,13 +351,13 @@ async fn cancel_moves_scan_and_shards_to_cancelled() {
 async fn bad_input_gets_the_exact_code_and_writes_nothing() {
     let (db, _c, mut client) = setup().await;
     let cases: Vec<(pb::CreateScanRequest, Code, Vec<&str>)> = vec![
-        (scan_req(&["10.0.0.1", "10.0.0.256"], "80"), Code::InvalidArgument, vec!["targets[1]", "10.0.0.256"]),
-        (scan_req(&["10.0.0.0/33"], "80"), Code::InvalidArgument, vec!["targets[0]", "10.0.0.0/33"]),
+        (scan_req(&["192.0.2.1", "192.0.2.256"], "80"), Code::InvalidArgument, vec!["targets[1]", "192.0.2.256"]),
+        (scan_req(&["192.0.2.0/33"], "80"), Code::InvalidArgument, vec!["targets[0]", "192.0.2.0/33"]),
         (scan_req(&["bad host name"], "80"), Code::InvalidArgument, vec!["targets[0]", "bad host name"]),
-        (scan_req(&["10.0.0.1"], "80,99999"), Code::InvalidArgument, vec!["ports", "99999"]),
-        (scan_req(&["10.0.0.1"], "top-7"), Code::InvalidArgument, vec!["ports", "top-7"]),
+        (scan_req(&["192.0.2.1"], "80,99999"), Code::InvalidArgument, vec!["ports", "99999"]),
+        (scan_req(&["192.0.2.1"], "top-7"), Code::InvalidArgument, vec!["ports", "top-7"]),
         (scan_req(&[], "80"), Code::InvalidArgument, vec!["targets"]),
-        (scan_req(&["10.0.0.0/8"], "full"), Code::InvalidArgument, vec!["1099494850560", "4294967296"]),
+        (scan_req(&["198.18.0.0/15"], "full"), Code::InvalidArgument, vec!["8589803520", "4294967296"]),
         (scan_req(&["no-such-host.invalid"], "80"), Code::InvalidArgument, vec!["targets[0]", "no-such-host.invalid"]),
         (
             pb::CreateScanRequest { target_group: "empty".into(), ..Default::default() },
@@ -317,12 +365,12 @@ async fn bad_input_gets_the_exact_code_and_writes_nothing() {
             vec!["target_group", "empty"],
         ),
         (
-            pb::CreateScanRequest { scan_type: 99, ..scan_req(&["10.0.0.1"], "80") },
+            pb::CreateScanRequest { scan_type: 99, ..scan_req(&["192.0.2.1"], "80") },
             Code::InvalidArgument,
             vec!["scan_type"],
         ),
         (
-            pb::CreateScanRequest { retries: Some(1000), ..scan_req(&["10.0.0.1"], "80") },
+            pb::CreateScanRequest { retries: Some(1000), ..scan_req(&["192.0.2.1"], "80") },
             Code::InvalidArgument,
             vec!["retries"],
         ),

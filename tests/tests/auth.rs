@@ -47,6 +47,9 @@ async fn call(c: &mut ApiClient, rpc: &str, scan_id: &str) -> Code {
         "DrainAgent" => {
             code(c.drain_agent(pb::DrainAgentRequest { id: uuid::Uuid::new_v4().to_string() }).await.map(drop))
         }
+        "UndrainAgent" => {
+            code(c.undrain_agent(pb::UndrainAgentRequest { id: uuid::Uuid::new_v4().to_string() }).await.map(drop))
+        }
         "GetScopePolicy" => code(c.get_scope_policy(pb::GetScopePolicyRequest {}).await.map(drop)),
         "UpdateScopePolicy" => code(c.update_scope_policy(pb::UpdateScopePolicyRequest::default()).await.map(drop)),
         other => panic!("unknown rpc {other}"),
@@ -66,6 +69,7 @@ const RPCS: &[(&str, Scope)] = &[
     ("WatchScan", Scope::Read),
     ("ListAgents", Scope::Admin),
     ("DrainAgent", Scope::Admin),
+    ("UndrainAgent", Scope::Admin),
     ("GetScopePolicy", Scope::Admin),
     ("UpdateScopePolicy", Scope::Admin),
 ];

@@ -47,7 +47,7 @@ fn bad_config_exits_non_zero_naming_the_setting() {
         "--tls-key",
     );
     assert_config_error(
-        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--allow", "10.0.0.0/33"],
+        &["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--allow", "192.0.2.0/33"],
         "--allow",
     );
     let out = controller()
@@ -199,4 +199,69 @@ async fn enrollment_labels_follow_the_selector_rules() {
     let stored: String =
         sqlx::query_scalar("SELECT labels::text FROM enroll_tokens").fetch_one(&mut db.connect().await).await.unwrap();
     assert!(stored.contains("k8s.io/zone") && stored.contains("lab-1"), "{stored}");
+}
+
+/// Shared options work before or after the subcommand (`tokens create
+/// --database-url X` as well as `tokens --database-url X create`), and a
+/// missing URL is a usage error naming both its flag and its variable.
+#[tokio::test]
+async fn database_options_go_before_or_after_the_subcommand() {
+    let db = TestDb::create().await;
+    let url = db.url();
+    for args in [
+        &["tokens", "create", "--scope", "read", "--database-url", url][..],
+        &["tokens", "--database-url", url, "create", "--scope", "read"],
+        &["tokens", "list", "--log-format", "json", "--database-url", url, "--db-pool-size", "2"],
+        &["agents", "enroll-token", "--database-url", url],
+        &["agents", "--database-url", url, "enroll-token", "--ttl", "1h"],
+        &["migrate", "--database-url", url],
+    ] {
+        let out = controller().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = controller().args(["tokens", "list"]).env("DATABASE_URL", url).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for args in [&["tokens", "create", "--scope", "read"][..], &["agents", "enroll-token"], &["migrate"], &["serve"]] {
+        assert_config_error(args, "--database-url or DATABASE_URL is required");
+    }
+}
+
+/// Boolean flags with an environment fallback take the usual spellings
+/// (`PORTFLEET_INSECURE=1` was refused: only true/false were).
+#[test]
+fn boolean_environment_variables_take_the_usual_spellings() {
+    // Taken: the controller gets past its settings and fails to bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let serve = |var: &str, value: &str| {
+        controller()
+            .args(["serve", "--database-url", "postgres://postgres@127.0.0.1/x", "--listen", &listen])
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    for yes in ["1", "yes", "on", "true", "TRUE", "y"] {
+        let out = serve("PORTFLEET_INSECURE", yes);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("--listen {listen}")), "PORTFLEET_INSECURE={yes}: {stderr}");
+    }
+    for no in ["0", "no", "off", "false"] {
+        let out = serve("PORTFLEET_INSECURE", no);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "PORTFLEET_INSECURE={no}: {stderr}");
+        assert!(stderr.contains("no TLS"), "PORTFLEET_INSECURE={no}: {stderr}");
+    }
+    let out = serve("PORTFLEET_INSECURE", "maybe");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"), "the setting is named");
+    for (var, value) in [("PORTFLEET_NO_HEALTH", "1"), ("PORTFLEET_NO_REFLECTION", "yes"), ("PORTFLEET_NAABUM8", "off")]
+    {
+        let out = controller()
+            .args(["serve", "--insecure", "--database-url", "postgres://postgres@127.0.0.1/x", "--listen", &listen])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("--listen {listen}")), "{var}={value}: {stderr}");
+    }
 }

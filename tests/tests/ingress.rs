@@ -77,10 +77,10 @@ async fn malformed_requests_are_dead_lettered_with_a_reason() {
     let key = broker.config.routing_key.clone();
     let bad: [&[u8]; 5] = [
         b"not json at all",
-        br#"{"targets":["10.0.0.1"],"unknown":1}"#,
-        br#"{"targets":["10.0.0.999"],"ports":"80"}"#,
-        br#"{"targets":["10.0.0.1"],"ports":"80,99999"}"#,
-        br#"{"targets":["10.0.0.0/8"],"ports":"full"}"#,
+        br#"{"targets":["192.0.2.1"],"unknown":1}"#,
+        br#"{"targets":["192.0.2.999"],"ports":"80"}"#,
+        br#"{"targets":["192.0.2.1"],"ports":"80,99999"}"#,
+        br#"{"targets":["198.18.0.0/15"],"ports":"full"}"#,
     ];
     let mut messages = Vec::new();
     for i in 0..100 {
@@ -126,6 +126,48 @@ async fn a_redelivered_message_makes_one_scan() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(scan_count(&db).await, 2);
+}
+
+/// A message id used again with another body is dead-lettered naming the
+/// scan that holds it - apart or in one batch with the first - while a
+/// redelivery of the same body is still acked as that scan.
+#[tokio::test]
+async fn a_message_id_reused_with_a_different_body_is_dead_lettered() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new().await;
+    let _controller = start(config(&db, &broker), &broker).await;
+    let (exchange, key) = (broker.config.exchange.clone(), broker.config.routing_key.clone());
+    broker.publish(&exchange, &key, &request(1), props("job-1")).await;
+    until("the first scan", Duration::from_secs(30), async || scan_count(&db).await == 1).await;
+    let first: String = sqlx::query_scalar("SELECT id::text FROM scans WHERE request_id = 'job-1'")
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap();
+    broker
+        .publish_many([
+            (key.clone(), request(2), props("job-1")),
+            (key.clone(), request(1), props("job-1")),
+            (key.clone(), request(3), props("pair")),
+            (key.clone(), request(4), props("pair")),
+        ])
+        .await;
+    let dlq = format!("{}.dlq", broker.config.queue);
+    until("two dead letters", Duration::from_secs(30), async || {
+        broker.depth(&dlq).await == 2 && broker.depth(&broker.config.queue).await == 0
+    })
+    .await;
+    let mut reasons: Vec<(String, String)> = broker
+        .drain(&dlq)
+        .await
+        .iter()
+        .map(|m| (m.delivery.properties.message_id().as_ref().unwrap().to_string(), dead_letter_reason(m)))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons[0].0, "job-1");
+    assert_eq!(reasons[0].1, format!("request_id job-1 was used by scan {first} with a different request"));
+    assert_eq!(reasons[1].0, "pair");
+    assert!(reasons[1].1.starts_with("request_id pair was used by scan "), "{}", reasons[1].1);
+    assert_eq!(scan_count(&db).await, 2, "job-1 and pair, once each");
 }
 
 #[tokio::test]

@@ -95,6 +95,61 @@ async fn loopback_and_own_addresses_need_an_explicit_allow() {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// A refusal names the rule that refused: "allows nothing yet" only while
+/// there is no allow rule, never because a deny covers every allow.
+#[tokio::test]
+async fn a_refusal_names_the_rule_that_refused_it() {
+    let db = TestDb::create().await;
+    let c = TestController::start(allowing(&db, "127.0.0.1/32,198.51.100.0/24")).await;
+    let mut api = c.client().await;
+    api.create_scan(scan(&["127.0.0.1"])).await.unwrap();
+    // An admin adds a deny (the CLI's `policy --deny`).
+    api.update_scope_policy(pb::UpdateScopePolicyRequest {
+        add_deny: vec!["127.0.0.1/32".into(), "198.51.100.128/25".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refusal = |targets: &'static [&'static str]| {
+        let mut api = api.clone();
+        async move {
+            let err = api.create_scan(scan(targets)).await.unwrap_err();
+            assert_eq!(err.code(), Code::PermissionDenied, "{targets:?}: {err:?}");
+            assert!(!err.message().contains("allows nothing"), "{}", err.message());
+            err.message().to_string()
+        }
+    };
+    assert_eq!(
+        refusal(&["127.0.0.1"]).await,
+        "targets: 127.0.0.1 may not be scanned: it is denied by the rule deny 127.0.0.1/32"
+    );
+    assert_eq!(
+        refusal(&["198.51.100.0/24"]).await,
+        "targets: 198.51.100.128-198.51.100.255 may not be scanned: 198.51.100.128 is denied by the rule \
+         deny 198.51.100.128/25"
+    );
+    let outside = refusal(&["203.0.113.5"]).await;
+    assert!(outside.contains("203.0.113.5") && outside.contains("outside every allow rule"), "{outside}");
+    // Allowed broadly, loopback is still the built-in deny-list's.
+    c.client()
+        .await
+        .update_scope_policy(pb::UpdateScopePolicyRequest { add_allow: vec!["0.0.0.0/0".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let builtin = refusal(&["127.0.0.2"]).await;
+    assert!(builtin.contains("it is in the built-in deny-list (127.0.0.0/8)"), "{builtin}");
+
+    // Every allow rule removed: now nothing is allowed, and it says so.
+    api.update_scope_policy(pb::UpdateScopePolicyRequest {
+        remove_allow: vec!["127.0.0.1/32".into(), "198.51.100.0/24".into(), "0.0.0.0/0".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = api.create_scan(scan(&["198.51.100.1"])).await.unwrap_err();
+    assert!(err.message().contains("allows nothing yet"), "{}", err.message());
+}
+
 #[tokio::test]
 async fn amqp_scans_pass_the_same_policy() {
     let db = TestDb::create().await;
@@ -130,7 +185,7 @@ async fn a_policy_change_fails_the_scans_it_puts_out_of_scope() {
     let doomed = api.create_scan(scan(&["203.0.113.0/25"])).await.unwrap().into_inner();
     let bad = api
         .update_scope_policy(pb::UpdateScopePolicyRequest {
-            add_deny: vec!["10.0.0.0/33".into()],
+            add_deny: vec!["192.0.2.0/33".into()],
             ..Default::default()
         })
         .await
@@ -227,7 +282,14 @@ async fn the_cli_shows_and_changes_the_policy() {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
     let (ok, shown) = cli(&[]);
-    assert!(ok && shown.contains("198.51.100.0/24") && shown.contains("per block no cap"), "{shown}");
+    let line = |label: &str| shown.lines().find(|l| l.starts_with(label)).unwrap_or_default().to_string();
+    assert!(ok && line("allow:").contains("198.51.100.0/24") && line("per block:").contains("no cap"), "{shown}");
+    // Built-in denials and this host's addresses are two lists, no entry twice.
+    assert!(line("built-in deny:").contains("127.0.0.0/8"), "{shown}");
+    assert!(!line("this host:").is_empty(), "{shown}");
+    for entry in line("built-in deny:").split(": ").nth(1).unwrap_or_default().split(", ") {
+        assert!(!line("this host:").contains(&format!(" {entry}")), "{entry} twice: {shown}");
+    }
     let (ok, changed) = cli(&["--deny", "198.51.100.128/25", "--max-rate-per-block", "2000"]);
     assert!(ok && changed.contains("198.51.100.128/25") && changed.contains("2000 probes/s"), "{changed}");
     let (ok, bad) = cli(&["--allow", "not-a-cidr"]);

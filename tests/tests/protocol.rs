@@ -363,15 +363,7 @@ async fn a_shard_that_keeps_failing_fails_its_scan() {
             }))
             .await;
     }
-    let failed = portfleet_tests::eventually("the scan to fail", Duration::from_secs(10), || {
-        let mut api = api.clone();
-        let id = scan.id.clone();
-        async move {
-            let s = api.get_scan(pb::GetScanRequest { id }).await.ok()?.into_inner();
-            (s.state == pb::ScanState::Failed as i32).then_some(s)
-        }
-    })
-    .await;
+    let failed = failed_scan(&api, &scan.id).await;
     assert!(failed.error.contains("interface went away"), "{}", failed.error);
     assert!(failed.error.contains("4 times"), "{}", failed.error);
 }
@@ -542,4 +534,184 @@ async fn control_characters_in_a_hello_are_invalid_arguments() {
         assert_eq!(code(open(&c, Some(m)).await), Code::InvalidArgument, "version {bad:?}");
     }
     assert!(open(&c, Some(hello(&id, 1, 1))).await.is_ok());
+}
+
+/// The scan's waiting reason, once `ok` holds for it (upkeep explains
+/// waiting scans once a second).
+async fn reason_once(api: &portfleet_proto::auth::ApiClient, id: &str, ok: impl Fn(&pb::Scan) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let scan = api.clone().get_scan(pb::GetScanRequest { id: id.into() }).await.unwrap().into_inner();
+        if ok(&scan) {
+            return scan.waiting_reason;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out; the scan is {scan:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn one_host(last: u8) -> pb::CreateScanRequest {
+    pb::CreateScanRequest { targets: vec![format!("198.51.100.{last}")], ports: "80".into(), ..Default::default() }
+}
+
+/// Keeps a fake agent's session alive while a test takes longer than the
+/// lease TTL.
+fn keep_beating(agent: &FakeAgent) -> tokio::task::JoinHandle<()> {
+    let tx = agent.tx.clone();
+    tokio::spawn(async move {
+        let beat = || pb::AgentMessage { frame: Some(Out::Heartbeat(pb::Heartbeat::default())) };
+        while tx.send(beat()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Every pending scan says why it waits - no agent, every able agent busy,
+/// none matching its selector, all draining - with counts, and the reason
+/// follows its cause until the scan starts, when it is cleared.
+#[tokio::test]
+async fn every_waiting_scan_says_why_and_the_reason_follows_its_cause() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut api = c.client().await;
+    let first = api.create_scan(one_host(1)).await.unwrap().into_inner();
+    let reason = reason_once(&api, &first.id, |s| !s.waiting_reason.is_empty()).await;
+    assert_eq!(reason, "no agent is connected");
+
+    // One agent with room for one shard takes it: the reason goes.
+    let mut agent = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let _beats = keep_beating(&agent);
+    assert!(matches!(agent.next().await, In::Assign(_)));
+    reason_once(&api, &first.id, |s| s.state == pb::ScanState::Running as i32 && s.waiting_reason.is_empty()).await;
+
+    // Queued behind it: busy, not silent.
+    let queued = api.create_scan(one_host(2)).await.unwrap().into_inner();
+    let reason = reason_once(&api, &queued.id, |s| !s.waiting_reason.is_empty()).await;
+    assert_eq!(reason, "every agent that can run this scan is busy: 1 at its shard limit");
+    let mut eu = one_host(3);
+    eu.agent_selector = [("site".to_string(), "eu".to_string())].into();
+    let eu = api.create_scan(eu).await.unwrap().into_inner();
+    let reason = reason_once(&api, &eu.id, |s| !s.waiting_reason.is_empty()).await;
+    assert_eq!(reason, "no connected agent can run this scan: 1 without the agent_selector labels {site=eu}");
+
+    // The first scan over: the queued one starts, its reason cleared.
+    api.cancel_scan(pb::CancelScanRequest { id: first.id.clone() }).await.unwrap();
+    loop {
+        match agent.next().await {
+            In::Cancel(_) => {}
+            In::Assign(a) => {
+                assert_eq!(a.scan.unwrap().scan_id, queued.id);
+                break;
+            }
+            other => panic!("expected Cancel, then Assign: {other:?}"),
+        }
+    }
+    reason_once(&api, &queued.id, |s| s.state == pb::ScanState::Running as i32 && s.waiting_reason.is_empty()).await;
+
+    // Draining: the cause changes, and so does the reason.
+    let id = agent_id_of(&mut api).await;
+    api.drain_agent(pb::DrainAgentRequest { id }).await.unwrap();
+    let reason = reason_once(&api, &eu.id, |s| s.waiting_reason.contains("draining")).await;
+    assert_eq!(reason, "no connected agent can run this scan: 1 draining");
+    let later = api.create_scan(one_host(4)).await.unwrap().into_inner();
+    let reason = reason_once(&api, &later.id, |s| !s.waiting_reason.is_empty()).await;
+    assert_eq!(reason, "no connected agent can run this scan: 1 draining");
+}
+
+/// The scan once it has failed (within 10 s).
+async fn failed_scan(api: &portfleet_proto::auth::ApiClient, id: &str) -> pb::Scan {
+    portfleet_tests::eventually("the scan to fail", Duration::from_secs(10), || {
+        let mut api = api.clone();
+        let id = id.to_string();
+        async move {
+            let s = api.get_scan(pb::GetScanRequest { id }).await.ok()?.into_inner();
+            (s.state == pb::ScanState::Failed as i32).then_some(s)
+        }
+    })
+    .await
+}
+
+async fn agent_id_of(api: &mut portfleet_proto::auth::ApiClient) -> String {
+    let agents = api.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+    assert_eq!(agents.len(), 1);
+    agents[0].id.clone()
+}
+
+/// A shard the agent's own scope policy refuses (`portfleet-agent run
+/// --allow/--deny`) fails its scan at once, naming the agent and its
+/// reason: every retry would be refused the same way.
+#[tokio::test]
+async fn a_shard_the_agent_s_policy_refuses_fails_its_scan_at_once() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let mut agent = open(&c, Some(hello(&uuid::Uuid::new_v4().to_string(), 1, 1))).await.unwrap();
+    let mut api = c.client().await;
+    let scan = api.create_scan(one_host(1)).await.unwrap().into_inner();
+    let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
+    // What portfleet-agent says (agent/src/session/shard.rs, `Refusal`).
+    let reason = "refused by the agent's scope policy: 198.51.100.1 is outside its --allow/--deny";
+    agent
+        .send(Out::Failed(pb::ShardFailed { shard_id: a.shard_id, lease_epoch: a.lease_epoch, reason: reason.into() }))
+        .await;
+    let failed = failed_scan(&api, &scan.id).await;
+    assert_eq!(
+        failed.error,
+        format!(
+            "agent fake refused shard {} by its own scope policy: 198.51.100.1 is outside its --allow/--deny",
+            a.shard_id
+        )
+    );
+    let leases: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM shard_leases").fetch_one(&mut db.connect().await).await.unwrap();
+    assert_eq!(leases, 1, "the refused shard was not leased again");
+    no_assign(&mut agent, Duration::from_millis(500)).await;
+}
+
+/// Two processes with one agent id: the live session keeps its place and
+/// the newcomer is refused (ALREADY_EXISTS) naming it, rather than the two
+/// knocking each other off forever. A dead session gives way: at once when
+/// its stream closed (the agent crashed), within the lease TTL when it is
+/// half-open (silent).
+#[tokio::test]
+async fn a_second_session_of_a_live_agent_is_refused_and_the_first_keeps_its_place() {
+    let db = TestDb::create().await;
+    let c = TestController::start(config(&db)).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut first = open(&c, Some(hello(&id, 1, 1))).await.unwrap();
+    for _ in 0..3 {
+        let err = open(&c, Some(hello(&id, 1, 1))).await.err().expect("the second session is refused");
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        let live = format!("agent {id} (fake) already has a live session from 127.0.0.1:");
+        assert!(err.message().contains(&live), "{}", err.message());
+        first.beat().await;
+    }
+    // The first was never disturbed: same session, and it gets work.
+    let mut api = c.client().await;
+    api.create_scan(small_scan()).await.unwrap();
+    assert!(matches!(first.next().await, In::Assign(_)));
+    assert!(!first.rx_closed().await);
+    let mut conn = db.connect().await;
+    let generation: i64 =
+        sqlx::query_scalar("SELECT session_generation FROM agents").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(generation, 1);
+
+    // Crashed: its stream closes, and the restarted agent gets in at once.
+    drop(first);
+    let restarted = std::time::Instant::now();
+    let _second = portfleet_tests::eventually("the restarted agent's session", Duration::from_secs(5), || {
+        let (c, id) = (&c, id.clone());
+        async move { open(c, Some(hello(&id, 1, 1))).await.ok() }
+    })
+    .await;
+    assert!(restarted.elapsed() < Duration::from_secs(2), "{:?}", restarted.elapsed());
+
+    // Half-open: silent, its stream still open. It gives way within the
+    // lease TTL (3 s here).
+    let silent = std::time::Instant::now();
+    let _third = portfleet_tests::eventually("a session after the silent one", Duration::from_secs(10), || {
+        let (c, id) = (&c, id.clone());
+        async move { open(c, Some(hello(&id, 1, 1))).await.ok() }
+    })
+    .await;
+    assert!(silent.elapsed() < Duration::from_secs(6), "{:?}", silent.elapsed());
 }

@@ -122,10 +122,10 @@ async fn hostnames_are_resolved_and_json_has_naabu_fields() {
     let port = random_ports(1)[0];
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let _listeners = topo.listen_in(&topo.scanner, &[listen]);
-    let open_v4: SocketAddr = format!("10.77.1.9:{port}").parse().unwrap();
+    let open_v4: SocketAddr = format!("198.18.1.9:{port}").parse().unwrap();
     let _target = topo.listen(&[open_v4]);
     let out = agent(&topo)
-        .args(["localhost", "10.77.1.9", "-p", &port.to_string(), "--json", "--wait", "300"])
+        .args(["localhost", "198.18.1.9", "-p", &port.to_string(), "--json", "--wait", "300"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -137,7 +137,7 @@ async fn hostnames_are_resolved_and_json_has_naabu_fields() {
     assert_eq!(local["port"], u64::from(port));
     assert_eq!(local["protocol"], "tcp");
     assert!(local["timestamp"].as_str().is_some_and(|t| t.contains('T')));
-    let remote = lines.iter().find(|l| l["ip"] == "10.77.1.9").expect("namespace result");
+    let remote = lines.iter().find(|l| l["ip"] == "198.18.1.9").expect("namespace result");
     assert!(remote.get("host").is_none(), "no host for a literal address");
 }
 
@@ -148,11 +148,11 @@ async fn mapped_targets_are_ipv4_hosts_and_ipv4_exclusions_hold() {
     let Some(topo) = NetTopology::create() else { return };
     let port = random_ports(1)[0];
     let (excluded, kept): (SocketAddr, SocketAddr) =
-        (format!("10.77.1.5:{port}").parse().unwrap(), format!("10.77.1.6:{port}").parse().unwrap());
+        (format!("198.18.1.5:{port}").parse().unwrap(), format!("198.18.1.6:{port}").parse().unwrap());
     let _listeners = topo.listen(&[excluded, kept]);
     for scan_type in ["connect", "syn"] {
         let out = agent(&topo)
-            .args(["::ffff:10.77.1.0/125", "-p", &port.to_string(), "--exclude", "10.77.1.5"])
+            .args(["::ffff:198.18.1.0/125", "-p", &port.to_string(), "--exclude", "198.18.1.5"])
             .args(["--scan-type", scan_type, "--wait", "300"])
             .output()
             .unwrap();
@@ -210,12 +210,12 @@ fn bad_input_exits_2_naming_the_value() {
         c
     };
     for (args, needle) in [
-        (&["10.0.0.300", "-p", "80"][..], "10.0.0.300"),
-        (&["10.0.0.1", "-p", "80,70000"][..], "70000"),
-        (&["10.0.0.1", "--top-ports", "7"][..], "7"),
-        (&["10.0.0.1", "-p", "80", "--exclude", "nope/99"][..], "nope/99"),
+        (&["192.0.2.300", "-p", "80"][..], "192.0.2.300"),
+        (&["192.0.2.1", "-p", "80,70000"][..], "70000"),
+        (&["192.0.2.1", "--top-ports", "7"][..], "7"),
+        (&["192.0.2.1", "-p", "80", "--exclude", "nope/99"][..], "nope/99"),
         (&["-p", "80"][..], "no targets"),
-        (&["10.0.0.1", "-p", "80", "--rate", "0"][..], "--rate"),
+        (&["192.0.2.1", "-p", "80", "--rate", "0"][..], "--rate"),
     ] {
         let out = agent().args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -237,16 +237,56 @@ async fn without_raw_privilege_syn_explains_and_the_default_falls_back_to_connec
             .output()
             .unwrap()
     };
-    let out = unprivileged(&["10.77.1.1", "-p", "80", "--scan-type", "syn"]);
+    let out = unprivileged(&["198.18.1.1", "-p", "80", "--scan-type", "syn"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("setcap cap_net_raw,cap_net_admin+ep"), "{stderr}");
     assert!(stderr.contains("--scan-type connect"), "{stderr}");
 
     let port = random_ports(1)[0];
-    let open: SocketAddr = format!("10.77.1.20:{port}").parse().unwrap();
+    let open: SocketAddr = format!("198.18.1.20:{port}").parse().unwrap();
     let _listeners = topo.listen(&[open]);
-    let out = unprivileged(&["10.77.1.16/29", "-p", &port.to_string(), "--wait", "300"]);
+    let out = unprivileged(&["198.18.1.16/29", "-p", &port.to_string(), "--wait", "300"]);
     assert_exact(&found(&out), &BTreeSet::from([open]), &out.stderr);
     assert!(String::from_utf8_lossy(&out.stderr).contains("falling back to a connect scan"));
+}
+
+/// On a terminal, results and the progress bar share the screen: every
+/// result starts a line of its own (the bar steps aside first), never
+/// glued to the bar's text (`...eta 2s198.18.1.7:4222`). Run under a
+/// pseudo-terminal (`script`), stdout and stderr both on it.
+#[tokio::test]
+async fn results_on_a_terminal_never_share_a_line_with_the_progress_bar() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping: no `script` (util-linux) to run the scan on a terminal");
+        return;
+    }
+    let Some(topo) = NetTopology::create() else { return };
+    let ports = random_ports(4);
+    let open = random_open_set(6, false, &ports);
+    let _listeners = topo.listen(&open.iter().copied().collect::<Vec<_>>());
+    let hosts: BTreeSet<String> = open.iter().map(|a| a.ip().to_string()).collect();
+    // About three seconds of probing, so the bar is up when results come.
+    let scan = format!(
+        "ip netns exec {} {} scan {} -p {} --scan-type connect --rate 500 --wait 300",
+        topo.scanner,
+        binary("portfleet-agent").display(),
+        hosts.into_iter().collect::<Vec<_>>().join(" "),
+        port_spec("1-250", &ports),
+    );
+    let out = Command::new("script").args(["-qefc", &scan, "/dev/null"]).env_remove("NO_COLOR").output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen:?}");
+    // What each line shows once the terminal has applied `\r` and "erase
+    // line": the text after the last of them.
+    let shown: Vec<&str> =
+        screen.split('\n').map(|l| l.trim_end_matches('\r')).map(|l| l.rsplit(['\r']).next().unwrap_or(l)).collect();
+    let shown: Vec<&str> = shown.iter().map(|l| l.rsplit("\u{1b}[2K").next().unwrap_or(l)).collect();
+    assert!(screen.contains(" probes, "), "the progress bar was never drawn: {screen:?}");
+    let mut found = BTreeSet::new();
+    for line in shown.iter().filter(|l| open.iter().any(|a| l.contains(&a.to_string()))) {
+        let addr: SocketAddr = line.parse().unwrap_or_else(|_| panic!("a result not on a line of its own: {line:?}"));
+        assert!(found.insert(addr), "{addr} reported twice");
+    }
+    assert_exact(&found, &open, screen.as_bytes());
 }

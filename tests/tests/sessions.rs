@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 
 /// Short leases so failover is quick.
 // The scope policy allows the target namespaces only.
-const CTL_ARGS: &[&str] = &["--lease-ttl", "2s", "--heartbeat-interval", "500ms", "--allow", "10.77.0.0/16,fd77::/16"];
+const CTL_ARGS: &[&str] =
+    &["--lease-ttl", "2s", "--heartbeat-interval", "500ms", "--allow", "198.18.0.0/15,2001:db8::/32"];
 
 /// Fields drop in order: processes (printing their logs on failure)
 /// before the log directory, the network and the database.
@@ -457,7 +458,7 @@ async fn connect_only_agents_say_so_for_syn_scans_and_run_them_when_allowed() {
 }
 
 /// A controller whose policy is looser than an agent's own (the controller
-/// allows 10.77.0.0/16, the agent only the dead block): the agent refuses
+/// allows 198.18.0.0/15, the agent only the dead block): the agent refuses
 /// every assignment, the scan fails saying why, and not one probe reaches
 /// the target namespace.
 #[tokio::test]
@@ -473,7 +474,14 @@ async fn an_agent_refuses_work_outside_its_own_scope_and_sends_nothing() {
         s.state == pb::ScanState::Failed as i32
     })
     .await;
-    assert!(failed.error.contains("agent's scope policy"), "{}", failed.error);
+    // At once, naming the agent and its reason: not after four leases.
+    assert!(failed.error.starts_with("agent narrow refused shard "), "{}", failed.error);
+    assert!(failed.error.contains("by its own scope policy") && failed.error.contains("--allow"), "{}", failed.error);
+    let refusals: i64 = sqlx::query_scalar("SELECT count(*) FROM shard_leases WHERE outcome = 'failed'")
+        .fetch_one(&mut s.db.connect().await)
+        .await
+        .unwrap();
+    assert_eq!(refusals, 1, "the refused shard was leased again");
     assert_eq!(failed.probes_done, 0);
     // 30 hosts x 1000 ports would have drawn ~30,000 RSTs.
     assert_eq!(s.topo.target_out_rsts(), rsts, "the target answered probes");
@@ -644,4 +652,122 @@ async fn an_agent_holds_its_probes_while_the_controller_is_silent() {
     assert_exact(&results(&mut client, &scan.id).await, &open);
     assert_written_once(&s.db, &scan.id, open.len()).await;
     assert_no_overlapping_leases(&s.db, &scan.id).await;
+}
+
+/// A controller binary on loopback for the daemon tests below, whose agents
+/// run on this host and are never given a scan: no namespace needed.
+fn loopback_controller(name: &str, db: &TestDb, port: u16, logs: &tempfile::TempDir) -> (Proc, String) {
+    let listen = format!("127.0.0.1:{port}");
+    (procs::controller(name, db.url(), &listen, CTL_ARGS, logs), format!("http://{listen}"))
+}
+
+fn sessions_of(agent: &Proc) -> usize {
+    agent.log().matches("session established").count()
+}
+
+/// Two daemons with one name would share one agent id and knock each
+/// other's session off the controller forever: the second refuses to
+/// start, naming the first; a crashed agent's lock does not linger.
+#[tokio::test]
+async fn a_second_agent_with_the_same_name_refuses_to_start_and_the_first_keeps_its_session() {
+    portfleet_tests::init_tracing();
+    let db = TestDb::create().await;
+    let logs = tempfile::tempdir().unwrap();
+    let (_controller, url) = loopback_controller("controller", &db, free_port([127, 0, 0, 1].into()), &logs);
+    let mut first = procs::host_agent("first", "scanner-1", &url, &[], &logs);
+    procs::wait_for("the first agent's session", Duration::from_secs(30), || (sessions_of(&first) == 1).then_some(()));
+
+    let mut second = procs::host_agent("second", "scanner-1", &url, &[], &logs);
+    let status = second.wait_exit(Duration::from_secs(10)).expect("the second agent exits at once");
+    assert!(!status.success(), "{status:?}");
+    let expected = format!("agent scanner-1 is already running, pid {}", first.pid());
+    assert!(second.log().contains(&expected), "{:?}", second.log());
+    assert!(first.is_running());
+    assert_eq!(sessions_of(&first), 1, "the first agent's session was disturbed:\n{}", first.log());
+
+    // Killed (no cleanup at all): the next agent of that name starts.
+    first.kill9();
+    let third = procs::host_agent("third", "scanner-1", &url, &[], &logs);
+    procs::wait_for("the next agent's session", Duration::from_secs(30), || (sessions_of(&third) == 1).then_some(()));
+}
+
+/// An agent rejoins within a few seconds of its controller's return, however
+/// long the outage (it came back 21 s late after 34 s with a 30 s backoff
+/// cap), and says once that the controller is away, with the cause.
+#[tokio::test]
+async fn an_agent_rejoins_within_seconds_of_its_controller_s_return() {
+    /// The agent's reconnect cap, and slack for a busy machine.
+    const CAP: Duration = Duration::from_secs(5);
+    const SLACK: Duration = Duration::from_secs(5);
+    portfleet_tests::init_tracing();
+    let db = TestDb::create().await;
+    let logs = tempfile::tempdir().unwrap();
+    let port = free_port([127, 0, 0, 1].into());
+    let (mut controller, url) = loopback_controller("controller", &db, port, &logs);
+    let agent = procs::host_agent("agent", "agent-a", &url, &[], &logs);
+    procs::wait_for("the agent's session", Duration::from_secs(30), || (sessions_of(&agent) == 1).then_some(()));
+
+    controller.kill9();
+    procs::wait_for("the agent missing its controller", Duration::from_secs(10), || {
+        agent.log().contains("cannot reach the controller").then_some(())
+    });
+    // The outage itself: long enough for a 30 s cap to have grown past it.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let (_controller, _) = loopback_controller("controller-back", &db, port, &logs);
+    portfleet_tests::eventually("the controller back", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+    })
+    .await;
+    let back = std::time::Instant::now();
+    procs::wait_for("the agent back", CAP + SLACK + Duration::from_secs(10), || {
+        (sessions_of(&agent) == 2).then_some(())
+    });
+    let late = back.elapsed();
+    assert!(late <= CAP + SLACK, "the agent rejoined {late:?} after its controller's return");
+
+    let log = agent.log();
+    let away: Vec<&str> = log.lines().filter(|l| l.contains("cannot reach the controller")).collect();
+    assert_eq!(away.len(), 1, "one line for the outage, not one per retry:\n{log}");
+    assert!(away[0].contains("Connection refused") || away[0].contains("connection refused"), "{}", away[0]);
+    assert!(!log.contains("holding probes"), "an idle agent has no probes to hold:\n{log}");
+}
+
+/// Two processes with one agent id (a state directory copied to another
+/// host): the controller refuses the second session while the first lives.
+/// The refused agent says so once at WARN, with the controller's message,
+/// and retries on its capped backoff, not in a spin; the first keeps its
+/// session.
+#[tokio::test]
+async fn an_agent_refused_for_a_live_twin_says_so_once_and_retries_at_its_pace() {
+    portfleet_tests::init_tracing();
+    let db = TestDb::create().await;
+    let logs = tempfile::tempdir().unwrap();
+    let (controller, url) = loopback_controller("controller", &db, free_port([127, 0, 0, 1].into()), &logs);
+    let first = procs::host_agent("first", "twin", &url, &[], &logs);
+    procs::wait_for("the first agent's session", Duration::from_secs(30), || (sessions_of(&first) == 1).then_some(()));
+    let twin_state = logs.path().join("twin-state");
+    std::fs::create_dir_all(&twin_state).unwrap();
+    std::fs::copy(logs.path().join("state/agent-twin.id"), twin_state.join("agent-twin.id")).unwrap();
+    let mut cmd = std::process::Command::new(portfleet_tests::binary("portfleet-agent"));
+    cmd.args(["run", "--controller", &url, "--name", "twin", "--state-dir"]).arg(&twin_state);
+    let twin = Proc::spawn_command("twin", cmd, &logs);
+    procs::wait_for("the twin refused", Duration::from_secs(30), || {
+        twin.log().contains("session refused by the controller").then_some(())
+    });
+    // A while of retrying: a few attempts on the backoff, 5 s apart at most.
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let window = started.elapsed();
+
+    let log = twin.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("session refused by the controller")).collect();
+    assert_eq!(refused.len(), 1, "one line for a refusal that repeats, not one per retry:\n{log}");
+    assert!(refused[0].contains(" WARN ") && refused[0].contains("code=AlreadyExists"), "{}", refused[0]);
+    assert!(refused[0].contains("already has a live session"), "the controller's message: {}", refused[0]);
+    assert_eq!(sessions_of(&twin), 0, "{log}");
+    assert_eq!(sessions_of(&first), 1, "the first agent's session was disturbed:\n{}", first.log());
+    let attempts = controller.log().matches("second session of a live agent refused").count();
+    // 100 ms doubling to 5 s: about eight attempts in 12 s; a spin makes thousands.
+    assert!((2..=20).contains(&attempts), "{attempts} attempts in {window:?}");
 }

@@ -170,6 +170,7 @@ mod tests {
         let t = ProbeTemplate {
             src_v4: Some("10.9.9.9".parse().unwrap()),
             src_v6: Some("2001:db8::9".parse().unwrap()),
+            other_sources: Vec::new(),
             src_port: 80,
         };
         let mut buf = [0u8; MAX_PROBE_LEN];

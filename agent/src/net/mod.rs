@@ -98,6 +98,11 @@ pub struct NetPlan {
     pub v6: Option<(Ipv6Addr, Egress)>,
     /// Interface the receiver listens on; 0 for all.
     pub recv_ifindex: u32,
+    /// Target ranges whose route picks another source than their family's
+    /// above (loopback beside a remote network, a second interface):
+    /// `(first, last, source)`, sorted. A probe from the wrong source is
+    /// dropped by the kernel or answered to nobody.
+    pub other_sources: Vec<(IpAddr, IpAddr, IpAddr)>,
 }
 
 impl NetPlan {
@@ -148,7 +153,36 @@ pub fn plan(addrs: &AddressSet, opts: &NetOptions) -> Result<NetPlan, NetError> 
         (_, _, Some(name)) => sys::interface_index(name).map_err(io_err(format!("interface {name}")))?,
         _ => 0,
     };
-    Ok(NetPlan { v4, v6, recv_ifindex })
+    let other_sources = other_sources(addrs, v4.as_ref().map(|v| v.0), v6.as_ref().map(|v| v.0), opts);
+    Ok(NetPlan { v4, v6, recv_ifindex, other_sources })
+}
+
+/// Ranges beyond this many keep their family's source unchecked: a route
+/// lookup each would make planning slow, and such sets are one network.
+const MAX_SOURCE_LOOKUPS: usize = 4096;
+
+/// The ranges of `addrs` the kernel would send from another source than
+/// `v4`/`v6` (see [`NetPlan::other_sources`]).
+fn other_sources(
+    addrs: &AddressSet,
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+    opts: &NetOptions,
+) -> Vec<(IpAddr, IpAddr, IpAddr)> {
+    if opts.source_ip.is_some() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for range in addrs.ranges().iter().take(MAX_SOURCE_LOOKUPS) {
+        let default = if range.is_ipv6() { v6.map(IpAddr::V6) } else { v4.map(IpAddr::V4) };
+        match source_for(range.first(), opts) {
+            Ok(src) if Some(src) != default => out.push((range.first(), range.last(), src)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%range, error = %e, "no route: probes use the family's source"),
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// The source address for probes to `dst`'s family: the operator's, or
@@ -322,6 +356,7 @@ impl Sender {
             template: ProbeTemplate {
                 src_v4: plan.v4.as_ref().map(|v| v.0),
                 src_v6: plan.v6.as_ref().map(|v| v.0),
+                other_sources: plan.other_sources.clone(),
                 src_port,
             },
             v4,

@@ -33,11 +33,21 @@ pub struct LinkHeader {
 pub struct ProbeTemplate {
     pub src_v4: Option<Ipv4Addr>,
     pub src_v6: Option<Ipv6Addr>,
+    /// Ranges sent from another source, sorted (`NetPlan::other_sources`).
+    pub other_sources: Vec<(IpAddr, IpAddr, IpAddr)>,
     pub src_port: u16,
 }
 
 impl ProbeTemplate {
     pub fn source_for(&self, dst: IpAddr) -> Option<IpAddr> {
+        if !self.other_sources.is_empty() {
+            let i = self.other_sources.partition_point(|(first, _, _)| *first <= dst);
+            if let Some((_, last, src)) = i.checked_sub(1).map(|i| self.other_sources[i])
+                && dst <= last
+            {
+                return Some(src);
+            }
+        }
         match dst {
             IpAddr::V4(_) => self.src_v4.map(IpAddr::V4),
             IpAddr::V6(_) => self.src_v6.map(IpAddr::V6),
@@ -66,7 +76,7 @@ impl ProbeTemplate {
         }
         match dst {
             IpAddr::V4(dst) => {
-                let src = self.src_v4?;
+                let Some(IpAddr::V4(src)) = self.source_for(IpAddr::V4(dst)) else { return None };
                 let ip = &mut buf[off..off + IPV4_LEN];
                 ip[0] = 0x45;
                 ip[1] = 0;
@@ -87,7 +97,7 @@ impl ProbeTemplate {
                 Some(tcp_off + TCP_LEN)
             }
             IpAddr::V6(dst) => {
-                let src = self.src_v6?;
+                let Some(IpAddr::V6(src)) = self.source_for(IpAddr::V6(dst)) else { return None };
                 let ip = &mut buf[off..off + IPV6_LEN];
                 ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
                 ip[4..6].copy_from_slice(&(TCP_LEN as u16).to_be_bytes());
@@ -228,6 +238,7 @@ mod tests {
         ProbeTemplate {
             src_v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
             src_v6: Some("2001:db8::1".parse().unwrap()),
+            other_sources: Vec::new(),
             src_port: 40000,
         }
     }
@@ -266,6 +277,22 @@ mod tests {
         assert_eq!(&buf[..n], &expected[..], "got {:02x?}", &buf[..n]);
         let pseudo = pseudo_v6("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 24);
         assert_eq!(checksum(&buf[40..64], pseudo), 0);
+    }
+
+    #[test]
+    fn ranges_routed_from_another_source_are_probed_from_it() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut t = template();
+        t.other_sources = vec![(ip("127.0.0.1"), ip("127.0.0.1"), ip("127.0.0.1"))];
+        assert_eq!(t.source_for(ip("127.0.0.1")), Some(ip("127.0.0.1")));
+        for other in ["10.0.0.2", "126.255.255.255", "127.0.0.2"] {
+            assert_eq!(t.source_for(ip(other)), Some(ip("10.0.0.1")), "{other}");
+        }
+        let mut buf = [0u8; MAX_PROBE_LEN];
+        let n = t.write_syn(&mut buf, None, ip("127.0.0.1"), 80, 1).unwrap();
+        assert_eq!(&buf[12..20], &[127, 0, 0, 1, 127, 0, 0, 1]);
+        assert_eq!(checksum(&buf[..20], 0), 0);
+        assert!(n > 20);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! Returns a [`SessionEnd`] saying why the connection ended; the daemon's
 //! reconnect loop decides what follows.
 
-use std::{collections::HashMap, fmt, time::Duration};
+use std::{collections::HashMap, error::Error as _, fmt, time::Duration};
+
+use portfleet_telemetry::{ErrorChain, with_causes};
 
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -53,16 +55,89 @@ impl SessionEnd {
         matches!(self, Self::HandedBack | Self::GaveUp)
     }
 
-    /// Logs the end, once, at the level it deserves.
+    /// Logs the end at the level it deserves; [`EndLog`] decides whether
+    /// it is news.
     pub fn log(&self, controller: &str) {
         match self {
-            Self::Unreachable(e) => tracing::warn!(controller, error = %e, "cannot reach the controller"),
+            Self::Unreachable(e) => tracing::warn!(controller, error = %ErrorChain(e), "{self}"),
             Self::Refused(s) | Self::Broken(s) => {
-                tracing::warn!(code = ?s.code(), message = s.message(), "{self}")
+                tracing::warn!(code = ?s.code(), error = %status_error(s), "{self}")
             }
             Self::Closed | Self::HandedBack => tracing::info!("{self}"),
             Self::NoWelcome | Self::NotWelcome | Self::Lost | Self::GaveUp => tracing::warn!("{self}"),
         }
+    }
+
+    /// For an end that never got a session going, and so may repeat on
+    /// every attempt: which failure this is, to tell a repeat from news. A
+    /// refusal is known by its code alone: its message may change from one
+    /// attempt to the next (how long ago the live session was heard from).
+    fn failure(&self) -> Option<String> {
+        match self {
+            Self::Unreachable(e) => Some(ErrorChain(e).to_string()),
+            Self::Refused(s) => Some(format!("{:?}", s.code())),
+            Self::NoWelcome | Self::NotWelcome => Some(self.to_string()),
+            Self::Closed | Self::Broken(_) | Self::Lost | Self::HandedBack | Self::GaveUp => None,
+        }
+    }
+
+    /// What went wrong, for a repeat's log line.
+    fn error(&self) -> String {
+        match self {
+            Self::Unreachable(e) => ErrorChain(e).to_string(),
+            Self::Refused(s) | Self::Broken(s) => status_error(s),
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// A status's message and, for one made from a transport failure, its
+/// causes.
+fn status_error(s: &tonic::Status) -> String {
+    with_causes(s.message(), s.source())
+}
+
+/// How often a failure that keeps repeating is logged again at WARN.
+const REMIND_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs connection ends so that a failure repeating on every attempt (the
+/// controller down, or refusing this agent) is one WARN line, then a
+/// reminder a minute with how long it has lasted, not a line per retry.
+#[derive(Debug, Default)]
+pub struct EndLog {
+    streak: Option<Streak>,
+}
+
+#[derive(Debug)]
+struct Streak {
+    failure: String,
+    began: Instant,
+    reminded: Instant,
+    attempts: u32,
+}
+
+impl EndLog {
+    /// Logs `end`; returns whether that was above DEBUG (news, or a
+    /// reminder).
+    pub fn log(&mut self, end: &SessionEnd, controller: &str) -> bool {
+        let now = Instant::now();
+        let failure = end.failure();
+        if let (Some(f), Some(s)) = (&failure, &mut self.streak)
+            && *f == s.failure
+        {
+            s.attempts += 1;
+            if now.duration_since(s.reminded) < REMIND_EVERY {
+                tracing::debug!(attempts = s.attempts, error = %end.error(), "{end}, again");
+                return false;
+            }
+            s.reminded = now;
+            let for_s = now.duration_since(s.began).as_secs();
+            tracing::warn!(controller, attempts = s.attempts, for_s, error = %end.error(), "{end}, still");
+            return true;
+        }
+        end.log(controller);
+        self.streak = failure.map(|failure| Streak { failure, began: now, reminded: now, attempts: 1 });
+        true
     }
 }
 
@@ -207,5 +282,29 @@ mod tests {
         assert!(!SessionEnd::NoWelcome.was_established());
         assert!(!SessionEnd::Refused(tonic::Status::aborted("newer session")).was_established());
         assert!(SessionEnd::HandedBack.is_final() && SessionEnd::GaveUp.is_final());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeating_refusal_is_logged_once_then_reminded_each_minute() {
+        // The message changes between attempts; the refusal is the same.
+        let refused = || {
+            let ago = rand::random_range(0.0..10.0);
+            SessionEnd::Refused(tonic::Status::already_exists(format!("live session, last heartbeat {ago:.1}s ago")))
+        };
+        let mut log = EndLog::default();
+        assert!(log.log(&refused(), "c"), "the first refusal is news");
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(4)).await;
+            assert!(!log.log(&refused(), "c"), "a repeat every retry is not");
+        }
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(log.log(&refused(), "c"), "a minute on, a reminder");
+        assert!(!log.log(&refused(), "c"));
+        // Another failure is news; so is the same one after a session.
+        assert!(log.log(&SessionEnd::NoWelcome, "c"));
+        assert!(log.log(&refused(), "c"));
+        assert!(log.log(&SessionEnd::Closed, "c"));
+        assert!(log.log(&refused(), "c"));
+        assert!(log.log(&SessionEnd::Refused(tonic::Status::failed_precondition("no common version")), "c"));
     }
 }

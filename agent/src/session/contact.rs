@@ -121,7 +121,7 @@ impl Contact {
 /// another agent; releases them when the controller is heard again (a
 /// reconnect drops the leases that did lapse first). Runs until `done`.
 pub async fn watchdog(contact: &Contact, leases: &Leases, done: CancellationToken) {
-    let mut held = false;
+    let mut said = Said::Nothing;
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
@@ -130,20 +130,41 @@ pub async fn watchdog(contact: &Contact, leases: &Leases, done: CancellationToke
         }
         let silent = contact.silent_too_long();
         let leases = leases.all();
-        if silent.is_some() != held {
-            held = silent.is_some();
-            match silent {
-                Some(silent_for) => tracing::warn!(
-                    ?silent_for,
-                    shards = leases.len(),
-                    "no word from the controller: holding probes until it answers (leases may have lapsed)"
-                ),
-                None => tracing::info!("controller heard again: probing resumes"),
-            }
+        match said.next(silent.is_some(), leases.len()) {
+            Some(Said::Holding) => tracing::warn!(
+                silent_ms = silent.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                shards = leases.len(),
+                "no word from the controller: holding probes until it answers (leases may have lapsed)"
+            ),
+            Some(Said::Nothing) => tracing::info!("controller heard again: probing resumes"),
+            None => {}
         }
         for lease in &leases {
-            lease.control().set_offline(held);
+            lease.control().set_offline(silent.is_some());
         }
+    }
+}
+
+/// What the watchdog last told the log. Holding matters only to shards in
+/// hand: an idle agent whose controller is away holds nothing and says
+/// nothing (the session's own log says the controller is away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Said {
+    Nothing,
+    Holding,
+}
+
+impl Said {
+    /// What to log now, if anything, given whether leases may have lapsed
+    /// and how many shards are in hand.
+    fn next(&mut self, lapsing: bool, shards: usize) -> Option<Said> {
+        let now = match (*self, lapsing) {
+            (Said::Nothing, true) if shards > 0 => Said::Holding,
+            (Said::Holding, false) => Said::Nothing,
+            _ => return None,
+        };
+        *self = now;
+        Some(now)
     }
 }
 
@@ -161,6 +182,20 @@ mod tests {
         // Not ours: before the clock started, in the future.
         assert_eq!(clock.unstamp(SystemTime::UNIX_EPOCH + Duration::from_secs(1)), None);
         assert_eq!(clock.unstamp(clock.stamp(Instant::now() + Duration::from_secs(60))), None);
+    }
+
+    #[test]
+    fn holding_is_logged_only_with_shards_in_hand_and_its_end_only_after_it() {
+        let mut said = Said::Nothing;
+        // The controller away while the agent is idle: nothing to hold.
+        assert_eq!(said.next(true, 0), None);
+        assert_eq!(said.next(false, 0), None);
+        // A shard in hand: holding is news, once.
+        assert_eq!(said.next(true, 1), Some(Said::Holding));
+        assert_eq!(said.next(true, 1), None);
+        assert_eq!(said.next(true, 0), None);
+        assert_eq!(said.next(false, 0), Some(Said::Nothing));
+        assert_eq!(said.next(false, 2), None);
     }
 
     #[tokio::test(start_paused = true)]

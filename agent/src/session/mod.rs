@@ -43,9 +43,9 @@ use tonic::transport::Endpoint;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub use self::state::{read_labels, state_path, write_labels};
+pub use self::state::{StateLock, lock, read_labels, state_path, write_labels};
 use self::{
-    connection::SessionEnd,
+    connection::{EndLog, SessionEnd},
     contact::Contact,
     leases::Leases,
     shard::ShardSettings,
@@ -55,8 +55,11 @@ use crate::net::NetOptions;
 
 /// Reconnect delays: jittered, from about this ...
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-/// ... doubling up to this.
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// ... doubling up to this (jittered within its upper half): an agent is
+/// back within this long of its controller's return, however long the
+/// outage. A refused or unreachable attempt costs the controller next to
+/// nothing, so a fleet retrying this often is no load.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// How long the daemon waits for its tasks to stop once it is done.
 const TASKS_STOP_WITHIN: Duration = Duration::from_secs(1);
@@ -92,6 +95,8 @@ pub enum SessionError {
     },
     #[error("--controller {0}: {1}")]
     BadController(String, String),
+    #[error("agent {name} is already running, {}", pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
+    AlreadyRunning { name: String, pid: Option<u32> },
 }
 
 /// PEM material for TLS to the controller.
@@ -275,6 +280,7 @@ async fn reconnect(
     give_up: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX);
+    let mut ends = EndLog::default();
     loop {
         if agent.is_done() {
             tracing::info!("all shards handed back; exiting");
@@ -282,10 +288,10 @@ async fn reconnect(
         }
         let endpoint = with_tls(&agent.config.controller, endpoint.clone(), tls)?;
         let span = tracing::info_span!("session", generation = tracing::field::Empty);
-        let end = async {
+        let (end, news) = async {
             let end = connection::run(agent, endpoint, give_up).await;
-            end.log(&agent.config.controller);
-            end
+            let news = ends.log(&end, &agent.config.controller);
+            (end, news)
         }
         .instrument(span)
         .await;
@@ -296,7 +302,12 @@ async fn reconnect(
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        tracing::info!(retry_in = ?delay, "reconnecting");
+        let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if news {
+            tracing::info!(retry_in_ms, "reconnecting");
+        } else {
+            tracing::debug!(retry_in_ms, "reconnecting");
+        }
         tokio::select! {
             _ = give_up.cancelled() => {
                 SessionEnd::GaveUp.log(&agent.config.controller);
@@ -305,6 +316,30 @@ async fn reconnect(
             // Shutdown began: exit, or go hand the leases back, now.
             _ = agent.stopping.cancelled(), if !agent.is_stopping() => {}
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outage: the controller away for 34 s. Whenever it
+    /// returns, the agent's next attempt is at most the cap away (it came
+    /// back 21 s late with a 30 s cap).
+    #[test]
+    fn after_any_outage_the_agent_tries_again_within_the_cap() {
+        assert!(RECONNECT_MAX <= Duration::from_secs(5), "rejoining takes a few seconds at most");
+        for _ in 0..200 {
+            let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX);
+            let outage = Duration::from_secs(34);
+            let mut at = Duration::ZERO;
+            while at < outage {
+                let delay = backoff.next_delay();
+                assert!(delay <= RECONNECT_MAX, "{delay:?}");
+                at += delay;
+            }
+            assert!(at - outage <= RECONNECT_MAX, "tried again {:?} after the return", at - outage);
         }
     }
 }

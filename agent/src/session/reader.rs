@@ -47,7 +47,7 @@ fn apply(agent: &Agent, frame: Inbound) {
         Inbound::Drain => tracing::info!("draining: finishing shards, taking no new ones"),
         Inbound::Refused(r) => {
             let shard_id = r.lease.map(|l| l.shard.get());
-            tracing::warn!(shard_id, seq = r.seq.map(|s| s.get()), reason = ?r.reason, message = %r.message,
+            tracing::warn!(shard_id, seq = r.seq.map(|s| s.get()), reason = %r.reason, detail = %r.message,
                 "frame refused");
             if let Some(lease) = r.lease.filter(|_| r.reason.lease_gone()) {
                 agent.leases.drop_lease(lease);

@@ -1,9 +1,12 @@
 //! The agent's files in its state directory: `agent-<name>.<ext>`, so
 //! several agents on one host stay distinct. `id` holds the agent's UUID;
-//! enrollment adds `key`, `crt`, `ca.pem` and `labels`.
+//! enrollment adds `key`, `crt`, `ca.pem` and `labels`; `lock` is held by
+//! the one process that uses them ([`lock`]) and names its pid.
 
 use std::{
     collections::BTreeMap,
+    fs::{File, TryLockError},
+    io::{Read, Seek, Write},
     path::{Path, PathBuf},
 };
 
@@ -17,6 +20,41 @@ pub fn state_path(dir: &Path, name: &str, ext: &str) -> PathBuf {
     let safe: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     dir.join(format!("agent-{safe}.{ext}"))
+}
+
+/// Proof that this process alone uses an agent's state files: an
+/// exclusive advisory lock on `agent-<name>.lock`, released when this is
+/// dropped or the process dies (so a crashed agent leaves no stale lock).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+/// Takes the lock on the state files of the agent named `name`, or says
+/// which process holds it. Two daemons with one name would share one agent
+/// id, and each new session would knock the other's off the controller.
+pub fn lock(dir: &Path, name: &str) -> Result<StateLock, SessionError> {
+    let path = state_path(dir, name, "lock");
+    let err = |source| SessionError::State { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    // Not truncated on open: until the lock is ours, the pid in it is the
+    // holder's.
+    let mut file = File::options().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            // The holder may not have written its pid yet: then it is unknown.
+            let pid = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+            return Err(SessionError::AlreadyRunning { name: name.to_string(), pid });
+        }
+        Err(TryLockError::Error(e)) => return Err(err(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(err)?;
+    Ok(StateLock { _file: file })
 }
 
 /// Loads this agent's id from its state file, or creates one.
@@ -64,6 +102,26 @@ mod tests {
         assert!(dir.path().join("agent-a_b.id").exists());
         std::fs::write(dir.path().join("agent-bad.id"), "not a uuid").unwrap();
         assert!(matches!(agent_id(dir.path(), "bad"), Err(SessionError::State { .. })));
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_an_agent_s_state_and_its_pid_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path(), "scanner-1").unwrap();
+        let pid = std::fs::read_to_string(dir.path().join("agent-scanner-1.lock")).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        // flock conflicts between open files even within one process.
+        match lock(dir.path(), "scanner-1") {
+            Err(e @ SessionError::AlreadyRunning { pid: Some(p), .. }) => {
+                assert_eq!(p, std::process::id());
+                assert_eq!(e.to_string(), format!("agent scanner-1 is already running, pid {p}"));
+            }
+            other => panic!("a second lock: {other:?}"),
+        }
+        // Another name is another agent.
+        let _other = lock(dir.path(), "scanner-2").unwrap();
+        drop(held);
+        lock(dir.path(), "scanner-1").expect("free once the holder is gone");
     }
 
     #[test]

@@ -368,6 +368,20 @@ impl RefusalReason {
     }
 }
 
+/// The protocol's names (docs/protocol.md, Refusals), for logs.
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::StaleEpoch => f.write_str("STALE_EPOCH"),
+            Self::UnknownShard => f.write_str("UNKNOWN_SHARD"),
+            Self::BatchTooLarge => f.write_str("BATCH_TOO_LARGE"),
+            Self::OutOfOrder => f.write_str("OUT_OF_ORDER"),
+            Self::Invalid => f.write_str("INVALID"),
+            Self::Other(v) => write!(f, "reason {v}"),
+        }
+    }
+}
+
 impl From<i32> for RefusalReason {
     fn from(v: i32) -> Self {
         match pb::RefusalReason::try_from(v) {

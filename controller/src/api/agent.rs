@@ -68,7 +68,8 @@ impl AgentService for AgentApi {
         // certificate (an operator's client, a token) gets nothing here.
         let identity =
             if self.fleet.config.require_client_cert { Some(self.certified_agent(&request).await?) } else { None };
-        Ok(Response::new(sessions::accept(&self.fleet, request.into_inner(), identity)))
+        let peer = request.remote_addr();
+        Ok(Response::new(sessions::accept(&self.fleet, request.into_inner(), identity, peer)))
     }
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {

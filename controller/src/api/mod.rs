@@ -200,6 +200,17 @@ impl ScanService for ScanApi {
         Ok(Response::new(agent.into()))
     }
 
+    async fn undrain_agent(&self, request: Request<pb::UndrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        self.auth.authorize(request.metadata(), Scope::Admin, "UndrainAgent").await?;
+        let id = convert::parse_id("id", &request.get_ref().id)?;
+        let agent = self.store.undrain_agent(id).await.map_err(store_status)?;
+        let agent = agent.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+        if agent.state == AgentState::Gone {
+            return Err(Status::failed_precondition(format!("agent {id} is not connected")));
+        }
+        Ok(Response::new(agent.into()))
+    }
+
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
@@ -241,7 +252,18 @@ impl ScanService for ScanApi {
             ScopeRules { allow: nets("remove_allow", &r.remove_allow)?, deny: nets("remove_deny", &r.remove_deny)? };
         let caps = CapsUpdate { per_host: r.max_rate_per_host, per_block: r.max_rate_per_block };
         let failed = self.scans.update_policy(&add, &remove, caps).await.map_err(to_status)?;
-        tracing::info!(?add, ?remove, ?caps, failed = failed.len(), "scope policy updated");
+        // Values, not Debug: an unset cap is left out, not `None`.
+        let list = |nets: &[ipnet::IpNet]| crate::config::CidrList(nets.to_vec()).to_string();
+        tracing::info!(
+            allow_added = list(&add.allow),
+            deny_added = list(&add.deny),
+            allow_removed = list(&remove.allow),
+            deny_removed = list(&remove.deny),
+            max_rate_per_host = caps.per_host,
+            max_rate_per_block = caps.per_block,
+            failed = failed.len(),
+            "scope policy updated"
+        );
         Ok(Response::new(pb::UpdateScopePolicyResponse {
             policy: Some(self.scope_policy().await?),
             failed_scan_ids: failed.iter().map(ToString::to_string).collect(),
@@ -254,12 +276,47 @@ impl ScanApi {
         let rules = self.store.scope_rules().await.map_err(store_status)?;
         let caps = self.store.rate_caps().await.map_err(store_status)?;
         let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect();
+        let (fixed, host) = split_builtin(self.scans.policy().builtin());
         Ok(pb::ScopePolicy {
             allow: text(&rules.allow),
             deny: text(&rules.deny),
-            builtin_deny: text(self.scans.policy().builtin()),
+            builtin_deny: text(&[fixed, host.clone()].concat()),
+            host_addresses: text(&host),
             max_rate_per_host: caps.per_host,
             max_rate_per_block: caps.per_block,
         })
+    }
+}
+
+/// Splits the built-in deny-list into the fixed entries and this host's
+/// own addresses, listing each address once: an interface address that a
+/// fixed entry already covers (127.0.0.1, a link-local address) or that
+/// several interfaces share is not repeated.
+fn split_builtin(builtin: &[ipnet::IpNet]) -> (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>) {
+    let fixed = portfleet_core::policy::default_deny();
+    let mut host: Vec<ipnet::IpNet> = Vec::new();
+    for net in builtin {
+        if !fixed.iter().any(|f| f.contains(net)) && !host.contains(net) {
+            host.push(*net);
+        }
+    }
+    (fixed, host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_list_splits_into_fixed_and_host_without_repeats() {
+        let nets = |v: &[&str]| v.iter().map(|s| s.parse::<ipnet::IpNet>().unwrap()).collect::<Vec<_>>();
+        let builtin = [
+            portfleet_core::policy::default_deny(),
+            nets(&["127.0.0.1/32", "192.0.2.10/32", "::1/128", "192.0.2.10/32", "fe80::1/128", "2001:db8::5/128"]),
+        ]
+        .concat();
+        let (fixed, host) = split_builtin(&builtin);
+        assert_eq!(fixed, portfleet_core::policy::default_deny());
+        assert_eq!(host, nets(&["192.0.2.10/32", "2001:db8::5/128"]));
     }
 }

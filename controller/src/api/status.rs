@@ -11,6 +11,7 @@ pub fn to_status(err: ScanError) -> Status {
         ScanError::NotFound(m) => Status::not_found(m),
         ScanError::FailedPrecondition(m) => Status::failed_precondition(m),
         ScanError::PermissionDenied(m) => Status::permission_denied(m),
+        ScanError::AlreadyExists(m) => Status::already_exists(m),
         ScanError::Store(e) => store_status(e),
     }
 }

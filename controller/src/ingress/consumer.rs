@@ -59,6 +59,12 @@ impl DeadLetters {
         Ok(Self { channel, exchange: cfg.dead_letter_exchange.clone() })
     }
 
+    /// Closes the channel (before the connection closes: lapin's close on
+    /// drop would race it and log an ERROR).
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, ShortString::from("ingress stopping")).await;
+    }
+
     /// Copies the delivery to `<queue>.dlq` with the reason; returns once
     /// the broker has confirmed it.
     async fn publish(&self, queue: &str, d: &Delivery, reason: &str, attempts: u32) -> Result<(), IngressError> {

@@ -188,6 +188,7 @@ async fn serve(conn: &Arc<Connection>, ingress: &Arc<Ingress>, cancel: &Cancella
             stop.cancel();
         }
     }
+    dead.close().await;
     if cancel.is_cancelled() { Ok(()) } else { result }
 }
 

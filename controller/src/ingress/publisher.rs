@@ -110,6 +110,14 @@ async fn publish_event(
 /// Publishes until `cancel`, woken by scan notifications and a timer.
 pub async fn run(conn: &Connection, ingress: Arc<Ingress>, cancel: CancellationToken) -> Result<(), IngressError> {
     let ch = conn.create_channel().await?;
+    let result = publish_events(&ch, &ingress, &cancel).await;
+    // Closed here rather than on drop: lapin's close on drop races the
+    // connection's close and is then logged as a connection ERROR.
+    let _ = ch.close(200, ShortString::from("publisher stopping")).await;
+    result
+}
+
+async fn publish_events(ch: &Channel, ingress: &Ingress, cancel: &CancellationToken) -> Result<(), IngressError> {
     ch.confirm_select(Default::default()).await?;
     let mut notices = ingress.notifier.subscribe();
     loop {
@@ -128,7 +136,7 @@ pub async fn run(conn: &Connection, ingress: Arc<Ingress>, cancel: CancellationT
         let mut confirms = Vec::new();
         let mut failure = None;
         for e in &pending.events {
-            if let Err(err) = publish_event(&ch, &ingress, e, &mut confirms).await {
+            if let Err(err) = publish_event(ch, ingress, e, &mut confirms).await {
                 failure = Some(err);
                 break;
             }

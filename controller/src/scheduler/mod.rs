@@ -7,7 +7,7 @@
 //! are `FOR UPDATE SKIP LOCKED`, and the global chores are idempotent.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -26,7 +26,7 @@ use crate::{
         registry::{Candidate, Outbound},
         wire::{Assignment, ToAgent},
     },
-    store::{AgentClass, AgentStanding, Grant, LeaseEpoch, ShardId, ShardState, StoreError},
+    store::{AgentClass, AgentStanding, FleetGroup, Grant, LeaseEpoch, ShardId, ShardState, StoreError},
 };
 
 mod rates;
@@ -277,6 +277,10 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     let local = fleet.registry.generations();
     if !local.is_empty() {
         let ids: Vec<Uuid> = local.iter().map(|(id, _)| *id).collect();
+        // Before the read: a drain noticed while it runs changes the mark,
+        // so a read that predates it never ends it.
+        let marks: HashMap<Uuid, u64> =
+            ids.iter().filter_map(|id| fleet.registry.drain_mark(*id).map(|m| (*id, m))).collect();
         let current: HashMap<Uuid, AgentStanding> =
             store.agent_standings(&ids).await?.into_iter().map(|s| (s.id, s)).collect();
         for (id, generation) in local {
@@ -291,6 +295,11 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
                 // A drain whose notification this controller missed (asked
                 // while its listener was reconnecting).
                 drain(fleet, id).await;
+            } else if !now.draining && marks.get(&id).is_some_and(|m| fleet.registry.undrain(id, *m)) {
+                // UndrainAgent writes only the column; this is where it
+                // takes effect.
+                tracing::info!(agent_id = %id, "agent undrained");
+                fleet.wake.notify_one();
             }
         }
     }
@@ -299,75 +308,138 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     explain_waiting(fleet).await
 }
 
-/// Sets `waiting_reason` on pending scans no connected agent can run.
+/// Sets `waiting_reason` on every pending scan from what the fleet is
+/// now (and clears it where a scan could start): a pass a second, so the
+/// reason follows its cause.
 async fn explain_waiting(fleet: &Fleet) -> Result<(), StoreError> {
     let waiting = fleet.store.waiting_scans(100).await?;
     if waiting.is_empty() {
         return Ok(());
     }
-    let classes = fleet.store.connected_agent_classes().await?;
+    let groups = fleet.store.fleet_groups().await?;
     let reasons: Vec<(Uuid, Option<String>)> = waiting
         .iter()
         .map(|s| {
-            let reason = waiting_reason(
-                &s.scan_type,
-                s.allow_connect_fallback,
-                s.has_ipv6,
-                &s.agent_selector.0,
-                &classes.iter().map(|c| (c.raw_socket, c.ipv6, &c.labels)).collect::<Vec<_>>(),
-            );
-            (s.id, reason)
+            let needs = Needs {
+                // The claim's rule: a SYN scan needs raw sockets unless it
+                // may fall back to connect.
+                raw_socket: s.scan_type == ScanType::Syn.as_str() && !s.allow_connect_fallback,
+                ipv6: s.has_ipv6,
+                selector: &s.agent_selector.0,
+            };
+            (s.id, waiting_reason(&needs, &groups))
         })
         .collect();
     fleet.store.set_waiting_reasons(&reasons).await
 }
 
-/// Why no connected agent can run a scan, or `None` if one can.
-fn waiting_reason(
-    scan_type: &str,
-    fallback: bool,
+/// What a scan asks of the agent that runs it (as `claim_shards` matches).
+struct Needs<'a> {
+    raw_socket: bool,
     ipv6: bool,
-    selector: &std::collections::BTreeMap<String, String>,
-    classes: &[(bool, bool, &std::collections::BTreeMap<String, String>)],
-) -> Option<String> {
-    if classes.is_empty() {
+    selector: &'a BTreeMap<String, String>,
+}
+
+/// Why a pending scan cannot start now, with the counts behind it, or
+/// `None` when a connected agent has room for it (it starts within a
+/// scheduler tick). Each agent is counted once, under the first reason
+/// that rules it out.
+fn waiting_reason(needs: &Needs, fleet: &[FleetGroup]) -> Option<String> {
+    if fleet.iter().all(|g| g.agents <= 0) {
         return Some("no agent is connected".into());
     }
-    let labelled: Vec<_> =
-        classes.iter().filter(|(_, _, labels)| selector.iter().all(|(k, v)| labels.get(k) == Some(v))).collect();
-    if labelled.is_empty() {
-        return Some(format!("no connected agent has the labels {selector:?}"));
+    let (mut draining, mut unmatched, mut no_ipv6, mut connect_only, mut busy, mut free) = (0, 0, 0, 0, 0, 0);
+    for g in fleet {
+        let n = g.agents;
+        if g.draining {
+            draining += n;
+        } else if !needs.selector.iter().all(|(k, v)| g.labels.get(k) == Some(v)) {
+            unmatched += n;
+        } else if needs.ipv6 && !g.ipv6 {
+            no_ipv6 += n;
+        } else if needs.raw_socket && !g.raw_socket {
+            connect_only += n;
+        } else if g.busy {
+            busy += n;
+        } else {
+            free += n;
+        }
     }
-    let reach: Vec<_> = labelled.iter().filter(|(_, v6, _)| !ipv6 || *v6).collect();
-    if reach.is_empty() {
-        return Some("no connected agent can reach IPv6 targets".into());
+    if free > 0 {
+        return None;
     }
-    if scan_type == "syn" && !fallback && reach.iter().all(|(raw, _, _)| !raw) {
-        return Some(
-            "no connected agent can send raw SYN probes (all are connect-only); \
-             grant them CAP_NET_RAW, or create the scan with allow_connect_fallback"
-                .into(),
-        );
+    let selector = needs.selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let unable: Vec<String> = [
+        (draining, "draining".to_string()),
+        (unmatched, format!("without the agent_selector labels {{{selector}}}")),
+        (no_ipv6, "without IPv6 (the scan has IPv6 targets)".to_string()),
+        (
+            connect_only,
+            "connect-only (a SYN scan needs CAP_NET_RAW, or create it with allow_connect_fallback)".to_string(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, why)| format!("{n} {why}"))
+    .collect();
+    if busy > 0 {
+        let limit = if busy == 1 { "its" } else { "their" };
+        let mut reason = format!("every agent that can run this scan is busy: {busy} at {limit} shard limit");
+        if !unable.is_empty() {
+            reason.push_str(&format!("; the others cannot run it: {}", unable.join(", ")));
+        }
+        return Some(reason);
     }
-    None
+    Some(format!("no connected agent can run this scan: {}", unable.join(", ")))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use sqlx::types::Json;
 
     use super::*;
 
+    fn group(labels: &[(&str, &str)], raw_socket: bool, ipv6: bool, agents: i64) -> FleetGroup {
+        FleetGroup {
+            raw_socket,
+            ipv6,
+            labels: Json(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            draining: false,
+            busy: false,
+            agents,
+        }
+    }
+
     #[test]
-    fn explains_why_a_scan_waits() {
+    fn explains_why_a_scan_waits_with_counts() {
         let none = BTreeMap::new();
-        let eu: BTreeMap<String, String> = [("region".to_string(), "eu".to_string())].into();
-        let connect_only = [(false, true, &none)];
-        assert_eq!(waiting_reason("syn", false, false, &none, &[]).unwrap(), "no agent is connected");
-        assert!(waiting_reason("syn", false, false, &none, &connect_only).unwrap().contains("connect-only"));
-        assert_eq!(waiting_reason("syn", true, false, &none, &connect_only), None);
-        assert_eq!(waiting_reason("connect", false, false, &none, &connect_only), None);
-        assert!(waiting_reason("connect", false, false, &eu, &connect_only).unwrap().contains("labels"));
-        assert!(waiting_reason("connect", false, true, &none, &[(true, false, &none)]).unwrap().contains("IPv6"));
+        let eu: BTreeMap<String, String> = [("site".to_string(), "eu".to_string())].into();
+        let syn = Needs { raw_socket: true, ipv6: false, selector: &none };
+        let connect = Needs { raw_socket: false, ipv6: false, selector: &none };
+        let reason = |needs: &Needs, fleet: &[FleetGroup]| waiting_reason(needs, fleet).unwrap_or_default();
+        assert_eq!(reason(&syn, &[]), "no agent is connected");
+        let connect_only = group(&[], false, true, 1);
+        assert!(reason(&syn, std::slice::from_ref(&connect_only)).contains("1 connect-only"));
+        assert_eq!(waiting_reason(&connect, std::slice::from_ref(&connect_only)), None);
+        let in_eu = Needs { selector: &eu, ..connect };
+        let drained = FleetGroup { draining: true, ..group(&[("site", "eu")], true, true, 1) };
+        assert_eq!(
+            reason(&in_eu, &[drained.clone(), group(&[("site", "us")], true, true, 2)]),
+            "no connected agent can run this scan: 1 draining, 2 without the agent_selector labels {site=eu}"
+        );
+        assert_eq!(reason(&in_eu, std::slice::from_ref(&drained)), "no connected agent can run this scan: 1 draining");
+        let v6 = Needs { ipv6: true, ..connect };
+        assert!(reason(&v6, &[group(&[], true, false, 1)]).contains("1 without IPv6"));
+        // Able but full: the scan waits its turn, and says so.
+        let full = FleetGroup { busy: true, ..group(&[], true, true, 1) };
+        assert_eq!(
+            reason(&syn, std::slice::from_ref(&full)),
+            "every agent that can run this scan is busy: 1 at its shard limit"
+        );
+        assert_eq!(
+            reason(&syn, &[full.clone(), drained]),
+            "every agent that can run this scan is busy: 1 at its shard limit; the others cannot run it: 1 draining"
+        );
+        assert_eq!(waiting_reason(&syn, &[full, group(&[], true, true, 1)]), None, "one has room");
     }
 }

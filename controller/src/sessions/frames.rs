@@ -16,11 +16,11 @@ use super::{
     Fleet,
     handshake::Opened,
     registry::Outbound,
-    wire::{BadFrame, FrameId, FromAgent, Refusal, Reported, ToAgent},
+    wire::{BadFrame, FrameId, FromAgent, Refusal, Reported, ShardFailure, ToAgent},
 };
 use crate::{
     notify::Notice,
-    store::{AgentState, Applied, Beat, FailOutcome, Fence, PortRecord, StoreError},
+    store::{AgentState, Applied, Beat, FailOutcome, Fence, PortRecord, Retry, StoreError},
 };
 
 /// Why a session ended.
@@ -39,6 +39,20 @@ pub enum SessionEnd {
     /// The agent stopped reading what we send.
     Unreachable,
     Shutdown,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AgentLeft => f.write_str("the agent closed its stream"),
+            Self::StreamFailed(s) => write!(f, "the stream failed: {}", s.message()),
+            Self::Silent(ttl) => write!(f, "no heartbeat within {ttl:?}"),
+            Self::Closed => f.write_str("superseded by a newer session, or revoked"),
+            Self::Store(e) => write!(f, "database error: {e}"),
+            Self::Unreachable => f.write_str("the agent stopped reading"),
+            Self::Shutdown => f.write_str("the controller is shutting down"),
+        }
+    }
 }
 
 impl SessionEnd {
@@ -92,10 +106,10 @@ impl Session {
                 break end;
             }
         };
-        let Opened { agent_id, generation } = self.opened;
+        let Opened { agent_id, generation, .. } = self.opened;
         match &end {
             SessionEnd::StreamFailed(status) => tracing::debug!(code = ?status.code(), "agent stream failed"),
-            other => tracing::info!(reason = ?other, "ending agent session"),
+            other => tracing::info!(reason = %other, "ending agent session"),
         }
         if let Some(status) = end.status() {
             let _ = self.tx.try_send(ToAgent::End(status));
@@ -166,7 +180,7 @@ impl Session {
 
     async fn handle(&self, f: FromAgent) -> Result<(), SessionEnd> {
         let store = &self.fleet.store;
-        let Opened { agent_id, generation } = self.opened;
+        let Opened { agent_id, generation, .. } = self.opened;
         match f {
             FromAgent::Hello => {
                 self.refuse(BadFrame {
@@ -226,11 +240,21 @@ impl Session {
                 }
                 self.answer(id, outcome).await
             }
-            FromAgent::Failed { shard_id, lease_epoch, reason } => {
+            FromAgent::Failed { shard_id, lease_epoch, failure } => {
+                let (reason, retry) = match failure {
+                    // Its policy will refuse every retry: fail the scan now,
+                    // naming the agent, rather than after four leases.
+                    ShardFailure::OutOfScope(why) => (
+                        format!("agent {} refused shard {shard_id} by its own scope policy: {why}", self.opened.name),
+                        Retry::Never,
+                    ),
+                    ShardFailure::Error(reason) => (reason, Retry::UpTo(self.fleet.config.max_shard_failures)),
+                };
                 tracing::warn!(%shard_id, %reason, "agent reports a failed shard");
-                let max = self.fleet.config.max_shard_failures;
-                let outcome =
-                    store.fail_shard(shard_id, lease_epoch, agent_id, &reason, max).await.map_err(SessionEnd::Store)?;
+                let outcome = store
+                    .fail_shard(shard_id, lease_epoch, agent_id, &reason, retry)
+                    .await
+                    .map_err(SessionEnd::Store)?;
                 self.fleet.registry.remove_lease(agent_id, shard_id);
                 self.fleet.wake.notify_one();
                 if let FailOutcome::ScanFailed(scan) = outcome {
@@ -240,7 +264,7 @@ impl Session {
                 Ok(())
             }
             FromAgent::Released { shard_id, lease_epoch, agent_leaving } => {
-                if agent_leaving && self.fleet.registry.drain(agent_id).is_some() {
+                if agent_leaving && self.fleet.registry.leave(agent_id).is_some() {
                     // Before the scheduler wakes: no new work for a leaver.
                     tracing::info!("agent is shutting down");
                     let _ = store.set_agent_state(agent_id, generation, AgentState::Draining).await;

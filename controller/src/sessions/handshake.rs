@@ -3,7 +3,7 @@
 //! session is then recorded with a new generation, the leases the agent
 //! still holds are resumed, and Welcome goes out.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use portfleet_proto::v1::{self as pb, agent_message::Frame as In};
 use tokio_util::sync::CancellationToken;
@@ -15,13 +15,15 @@ use super::{
     registry::{LeaseInfo, NewSession, Outbound},
     wire::{Hello, ToAgent, Welcome},
 };
-use crate::store::{AgentClass, StoreError};
+use crate::store::{AgentClass, LiveSession, SessionOpening};
 
 /// An open session: the agent and the generation that fences it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Opened {
     pub agent_id: Uuid,
     pub generation: i64,
+    /// The agent's name, for messages about it.
+    pub name: String,
 }
 
 /// Reads the Hello. `identity`: the agent id the client certificate names
@@ -55,16 +57,31 @@ fn millis(d: std::time::Duration) -> u32 {
 
 /// Records the session, resumes held leases, sends Welcome and registers
 /// the session with its `closer`. `None` when the agent went away first.
+/// Refused (`ALREADY_EXISTS`) while another session of the agent, from
+/// `peer` or elsewhere, is alive: the newcomer is the one that goes, so
+/// two processes with one id cannot knock each other off.
 pub async fn open(
     fleet: &Arc<Fleet>,
     hello: Hello,
+    peer: Option<SocketAddr>,
     tx: &Outbound,
     closer: CancellationToken,
-) -> Result<Option<Opened>, StoreError> {
+) -> Result<Option<Opened>, Status> {
     let cfg = &fleet.config;
     let agent_id = hello.intro.id;
-    let generation = fleet.store.open_agent_session(&hello.intro, &cfg.controller_id).await?;
-    let adopted = fleet.store.adopt_leases(agent_id, &cfg.controller_id, &hello.held, cfg.lease_ttl).await?;
+    let store = |e| crate::api::store_status(e);
+    let peer_text = peer.map(|p| p.to_string());
+    let opening = fleet
+        .store
+        .open_agent_session(&hello.intro, &cfg.controller_id, peer_text.as_deref(), cfg.lease_ttl)
+        .await
+        .map_err(store)?;
+    let generation = match opening {
+        SessionOpening::Opened(generation) => generation,
+        SessionOpening::Live(live) => return Err(already_live(agent_id, &hello.intro.name, &live, cfg.lease_ttl)),
+    };
+    let adopted =
+        fleet.store.adopt_leases(agent_id, &cfg.controller_id, &hello.held, cfg.lease_ttl).await.map_err(store)?;
     let revoked = hello
         .held
         .iter()
@@ -101,7 +118,24 @@ pub async fn open(
         leases,
         closer,
     });
-    tracing::info!(%agent_id, name = %hello.intro.name, generation, resumed = adopted.len(), "agent connected");
+    match peer {
+        Some(peer) => tracing::info!(%agent_id, name = %hello.intro.name, generation, %peer, resumed = adopted.len(),
+            "agent connected"),
+        None => tracing::info!(%agent_id, name = %hello.intro.name, generation, resumed = adopted.len(),
+            "agent connected"),
+    }
     fleet.wake.notify_one();
-    Ok(Some(Opened { agent_id, generation }))
+    Ok(Some(Opened { agent_id, generation, name: hello.intro.name }))
+}
+
+/// The refusal of a second session while the first lives: names the
+/// first, and when it would count as gone.
+fn already_live(agent_id: Uuid, name: &str, live: &LiveSession, ttl: std::time::Duration) -> Status {
+    let from = live.peer.as_deref().map(|p| format!(" from {p}")).unwrap_or_default();
+    let on = live.controller_id.as_deref().map(|c| format!(" on controller {c}")).unwrap_or_default();
+    Status::already_exists(format!(
+        "agent {agent_id} ({name}) already has a live session{from}{on} (last heartbeat {:.1}s ago); \
+         is another process running with the same agent id? A session silent for {ttl:?} gives way",
+        live.silent_ms as f64 / 1000.0
+    ))
 }

@@ -12,7 +12,7 @@ mod handshake;
 pub mod registry;
 pub mod wire;
 
-use std::{pin::Pin, sync::Arc};
+use std::{net::SocketAddr, pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use portfleet_proto::v1 as pb;
@@ -51,13 +51,18 @@ pub struct Fleet {
 /// What a session sends, as the gRPC response stream.
 pub type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
-/// Starts a session task on `inbound`; `identity` is the agent id the
-/// client certificate names (mTLS), which the Hello must claim.
-pub fn accept(fleet: &Arc<Fleet>, inbound: Streaming<pb::AgentMessage>, identity: Option<Uuid>) -> SessionStream {
+/// Starts a session task on `inbound` from `peer`; `identity` is the agent
+/// id the client certificate names (mTLS), which the Hello must claim.
+pub fn accept(
+    fleet: &Arc<Fleet>,
+    inbound: Streaming<pb::AgentMessage>,
+    identity: Option<Uuid>,
+    peer: Option<SocketAddr>,
+) -> SessionStream {
     // Bounded: a slow agent slows its own session, nothing else.
     let (tx, rx) = mpsc::channel(256);
     let fleet_ = fleet.clone();
-    fleet.tracker.spawn(async move { run(fleet_, inbound, tx, identity).await });
+    fleet.tracker.spawn(async move { run(fleet_, inbound, tx, identity, peer).await });
     Box::pin(ReceiverStream::new(rx).map(ToAgent::into_wire))
 }
 
@@ -66,6 +71,7 @@ async fn run(
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<ToAgent>,
     identity: Option<Uuid>,
+    peer: Option<SocketAddr>,
 ) {
     let hello = tokio::select! {
         _ = fleet.shutdown.cancelled() => return,
@@ -80,11 +86,14 @@ async fn run(
         }
     };
     let closer = CancellationToken::new();
-    let opened = match handshake::open(&fleet, hello, &tx, closer.clone()).await {
+    let opened = match handshake::open(&fleet, hello, peer, &tx, closer.clone()).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
-        Err(e) => {
-            let _ = tx.send(ToAgent::End(crate::api::store_status(e))).await;
+        Err(status) => {
+            if status.code() == tonic::Code::AlreadyExists {
+                tracing::warn!(message = status.message(), "second session of a live agent refused");
+            }
+            let _ = tx.send(ToAgent::End(status)).await;
             return;
         }
     };

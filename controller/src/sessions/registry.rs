@@ -35,6 +35,11 @@ struct Entry {
     max_shards: u32,
     max_rate: u32,
     draining: bool,
+    /// Counts the drains asked of this session, so that ending a drain
+    /// can tell whether another came in meanwhile ([`Registry::undrain`]).
+    drains: u64,
+    /// The agent is shutting down: its drain can never end.
+    leaving: bool,
     leases: HashMap<ShardId, LeaseInfo>,
     beat: Option<Beat>,
     /// `sent_at` of the agent's latest heartbeat, echoed back once its
@@ -98,6 +103,8 @@ impl Registry {
                 max_shards: s.max_shards,
                 max_rate: s.max_rate,
                 draining: false,
+                drains: 0,
+                leaving: false,
                 leases: s.leases,
                 beat: None,
                 last_sent_at: None,
@@ -231,10 +238,80 @@ impl Registry {
         let mut map = self.lock();
         let e = map.get_mut(&agent_id)?;
         e.draining = true;
+        e.drains += 1;
         Some(e.tx.clone())
+    }
+
+    /// Marks an agent that is shutting down draining, for good.
+    pub fn leave(&self, agent_id: Uuid) -> Option<Outbound> {
+        let mut map = self.lock();
+        let e = map.get_mut(&agent_id)?;
+        e.draining = true;
+        e.drains += 1;
+        e.leaving = true;
+        Some(e.tx.clone())
+    }
+
+    /// The drain an operator may end: its count, while the agent drains
+    /// and is not leaving. Read it before reading the database, and pass
+    /// it to [`Registry::undrain`].
+    pub fn drain_mark(&self, agent_id: Uuid) -> Option<u64> {
+        self.lock().get(&agent_id).filter(|e| e.draining && !e.leaving).map(|e| e.drains)
+    }
+
+    /// Ends the drain `mark` names; false if the agent was drained again
+    /// since (the database read may predate that drain) or is leaving.
+    pub fn undrain(&self, agent_id: Uuid, mark: u64) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(&agent_id).filter(|e| e.draining && !e.leaving && e.drains == mark) else {
+            return false;
+        };
+        e.draining = false;
+        true
     }
 
     pub fn is_draining(&self, agent_id: Uuid) -> bool {
         self.lock().get(&agent_id).is_some_and(|e| e.draining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry_with(agent_id: Uuid) -> Registry {
+        let r = Registry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        r.insert(NewSession {
+            agent_id,
+            generation: 1,
+            tx,
+            class: AgentClass { raw_socket: true, ipv6: false, labels: Default::default() },
+            max_shards: 1,
+            max_rate: 1000,
+            leases: HashMap::new(),
+            closer: CancellationToken::new(),
+        });
+        r
+    }
+
+    #[test]
+    fn an_undrain_ends_only_the_drain_it_read_and_never_a_leave() {
+        let id = Uuid::new_v4();
+        let r = registry_with(id);
+        assert_eq!(r.drain_mark(id), None, "not draining");
+        r.drain(id);
+        let mark = r.drain_mark(id).unwrap();
+        // Drained again after the mark was read (the database read may
+        // predate it): that drain stays.
+        r.drain(id);
+        assert!(!r.undrain(id, mark));
+        assert!(r.is_draining(id));
+        let mark = r.drain_mark(id).unwrap();
+        assert!(r.undrain(id, mark));
+        assert!(!r.is_draining(id) && r.candidates().len() == 1);
+        r.leave(id);
+        assert_eq!(r.drain_mark(id), None, "a leaving agent's drain cannot end");
+        assert!(!r.undrain(id, mark + 2));
     }
 }

@@ -86,13 +86,38 @@ pub enum FromAgent {
     Failed {
         shard_id: ShardId,
         lease_epoch: LeaseEpoch,
-        reason: String,
+        failure: ShardFailure,
     },
     Released {
         shard_id: ShardId,
         lease_epoch: LeaseEpoch,
         agent_leaving: bool,
     },
+}
+
+/// Why an agent gave a shard up (`ShardFailed.reason`, made safe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardFailure {
+    /// The agent's own scope policy (`portfleet-agent run --allow/--deny`)
+    /// refuses the shard's targets; what it says after its prefix. Another
+    /// try would be refused the same way: the scan fails at once.
+    OutOfScope(String),
+    /// Anything else (an interface went away, ...): worth another try.
+    Error(String),
+}
+
+/// How the agent's reason starts when its scope policy refuses a shard
+/// (portfleet-agent's `Refusal::OutOfScope`, unchanged since protocol 1;
+/// the cross-process test of the refusal keeps the two in step).
+const AGENT_SCOPE_REFUSAL: &str = "refused by the agent's scope policy: ";
+
+impl ShardFailure {
+    fn from_reason(reason: String) -> Self {
+        match reason.strip_prefix(AGENT_SCOPE_REFUSAL) {
+            Some(rest) => Self::OutOfScope(rest.to_string()),
+            None => Self::Error(reason),
+        }
+    }
 }
 
 /// Why a frame is refused, with the ids it carried as they were.
@@ -297,7 +322,8 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             In::Failed(f) => {
                 let (shard_id, lease_epoch) = lease(f.shard_id, f.lease_epoch)?;
                 // Stored and logged: made safe for both, never refused.
-                Self::Failed { shard_id, lease_epoch, reason: text::sanitize(&f.reason, 1000) }
+                let failure = ShardFailure::from_reason(text::sanitize(&f.reason, 1000));
+                Self::Failed { shard_id, lease_epoch, failure }
             }
             In::Released(r) => {
                 let (shard_id, lease_epoch) = lease(r.shard_id, r.lease_epoch)?;
@@ -477,7 +503,13 @@ mod tests {
     #[test]
     fn failure_reasons_are_made_safe_and_counters_clamped() {
         let m = msg(In::Failed(pb::ShardFailed { shard_id: 1, lease_epoch: 1, reason: "a\0b\nc".into() }));
-        assert!(matches!(FromAgent::try_from(m).unwrap(), FromAgent::Failed { reason, .. } if reason == "a b c"));
+        assert!(matches!(FromAgent::try_from(m).unwrap(),
+            FromAgent::Failed { failure: ShardFailure::Error(reason), .. } if reason == "a b c"));
+        let reason = "refused by the agent's scope policy: 192.0.2.1 is outside its --allow/--deny";
+        let m = msg(In::Failed(pb::ShardFailed { shard_id: 1, lease_epoch: 1, reason: reason.into() }));
+        assert!(matches!(FromAgent::try_from(m).unwrap(),
+            FromAgent::Failed { failure: ShardFailure::OutOfScope(why), .. }
+                if why == "192.0.2.1 is outside its --allow/--deny"));
         let p = progress(u64::MAX, Some(pb::ShardCounts { sent: u64::MAX, ..Default::default() }));
         assert_eq!((p.checkpoint, p.sent), (i64::MAX, i64::MAX));
     }

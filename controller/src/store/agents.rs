@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{AgentClass, AgentState, Page, Paged, Store, StoreError, scans::Labels};
+use super::{AgentState, Page, Paged, Store, StoreError, scans::Labels};
 use crate::notify::Notice;
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -49,6 +49,23 @@ impl Store {
         Ok(row)
     }
 
+    /// Ends an agent's drain. No notification: the controller holding its
+    /// session compares its drains with this column once a second (the
+    /// same check that catches a missed drain). Returns the agent, or
+    /// `None` if unknown.
+    pub async fn undrain_agent(&self, id: Uuid) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query_as::<_, AgentRecord>(
+            "UPDATE agents SET state = CASE WHEN state = 'draining' THEN 'connected' ELSE state END
+             WHERE id = $1
+             RETURNING id, name, version, labels, raw_socket, ipv6, max_rate, max_shards, state,
+                       controller_id, current_rate, active_shards, connected_at, last_heartbeat_at",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
     pub async fn list_agents(
         &self,
         state: Option<AgentState>,
@@ -79,11 +96,18 @@ pub struct AgentStanding {
     pub revoked: bool,
 }
 
-#[derive(sqlx::FromRow)]
-struct ClassRow {
-    raw_socket: bool,
-    ipv6: bool,
-    labels: Json<Labels>,
+/// Connected agents alike in what they can run and in whether they can
+/// take work now: `agents` of them. For explaining why a scan waits.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct FleetGroup {
+    pub raw_socket: bool,
+    pub ipv6: bool,
+    pub labels: Json<Labels>,
+    /// Asked to drain (or shutting down): no new work.
+    pub draining: bool,
+    /// Holding as many leases as its `max_shards`, on any controller.
+    pub busy: bool,
+    pub agents: i64,
 }
 
 /// An agent as it introduced itself in Hello.
@@ -108,20 +132,66 @@ pub struct Beat {
     pub active_shards: i32,
 }
 
+/// What became of a new session of an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionOpening {
+    /// Recorded, with this generation.
+    Opened(i64),
+    /// Refused: another session of the agent is alive (see
+    /// [`Store::open_agent_session`]).
+    Live(LiveSession),
+}
+
+/// The live session a newcomer with the same agent id was refused for.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct LiveSession {
+    pub controller_id: Option<String>,
+    pub peer: Option<String>,
+    /// Since its latest heartbeat.
+    pub silent_ms: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct OpeningRow {
+    generation: Option<i64>,
+    controller_id: Option<String>,
+    peer: Option<String>,
+    silent_ms: Option<i64>,
+}
+
 impl Store {
-    /// Records a new session of an agent and returns its generation, which
-    /// only goes up: frames and heartbeats of older sessions are fenced.
-    pub async fn open_agent_session(&self, a: &AgentIntro, controller_id: &str) -> Result<i64, StoreError> {
-        let generation = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO agents (id, name, version, labels, raw_socket, ipv6, max_rate, max_shards, state,
-                                 controller_id, session_generation, connected_at, last_heartbeat_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'connected', $9, 1, now(), now())
-             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version,
-                labels = EXCLUDED.labels, raw_socket = EXCLUDED.raw_socket, ipv6 = EXCLUDED.ipv6,
-                max_rate = EXCLUDED.max_rate, max_shards = EXCLUDED.max_shards, state = 'connected',
-                controller_id = EXCLUDED.controller_id, session_generation = agents.session_generation + 1,
-                connected_at = now(), last_heartbeat_at = now(), current_rate = 0, active_shards = 0
-             RETURNING session_generation",
+    /// Records a new session of an agent (coming from `peer`) and returns
+    /// its generation, which only goes up: frames and heartbeats of older
+    /// sessions are fenced. Refused while another session of the agent is
+    /// alive - not gone, with a heartbeat within `live_for` - so that two
+    /// processes with one id do not knock each other off forever; a dead
+    /// one (its agent crashed, its connection half-open) gives way.
+    pub async fn open_agent_session(
+        &self,
+        a: &AgentIntro,
+        controller_id: &str,
+        peer: Option<&str>,
+        live_for: Duration,
+    ) -> Result<SessionOpening, StoreError> {
+        // The outer SELECT sees the row as it was before the upsert: the
+        // live session, when the upsert's condition kept it.
+        let row = sqlx::query_as::<_, OpeningRow>(
+            "WITH up AS (
+                INSERT INTO agents (id, name, version, labels, raw_socket, ipv6, max_rate, max_shards, state,
+                                    controller_id, session_generation, connected_at, last_heartbeat_at, session_peer)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'connected', $9, 1, now(), now(), $10)
+                ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version,
+                    labels = EXCLUDED.labels, raw_socket = EXCLUDED.raw_socket, ipv6 = EXCLUDED.ipv6,
+                    max_rate = EXCLUDED.max_rate, max_shards = EXCLUDED.max_shards, state = 'connected',
+                    controller_id = EXCLUDED.controller_id, session_generation = agents.session_generation + 1,
+                    connected_at = now(), last_heartbeat_at = now(), current_rate = 0, active_shards = 0,
+                    session_peer = EXCLUDED.session_peer
+                WHERE agents.state = 'gone' OR agents.last_heartbeat_at < now() - $11 * interval '1 millisecond'
+                RETURNING session_generation
+             )
+             SELECT (SELECT session_generation FROM up) AS generation, a.controller_id, a.session_peer AS peer,
+                    (extract(epoch FROM now() - a.last_heartbeat_at) * 1000)::bigint AS silent_ms
+             FROM (SELECT 1) AS one LEFT JOIN agents a ON a.id = $1",
         )
         .bind(a.id)
         .bind(&a.name)
@@ -132,9 +202,18 @@ impl Store {
         .bind(a.max_rate)
         .bind(a.max_shards)
         .bind(controller_id)
+        .bind(peer)
+        .bind(live_for.as_millis().min(i64::MAX as u128) as i64)
         .fetch_one(&self.pool)
         .await?;
-        Ok(generation)
+        Ok(match row.generation {
+            Some(generation) => SessionOpening::Opened(generation),
+            None => SessionOpening::Live(LiveSession {
+                controller_id: row.controller_id,
+                peer: row.peer,
+                silent_ms: row.silent_ms.unwrap_or_default(),
+            }),
+        })
     }
 
     /// Writes many heartbeats in one statement; an older session's beat
@@ -202,17 +281,23 @@ impl Store {
         Ok(())
     }
 
-    /// What the connected fleet can run: each distinct class of connected
-    /// agent, for explaining why a scan waits.
-    pub async fn connected_agent_classes(&self) -> Result<Vec<AgentClass>, StoreError> {
-        let rows = sqlx::query_as::<_, ClassRow>(
-            "SELECT DISTINCT raw_socket, ipv6, labels FROM agents WHERE state <> 'gone' LIMIT 1000",
+    /// The connected fleet in groups (see [`FleetGroup`]), with leases
+    /// counted from the shards (every controller's), for explaining why
+    /// pending scans wait.
+    pub async fn fleet_groups(&self) -> Result<Vec<FleetGroup>, StoreError> {
+        let rows = sqlx::query_as::<_, FleetGroup>(
+            "SELECT raw_socket, ipv6, labels, draining, busy, count(*) AS agents
+             FROM (
+                SELECT a.raw_socket, a.ipv6, a.labels, a.state = 'draining' AS draining,
+                       (SELECT count(*) FROM shards sh WHERE sh.agent_id = a.id AND sh.state = 'leased')
+                           >= a.max_shards AS busy
+                FROM agents a WHERE a.state <> 'gone'
+             ) f
+             GROUP BY raw_socket, ipv6, labels, draining, busy
+             LIMIT 1000",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AgentClass { raw_socket: r.raw_socket, ipv6: r.ipv6, labels: r.labels.0 })
-            .collect())
+        Ok(rows)
     }
 }

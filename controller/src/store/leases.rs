@@ -149,6 +149,15 @@ struct FailedShard {
     failures: i32,
 }
 
+/// Whether a failed shard goes back to the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Until it has failed more than this many times; then the scan fails.
+    UpTo(i32),
+    /// Never: the scan fails now, with the reason as its error.
+    Never,
+}
+
 /// What happened to a scan when one of its shards failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailOutcome {
@@ -587,7 +596,7 @@ impl Store {
         Ok(())
     }
 
-    /// Counts a failure; past `max_failures` the whole scan fails with
+    /// Counts a failure; once `retry` gives up, the whole scan fails with
     /// `reason`, and its other shards are cancelled.
     pub async fn fail_shard(
         &self,
@@ -595,7 +604,7 @@ impl Store {
         lease_epoch: LeaseEpoch,
         agent_id: Uuid,
         reason: &str,
-        max_failures: i32,
+        retry: Retry,
     ) -> Result<FailOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Scan before shard, as everywhere: no lock-order deadlocks.
@@ -626,11 +635,14 @@ impl Store {
         .bind(lease_epoch)
         .execute(&mut *tx)
         .await?;
-        if failures <= max_failures {
-            tx.commit().await?;
-            return Ok(FailOutcome::Requeued);
-        }
-        let message = format!("shard {shard_id} failed {failures} times; last: {reason}");
+        let message = match retry {
+            Retry::UpTo(max_failures) if failures <= max_failures => {
+                tx.commit().await?;
+                return Ok(FailOutcome::Requeued);
+            }
+            Retry::UpTo(_) => format!("shard {shard_id} failed {failures} times; last: {reason}"),
+            Retry::Never => reason.to_string(),
+        };
         let failed = sqlx::query_scalar::<_, Uuid>(
             "UPDATE scans SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
              WHERE id = $1 AND state IN ('pending', 'running') RETURNING id",

@@ -13,7 +13,7 @@
 //! `fleet`: many idle agents heartbeating; reports the controller's RSS and
 //! CPU, then the time from CreateScan to the first Assign, p50 and p99.
 //! `caps`: the cost of the politeness caps: with `--running` scans holding
-//! leases (each over 20 /24s and 20 addresses of 10.0.0.0/14), CreateScan
+//! leases (each over 20 /24s and 20 addresses of 198.18.0.0/15), CreateScan
 //! -> first Assign and the controller's CPU with the caps off, then on, in
 //! the same run.
 //! `watch`: what WatchScan streams cost the rest: a scan of 2^20 positions
@@ -113,7 +113,7 @@ async fn start_controller_bin(db: &TestDb, bin: Option<&str>) -> Controller {
         "--db-pool-size",
         "16",
     ])
-    .args(["--allow", "10.0.0.0/8,198.51.100.0/24"])
+    .args(["--allow", "198.18.0.0/15,198.51.100.0/24"])
     .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()));
     if own {
         cmd.args(["--max-connections-per-ip", "10000"]);
@@ -175,13 +175,13 @@ async fn ingest(args: &[String]) {
         Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
         portfleet_proto::auth::Bearer::new(&token).unwrap(),
     );
-    // 2^24 addresses x 256 ports: 4096 shards of ~1M positions, more than
+    // 2^17 addresses x 32767 ports: 4096 shards of ~1M positions, more than
     // enough distinct (ip, port) pairs. Nothing is probed: the agents are
     // simulated and only report.
     let _scan = api
         .create_scan(pb::CreateScanRequest {
-            targets: vec!["10.0.0.0/8".into()],
-            ports: "1-256".into(),
+            targets: vec!["198.18.0.0/15".into()],
+            ports: "1-32767".into(),
             ..Default::default()
         })
         .await
@@ -416,9 +416,11 @@ async fn caps(args: &[String]) {
     let slots = running.div_ceil(agents) as u32 + 1;
     for i in 0..agents {
         let sim = connect(&ctl.url, &format!("caps-{i}"), slots).await;
-        // Background scans (10.x) keep their leases: they are running.
+        // Background scans (198.18.0.0/15) keep their leases: they are running.
         run_sim(sim, assigned_tx.clone(), |a| {
-            a.scan.as_ref().is_some_and(|s| s.address_ranges.iter().any(|r| r.starts_with("10.")))
+            a.scan
+                .as_ref()
+                .is_some_and(|s| s.address_ranges.iter().any(|r| r.starts_with("198.18.") || r.starts_with("198.19.")))
         });
     }
     let mut api = admin_client(&db, &ctl).await;
@@ -426,8 +428,8 @@ async fn caps(args: &[String]) {
     let octet = || rand::random_range(0..=255u8);
     for _ in 0..running {
         let mut targets: Vec<String> =
-            (0..20).map(|_| format!("10.{}.{}.0/24", rand::random_range(0..4u8), octet())).collect();
-        targets.extend((0..20).map(|_| format!("10.{}.{}.{}", rand::random_range(0..4u8), octet(), octet())));
+            (0..20).map(|_| format!("198.{}.{}.0/24", 18 + rand::random_range(0..2u8), octet())).collect();
+        targets.extend((0..20).map(|_| format!("198.{}.{}.{}", 18 + rand::random_range(0..2u8), octet(), octet())));
         specs += targets.len();
         let req = pb::CreateScanRequest { targets, ports: "80".into(), rate: 50_000, ..Default::default() };
         api.create_scan(req).await.unwrap();
@@ -582,7 +584,7 @@ mod watch {
         let bin = args.iter().position(|a| a == "--controller").and_then(|i| args.get(i + 1)).cloned();
         let nice = args.iter().any(|a| a == "--client-nice");
         println!(
-            "watch: 10.0.0.0/16 x 16 ports (2^20 positions, 64 shards) on {agents} simulated agents x \
+            "watch: 198.18.0.0/16 x 16 ports (2^20 positions, 64 shards) on {agents} simulated agents x \
              {SLOTS_PER_AGENT} slots, {shard_rate} positions/s per shard, 1 in {OPEN_EVERY} open; \
              GetScan every 10 ms; controller {}",
             bin.as_deref().unwrap_or("(built with this bench)")
@@ -641,7 +643,7 @@ mod watch {
         let mut api = admin_client(&db, &ctl).await;
         let scan = api
             .create_scan(pb::CreateScanRequest {
-                targets: vec!["10.0.0.0/16".into()],
+                targets: vec!["198.18.0.0/16".into()],
                 ports: "1-16".into(),
                 ..Default::default()
             })
