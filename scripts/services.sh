@@ -45,3 +45,54 @@ ensure_rabbitmq() {
     fail "RabbitMQ is not reachable on 127.0.0.1:$AMQP_PORT and could not be started.
 Install it (apt-get install rabbitmq-server); the tests use guest/guest on localhost."
 }
+
+# Daemons the identification tests run inside their target namespaces, and
+# nmap (its service probe database, and the benchmark's peer), from
+# Debian's packages. Their services are not started here (policy-rc.d):
+# the tests start their own copies on namespace addresses.
+TEST_PACKAGES="nmap nginx-light openssh-server vsftpd memcached redis-server mosquitto"
+TEST_COMMANDS="nmap nginx sshd vsftpd memcached redis-server mosquitto"
+
+ensure_test_daemons() {
+  local missing=""
+  for c in $TEST_COMMANDS; do
+    command -v "$c" >/dev/null || [ -x "/usr/sbin/$c" ] || missing="$missing $c"
+  done
+  [ -z "$missing" ] && return
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "warning: missing$missing; the identification tests need them (apt-get install $TEST_PACKAGES)" >&2
+    return
+  fi
+  echo "installing test daemons ($TEST_PACKAGES)..." >&2
+  local rc_policy=/usr/sbin/policy-rc.d created=""
+  if [ ! -e "$rc_policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$rc_policy" && chmod +x "$rc_policy" && created=1
+  fi
+  local apt="apt-get install -y -q --no-install-recommends $TEST_PACKAGES"
+  DEBIAN_FRONTEND=noninteractive $apt >/dev/null ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $apt >/dev/null; } ||
+    echo "warning: could not install $TEST_PACKAGES" >&2
+  [ -n "$created" ] && rm -f "$rc_policy"
+  return 0
+}
+
+# The machine's own Redis, Mosquitto, NATS and MariaDB: the identification
+# tests name them over loopback. Started when installed but stopped, with
+# the commands this machine kind starts them with; a warning (and those
+# tests fail under CI=true) when one cannot be.
+ensure_loopback_services() {
+  local name port start
+  while IFS='|' read -r name port start; do
+    port_open "$port" && continue
+    if command -v "${start%% *}" >/dev/null; then
+      echo "starting $name..." >&2
+      sh -c "$start" >/dev/null 2>&1 || true
+    fi
+    wait_for 30 port_open "$port" || echo "warning: $name is not reachable on 127.0.0.1:$port" >&2
+  done <<'LIST'
+Redis|6379|redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /tmp
+Mosquitto|1883|mosquitto -d -c /etc/mosquitto/mosquitto.conf
+NATS|4222|start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /tmp/nats-js
+MariaDB|3306|start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+LIST
+}

@@ -9,6 +9,8 @@
 
 pub mod engine;
 pub mod enroll_cmd;
+pub mod identify;
+pub mod identify_args;
 pub mod net;
 pub mod run_cmd;
 pub mod scan_cmd;

@@ -7,6 +7,7 @@ use portfleet_core::{labels::Labels, policy::CidrList};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    identify_args::IdentifyArgs,
     net::NetOptions,
     session::{self, AgentConfig, ClientTls},
 };
@@ -62,6 +63,13 @@ pub struct RunArgs {
     /// Never probe these CIDRs (wins over --allow).
     #[arg(long, env = "PORTFLEET_AGENT_DENY", value_parser = parse_cidrs, default_value = "")]
     pub deny: CidrList,
+    /// Never identify services, whatever a scan asks: report open ports
+    /// only.
+    #[arg(long = "no-identify", env = "PORTFLEET_AGENT_NO_IDENTIFY", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_identify: bool,
+    #[command(flatten)]
+    pub identify: IdentifyArgs,
 }
 
 fn parse_cidrs(s: &str) -> Result<CidrList, String> {
@@ -122,6 +130,20 @@ pub async fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
+    let identifier = if args.no_identify {
+        None
+    } else {
+        match args.identify.identifier() {
+            Ok(i) => {
+                tracing::info!(rules = %i.describe(), "identifying services");
+                Some(std::sync::Arc::new(i))
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    };
     let config = AgentConfig {
         controller: args.controller,
         name,
@@ -134,6 +156,7 @@ pub async fn run(args: RunArgs) -> i32 {
         shutdown_timeout: Duration::from_secs(10),
         policy: std::sync::Arc::new(portfleet_core::ScopePolicy::for_agent(&args.allow, &args.deny)),
         tls,
+        identifier,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     engine::{self, Event, ScanJob, Summary},
+    identify::{Gate, Item, Pipeline},
+    identify_args::IdentifyArgs,
     net::{self, NetOptions},
 };
 
@@ -79,6 +81,17 @@ pub struct ScanArgs {
     /// No progress bar or summary.
     #[arg(long)]
     pub silent: bool,
+    /// Identify what answers on each open port (service, version, TLS,
+    /// HTTP), like naabu's and nmap's -sV.
+    #[arg(long = "service-version", visible_alias = "sV")]
+    pub service_version: bool,
+    /// A host with more open ports than this answers everything (a SYN
+    /// proxy or tarpit): its ports are reported once marked, not
+    /// identified. 0: no limit. naabu's -pts.
+    #[arg(long = "port-threshold", visible_alias = "pts", default_value_t = 100)]
+    pub port_threshold: u32,
+    #[command(flatten)]
+    pub identify: IdentifyArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,8 +140,8 @@ async fn read_targets(args: &ScanArgs) -> Result<Vec<String>, Failure> {
     Ok(targets)
 }
 
-/// Resolves hostnames; returns the targets and each named address's name.
-async fn resolve(specs: Vec<TargetSpec>) -> Result<(Vec<ResolvedTarget>, HashMap<IpAddr, String>), Failure> {
+/// Resolves hostnames; returns the targets and each named address's names.
+async fn resolve(specs: Vec<TargetSpec>) -> Result<(Vec<ResolvedTarget>, HashMap<IpAddr, Vec<String>>), Failure> {
     let mut out = Vec::new();
     let mut names = HashMap::new();
     for spec in specs {
@@ -139,7 +152,10 @@ async fn resolve(specs: Vec<TargetSpec>) -> Result<(Vec<ResolvedTarget>, HashMap
                     .map_err(|_| usage(format!("hostname {host:?} did not resolve within 10s")))?
                     .map_err(|e| usage(format!("hostname {host:?} does not resolve: {e}")))?;
                 for a in addrs {
-                    names.entry(a.ip()).or_insert_with(|| host.clone());
+                    let names: &mut Vec<String> = names.entry(a.ip()).or_default();
+                    if !names.contains(&host) {
+                        names.push(host.clone());
+                    }
                     out.push(ResolvedTarget { range: AddrRange::single(a.ip()), hostname: Some(host.clone()) });
                 }
             }
@@ -199,6 +215,18 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
     job.send_threads = args.send_threads.map(|n| n as usize);
     job.concurrency = args.concurrency as usize;
     job.recv_ring_bytes = args.recv_ring_kb as usize * 1024;
+    let control = job.control.clone();
+    let hostnames = Arc::new(hostnames);
+    let mut pipeline = if args.service_version {
+        let identifier = args.identify.identifier().map_err(|e| usage(e.to_string()))?;
+        if !args.silent {
+            eprintln!("identifying services with {}", identifier.describe());
+        }
+        let gate = Arc::new(Gate::new(job.deny.clone(), control));
+        Pipeline::identifying(Arc::new(identifier), gate, hostnames.clone(), args.port_threshold)
+    } else {
+        Pipeline::plain()
+    };
 
     let mut file = match &args.output {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| usage(format!("-o {}: {e}", path.display())))?),
@@ -223,20 +251,53 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
     let bar_in_the_way = progress.as_ref().map(|(bar, _)| bar).filter(|_| std::io::stdout().is_terminal());
 
     let mut stdout = std::io::stdout().lock();
-    while let Some(first) = rx.recv().await {
-        // Whatever else is queued goes out with it: one write (and one
-        // redraw of the bar) per batch, not per result.
+    let mut engine_done = false;
+    let mut lines = portfleet_core::found::TextLines::default();
+    loop {
+        if engine_done && pipeline.is_empty() {
+            break;
+        }
+        let mut items = Vec::new();
+        tokio::select! {
+            ev = rx.recv(), if !engine_done => match ev {
+                Some(ev) => {
+                    // Whatever else is queued goes in with it (a bounded
+                    // number, so output keeps flowing).
+                    let mut next = Some(ev);
+                    let mut taken = 0;
+                    while let Some(ev) = next {
+                        match ev {
+                            Event::Open(f) => pipeline.push_open(f),
+                            Event::Checkpoint { position, counts } => pipeline.push_checkpoint(position, counts),
+                        }
+                        taken += 1;
+                        next = if taken < 4096 { rx.try_recv().ok() } else { None };
+                    }
+                }
+                None => engine_done = true,
+            },
+            item = pipeline.next(), if !pipeline.is_empty() => items.extend(item),
+            // Interrupted while identifying: what is identified is printed.
+            _ = interrupted.cancelled(), if engine_done => break,
+        }
+        // Ready items go out together: one write (and one redraw of the
+        // bar) per batch, not per result.
+        items.extend(pipeline.ready());
         let mut text = String::new();
-        let mut next = Some(first);
-        while let Some(event) = next {
-            if let Event::Open(f) = event {
+        for item in items {
+            if let Item::Found(found) = item {
+                let found = *found;
+                let f = found.finding;
+                let host = hostnames.get(&f.ip).map(|n| n.join(","));
                 // One schema with `portfleet scan` / `results` (core's `Found`).
-                let found =
-                    portfleet_core::Found::tcp(f.ip, f.port, Some(f.observed_at), hostnames.get(&f.ip).cloned());
-                text += &if args.json { found.to_json() } else { found.to_string() };
-                text.push('\n');
+                let line = portfleet_core::Found::tcp(f.ip, f.port, Some(f.observed_at), host)
+                    .with_service(found.service, found.answers_everything);
+                let line = if args.json { Some(line.to_json()) } else { lines.line(&line) };
+                if let Some(line) = line {
+                    text += &line;
+                    text.push('\n');
+                }
             }
-            next = if text.len() < 64 * 1024 { rx.try_recv().ok() } else { None };
         }
         if text.is_empty() {
             continue;
@@ -249,11 +310,15 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
         // A closed stdout (e.g. `| head`) ends the scan quietly.
         if written.is_err() {
             cancel.cancel();
+            break;
         }
         if let Some(file) = &mut file {
             file.write_all(text.as_bytes()).map_err(|e| Failure(EXIT_FAILURE, format!("writing output file: {e}")))?;
         }
     }
+    drop(pipeline);
+    // The engine's last events, so that it can finish.
+    while rx.recv().await.is_some() {}
     let summary = handle.wait().await.map_err(|e| Failure(EXIT_FAILURE, e.to_string()))?;
     if let Some((bar, ticker)) = progress {
         ticker.abort();

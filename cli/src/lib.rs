@@ -196,6 +196,13 @@ pub struct ScanArgs {
     /// Let agents without raw sockets run a SYN scan as a connect scan.
     #[arg(long)]
     pub allow_connect_fallback: bool,
+    /// Discovery only: do not identify what answers on open ports.
+    #[arg(long = "no-identify")]
+    pub no_identify: bool,
+    /// A host with more open ports than this answers everything (a SYN
+    /// proxy or tarpit). 0: no limit. Default: the controller's, 100.
+    #[arg(long = "port-threshold", visible_alias = "pts")]
+    pub port_threshold: Option<u32>,
     /// Idempotency key: the same key returns the same scan.
     #[arg(long)]
     pub request_id: Option<String>,
@@ -293,6 +300,8 @@ async fn scan(c: &mut ApiClient, a: ScanArgs) -> Result<i32, String> {
         labels: Default::default(),
         agent_selector: selector.into_map().into_iter().collect(),
         allow_connect_fallback: a.allow_connect_fallback,
+        identify: a.no_identify.then_some(false),
+        port_threshold: a.port_threshold,
     };
     let scan = c.create_scan(request).await.map_err(status)?.into_inner();
     if a.no_wait {
@@ -453,8 +462,9 @@ async fn results(c: &mut ApiClient, id: String, json: bool) -> Result<i32, Strin
     // IpAddr orders numerically, IPv4 before IPv6.
     found.sort_by_key(|f| (f.ip, f.port));
     let mut out = std::io::stdout().lock();
+    let mut lines = portfleet_core::found::TextLines::default();
     for f in &found {
-        let line = if json { f.to_json() } else { f.to_string() };
+        let Some(line) = (if json { Some(f.to_json()) } else { lines.line(f) }) else { continue };
         if writeln!(out, "{line}").is_err() {
             break;
         }

@@ -46,6 +46,7 @@ pub struct View<O: Write, E: Write> {
     samples: VecDeque<(Instant, u64)>,
     /// stdout was closed (`| head`): stop printing results.
     closed: bool,
+    lines: portfleet_core::found::TextLines,
 }
 
 impl<O: Write, E: Write> View<O, E> {
@@ -61,6 +62,7 @@ impl<O: Write, E: Write> View<O, E> {
             drawn: None,
             samples: VecDeque::new(),
             closed: false,
+            lines: Default::default(),
         }
     }
 
@@ -93,7 +95,10 @@ impl<O: Write, E: Write> View<O, E> {
         for r in results {
             let line = match found(r) {
                 Some(f) if self.json => f.to_json(),
-                Some(f) => f.to_string(),
+                Some(f) => match self.lines.line(&f) {
+                    Some(line) => line,
+                    None => continue,
+                },
                 None => continue,
             };
             if writeln!(self.out, "{line}").is_err() {
@@ -170,7 +175,8 @@ pub fn found(r: &pb::Result) -> Option<Found> {
     let port = u16::try_from(r.port).ok()?;
     let at = show::system_time(r.observed_at.as_ref().or(r.first_observed_at.as_ref()));
     let host = (!r.hostname.is_empty()).then(|| show::clean(&r.hostname));
-    Some(Found::tcp(ip, port, at, host))
+    let service = r.service.clone().map(portfleet_core::Service::from);
+    Some(Found::tcp(ip, port, at, host).with_service(service, r.host_answers_everything))
 }
 
 /// "running  1200/65536 (1.8%)  980/s  3 open  eta 1m 5s": short enough

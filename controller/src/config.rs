@@ -331,6 +331,13 @@ pub struct AmqpArgs {
     /// Rate of NaabuM8-requested scans, probes per second.
     #[arg(long = "naabum8-rate", env = "PORTFLEET_NAABUM8_RATE", default_value_t = 1000)]
     pub naabum8_rate: u32,
+    /// NaabuM8's own database: its commands scan the hostnames of its
+    /// `cptm8hostname` table, and each scan's services and endpoints are
+    /// written to its tables before the completion message (docs/amqp.md).
+    /// Without it, NaabuM8 commands scan portfleet's stored targets.
+    #[arg(long = "naabum8-database-url", env = "PORTFLEET_NAABUM8_DATABASE_URL", value_parser = parse_database_url,
+          hide_env_values = true)]
+    pub naabum8_database_url: Option<PgConnectOptions>,
 }
 
 impl AmqpArgs {
@@ -351,7 +358,12 @@ impl AmqpArgs {
                 queue: self.naabum8_queue.clone(),
                 binding: self.naabum8_binding.clone(),
                 completion_key: self.naabum8_completion_key.clone(),
-                defaults: NaabuDefaults { ports: self.naabum8_ports.clone(), rate: self.naabum8_rate },
+                defaults: NaabuDefaults {
+                    ports: self.naabum8_ports.clone(),
+                    rate: self.naabum8_rate,
+                    hostname_table: self.naabum8_database_url.is_some(),
+                },
+                database: self.naabum8_database_url.clone(),
             }),
             connection_name: "portfleet-controller".into(),
         })
@@ -597,7 +609,12 @@ impl TryFrom<&ServeArgs> for ControllerConfig {
                 max_shard_failures: a.max_shard_failures,
                 ..FleetConfig::default()
             },
-            ingress: a.amqp.config(),
+            ingress: {
+                if a.amqp.naabum8_database_url.is_some() && !(a.amqp.naabum8 && a.amqp.url.is_some()) {
+                    return Err("--naabum8-database-url needs --naabum8 and --amqp-url".into());
+                }
+                a.amqp.config()
+            },
             policy: ScopeRules { allow: a.allow.0.clone(), deny: a.deny.0.clone() },
             rate_caps: CapsUpdate { per_host: a.max_rate_per_host, per_block: a.max_rate_per_block },
             reflection: !a.no_reflection,

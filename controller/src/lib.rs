@@ -14,6 +14,7 @@ pub mod conn;
 pub mod enroll;
 pub mod health;
 pub mod ingress;
+pub mod naabum8;
 pub mod notify;
 pub mod plans;
 pub mod policy;
@@ -166,10 +167,18 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let scans = scans::ScanManager::new(api_store.clone(), config.limits.clone());
+    let mut scans = scans::ScanManager::new(api_store.clone(), config.limits.clone());
+    let naabum8_db =
+        config.ingress.as_ref().and_then(|i| i.naabum8.as_ref()).and_then(|n| n.database.clone()).map(|options| {
+            store::NaabuM8Db::connect_lazy(&store::DatabaseConfig { options, pool_size: 2, ..config.database.clone() })
+        });
+    if let Some(db) = &naabum8_db {
+        scans = scans.with_naabum8(db.clone());
+    }
     if let Some(mut ingress) = config.ingress.clone() {
         ingress.connection_name = format!("{} {}", ingress.connection_name, config.fleet.controller_id);
-        tasks.spawn(ingress::run(ingress, scans.clone(), api_store.clone(), notifier.clone(), background.clone()));
+        let (store, notifier) = (api_store.clone(), notifier.clone());
+        tasks.spawn(ingress::run(ingress, scans.clone(), store, notifier, naabum8_db.clone(), background.clone()));
     }
     let watches = api::WatchHub::new(api_store.clone(), notifier, background.clone(), tasks.clone(), &config.api);
     let scan_api = api::ScanApi::new(scans, api_store.clone(), watches);

@@ -7,6 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
@@ -33,10 +34,16 @@ pub struct ScanPlan {
     /// Probes per second for the whole scan.
     pub rate: u32,
     pub space: ScanSpace,
+    /// Identify open ports; see [`crate::scans::DEFAULT_PORT_THRESHOLD`].
+    pub identify: bool,
+    pub port_threshold: u32,
+    /// Named addresses, each with its names joined by ',': agents use them
+    /// as SNI and HTTP Host when identifying.
+    pub hostnames: Vec<(IpAddr, String)>,
 }
 
 impl ScanPlan {
-    fn decode(p: ScanParams) -> Result<Self, StoreError> {
+    fn decode(p: ScanParams, hostnames: Vec<(IpAddr, String)>) -> Result<Self, StoreError> {
         let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("scan {} {what}: {e}", p.id));
         let scan_type = ScanType::parse(&p.scan_type).ok_or_else(|| corrupt("scan_type", &p.scan_type))?;
         let addrs = AddressSet::parse_ranges(&p.address_ranges).map_err(|e| corrupt("address_ranges", &e))?;
@@ -54,6 +61,9 @@ impl ScanPlan {
             probes_planned: u64::try_from(p.probes_planned).map_err(|e| corrupt("probes_planned", &e))?,
             rate: u32::try_from(p.rate.max(1)).map_err(|e| corrupt("rate", &e))?,
             space,
+            identify: p.identify,
+            port_threshold: u32::try_from(p.port_threshold).map_err(|e| corrupt("port_threshold", &e))?,
+            hostnames,
         })
     }
 
@@ -115,11 +125,19 @@ impl ScanPlans {
 
     async fn load(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Arc<ScanPlan>>, StoreError> {
         let rows = self.store.scan_params_many(ids).await?;
+        let identifying: Vec<Uuid> = rows.iter().filter(|r| r.identify).map(|r| r.id).collect();
+        let mut names: HashMap<Uuid, Vec<(IpAddr, String)>> = HashMap::new();
+        if !identifying.is_empty() {
+            for h in self.store.scan_hosts_many(&identifying).await? {
+                names.entry(h.scan_id).or_default().push((h.ip, h.hostname));
+            }
+        }
         let mut loaded = HashMap::with_capacity(rows.len());
         for row in rows {
+            let hostnames = names.remove(&row.id).unwrap_or_default();
             // One bad row must not stop the scheduling of every other scan:
             // that scan is treated as unknown (its work is never assigned).
-            match ScanPlan::decode(row) {
+            match ScanPlan::decode(row, hostnames) {
                 Ok(plan) => {
                     loaded.insert(plan.id, Arc::new(plan));
                 }

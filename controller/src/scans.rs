@@ -11,9 +11,10 @@ use portfleet_core::{
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+pub use crate::naabum8::HostnameSelection;
 use crate::{
     policy::PolicySource,
-    store::{NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError},
+    store::{NaabuM8Db, NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError},
 };
 
 pub use crate::store::Origin;
@@ -75,6 +76,13 @@ pub struct ScanRequestInput {
     pub labels: BTreeMap<String, String>,
     pub agent_selector: BTreeMap<String, String>,
     pub allow_connect_fallback: bool,
+    /// `None` means the default: identify.
+    pub identify: Option<bool>,
+    /// `None` means the default ([`DEFAULT_PORT_THRESHOLD`]).
+    pub port_threshold: Option<u32>,
+    /// Hostnames from NaabuM8's table (`--naabum8-database-url`), besides
+    /// `targets`.
+    pub naabum8: Option<HostnameSelection>,
     /// Where the request came from, and where to reply (AMQP).
     pub origin: Origin,
     pub reply_to: Option<String>,
@@ -94,10 +102,17 @@ pub struct ScanRequest {
     pub labels: BTreeMap<String, String>,
     pub agent_selector: BTreeMap<String, String>,
     pub allow_connect_fallback: bool,
+    pub identify: bool,
+    pub port_threshold: u32,
+    pub naabum8: Option<HostnameSelection>,
     pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
 }
+
+/// Open ports on one address above which a scan reports the address as
+/// answering everything (a SYN proxy or tarpit), like naabu's `-pts`.
+pub const DEFAULT_PORT_THRESHOLD: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -127,6 +142,7 @@ impl ScanRequestInput {
     /// requests apart, so they never hold up a batch.
     pub fn needs_lookup(&self) -> bool {
         !self.target_group.trim().is_empty()
+            || self.naabum8.is_some()
             || self.targets.iter().any(|t| matches!(TargetSpec::parse(t), Ok(TargetSpec::Hostname(_))))
     }
 
@@ -138,7 +154,7 @@ impl ScanRequestInput {
             .map(|(i, t)| TargetSpec::parse(t).map_err(|e| invalid(format!("targets[{i}]"), e)))
             .collect::<Result<Vec<_>, _>>()?;
         let target_group = Some(self.target_group.trim().to_string()).filter(|g| !g.is_empty());
-        if targets.is_empty() && target_group.is_none() {
+        if targets.is_empty() && target_group.is_none() && self.naabum8.is_none() {
             return Err(invalid("targets", "give at least one target or a target_group"));
         }
         if targets.len() > limits.max_targets as usize {
@@ -172,6 +188,10 @@ impl ScanRequestInput {
         check_text("correlation_id", self.correlation_id.as_deref().unwrap_or(""), 255)?;
         labels::check_all(&self.labels).map_err(|e| invalid("labels", e))?;
         labels::check_all(&self.agent_selector).map_err(|e| invalid("agent_selector", e))?;
+        let port_threshold = self.port_threshold.unwrap_or(DEFAULT_PORT_THRESHOLD);
+        if port_threshold > u32::from(u16::MAX) {
+            return Err(invalid("port_threshold", format!("{port_threshold} exceeds the number of ports, 65535")));
+        }
         Ok(ScanRequest {
             targets,
             target_group,
@@ -183,6 +203,9 @@ impl ScanRequestInput {
             labels: self.labels,
             agent_selector: self.agent_selector,
             allow_connect_fallback: self.allow_connect_fallback,
+            identify: self.identify.unwrap_or(true),
+            port_threshold,
+            naabum8: self.naabum8,
             origin: self.origin,
             reply_to: self.reply_to.filter(|r| !r.is_empty()),
             correlation_id: self.correlation_id.filter(|c| !c.is_empty()),
@@ -200,7 +223,7 @@ impl ScanRequest {
         let mut targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
         targets.sort_unstable();
         targets.dedup();
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "targets": targets,
             "target_group": self.target_group,
             "ports": self.ports.to_string(),
@@ -211,6 +234,17 @@ impl ScanRequest {
             "agent_selector": self.agent_selector,
             "allow_connect_fallback": self.allow_connect_fallback,
         });
+        // Added later: only when not the default, so requests stored before
+        // them keep their fingerprints.
+        if !self.identify {
+            canonical["identify"] = false.into();
+        }
+        if self.port_threshold != DEFAULT_PORT_THRESHOLD {
+            canonical["port_threshold"] = self.port_threshold.into();
+        }
+        if let Some(selection) = &self.naabum8 {
+            canonical["naabum8"] = selection.fingerprint();
+        }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         format!("v1:{hex}")
@@ -253,13 +287,21 @@ pub struct ScanManager {
     policy: PolicySource,
     /// Bounds the DNS lookups in flight across all requests.
     lookups: Arc<Semaphore>,
+    /// NaabuM8's database, where [`HostnameSelection`]s are read.
+    naabum8: Option<NaabuM8Db>,
 }
 
 impl ScanManager {
     pub fn new(store: Store, limits: ScanLimits) -> Self {
         let policy = PolicySource::new(store.clone());
         let lookups = Arc::new(Semaphore::new(limits.max_lookups.max(1)));
-        Self { store, limits, policy, lookups }
+        Self { store, limits, policy, lookups, naabum8: None }
+    }
+
+    /// Reads NaabuM8 hostname selections from `db`.
+    pub fn with_naabum8(mut self, db: NaabuM8Db) -> Self {
+        self.naabum8 = Some(db);
+        self
     }
 
     pub fn limits(&self) -> &ScanLimits {
@@ -426,6 +468,22 @@ impl ScanManager {
                 specs.push((spec, "target_group".into()));
             }
         }
+        let mut stored_targets: Vec<String> = req.targets.iter().map(ToString::to_string).collect();
+        if let Some(selection) = &req.naabum8 {
+            let room = self.limits.max_targets.saturating_sub(specs.len() as u32);
+            let names = self.naabum8_hostnames(selection, room).await?;
+            for name in names {
+                // NaabuM8 handed every name to naabu, which skipped those it
+                // could not use: so does this.
+                match TargetSpec::parse(&name) {
+                    Ok(spec) => {
+                        stored_targets.push(name);
+                        specs.push((spec, "naabum8".into()));
+                    }
+                    Err(e) => tracing::warn!(hostname = %name, error = %e, "NaabuM8 hostname skipped"),
+                }
+            }
+        }
         let names = specs.iter().filter(|(s, _)| matches!(s, TargetSpec::Hostname(_))).count();
         if names > self.limits.max_hostnames as usize {
             return Err(invalid(
@@ -434,11 +492,16 @@ impl ScanManager {
             ));
         }
         let deadline = self.limits.resolve_deadline;
-        let resolved = tokio::time::timeout(deadline, resolve(&specs, self.limits.resolve_timeout, &self.lookups))
-            .await
-            .map_err(|_| {
-                invalid("targets", format!("{names} hostnames were not all resolved within {deadline:?}"))
-            })??;
+        // A NaabuM8 scan is of a whole inventory, where some names have
+        // gone: those are skipped (as naabu did), not fatal.
+        let unresolved = if req.naabum8.is_some() { Unresolved::Skip } else { Unresolved::Refuse };
+        let lookups = resolve(&specs, self.limits.resolve_timeout, &self.lookups, unresolved);
+        let resolved = tokio::time::timeout(deadline, lookups).await.map_err(|_| {
+            invalid("targets", format!("{names} hostnames were not all resolved within {deadline:?}"))
+        })??;
+        if resolved.is_empty() {
+            return Err(invalid("naabum8", format!("none of the {names} hostnames resolves")));
+        }
         let seed: u64 = rand::random();
         let plan = plan(PlanInput {
             targets: resolved,
@@ -457,7 +520,7 @@ impl ScanManager {
         Ok(NewScan {
             id: Uuid::now_v7(),
             request_id: req.request_id.clone(),
-            targets: req.targets.iter().map(ToString::to_string).collect(),
+            targets: stored_targets,
             target_group: req.target_group.clone().unwrap_or_default(),
             ports: req.ports.to_string(),
             scan_type: req.scan_type.as_str(),
@@ -478,9 +541,42 @@ impl ScanManager {
             reply_to: req.reply_to.clone(),
             correlation_id: req.correlation_id.clone(),
             request_fingerprint: req.request_id.is_some().then(|| req.fingerprint()),
+            identify: req.identify,
+            // Validated: at most 65535.
+            port_threshold: req.port_threshold as i32,
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
         })
+    }
+
+    /// The names a NaabuM8 selection stands for, at most `room` of them.
+    async fn naabum8_hostnames(&self, selection: &HostnameSelection, room: u32) -> Result<Vec<String>, ScanError> {
+        let Some(db) = &self.naabum8 else {
+            return Err(invalid("naabum8", "this controller has no --naabum8-database-url"));
+        };
+        let names = db.hostnames(selection, room.saturating_add(1)).await?;
+        if names.len() > room as usize {
+            return Err(invalid(
+                "naabum8",
+                format!("the scan would exceed the maximum of {} targets", self.limits.max_targets),
+            ));
+        }
+        if let HostnameSelection::Named(pairs) = selection
+            && let Some((id, name)) = pairs.iter().find(|(_, name)| !names.contains(name))
+        {
+            return Err(invalid(
+                "naabum8",
+                format!("hostname {name:?} with id {id} is not in NaabuM8's hostname table"),
+            ));
+        }
+        if names.is_empty() {
+            let which = match selection {
+                HostnameSelection::Domain(id) => format!("domain {id} has"),
+                _ => "NaabuM8's hostname table has".into(),
+            };
+            return Err(invalid("naabum8", format!("{which} no enabled hostnames")));
+        }
+        Ok(names)
     }
 
     pub async fn get(&self, id: Uuid) -> Result<ScanRecord, ScanError> {
@@ -508,10 +604,20 @@ impl ScanManager {
 
 /// Resolves the hostnames among `specs` through the system resolver, a
 /// bounded number at a time, keeping the name on each address.
+/// What a hostname that does not resolve does to its scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unresolved {
+    /// Refuses it, naming the hostname.
+    Refuse,
+    /// Leaves the name out (logged).
+    Skip,
+}
+
 async fn resolve(
     specs: &[(TargetSpec, String)],
     timeout: Duration,
     lookups: &Semaphore,
+    unresolved: Unresolved,
 ) -> Result<Vec<ResolvedTarget>, ScanError> {
     let mut out: Vec<ResolvedTarget> = specs
         .iter()
@@ -533,17 +639,19 @@ async fn resolve(
             let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), 0)))
                 .await
                 .map(|r| r.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<IpAddr>>()));
-            let addrs = match lookup {
-                Ok(Ok(addrs)) => addrs,
-                Ok(Err(e)) => return Err(invalid(field, format!("hostname {host:?} does not resolve: {e}"))),
-                Err(_) => {
-                    return Err(invalid(field, format!("hostname {host:?} did not resolve within {timeout:?}")));
-                }
+            let failure = match lookup {
+                Ok(Ok(addrs)) if !addrs.is_empty() => return Ok((host, addrs)),
+                Ok(Ok(_)) => format!("hostname {host:?} has no addresses"),
+                Ok(Err(e)) => format!("hostname {host:?} does not resolve: {e}"),
+                Err(_) => format!("hostname {host:?} did not resolve within {timeout:?}"),
             };
-            if addrs.is_empty() {
-                return Err(invalid(field, format!("hostname {host:?} has no addresses")));
+            match unresolved {
+                Unresolved::Refuse => Err(invalid(field, failure)),
+                Unresolved::Skip => {
+                    tracing::info!(reason = %failure, "hostname skipped");
+                    Ok((host, Vec::new()))
+                }
             }
-            Ok((host, addrs))
         })
         .buffer_unordered(32)
         .try_collect()
@@ -580,6 +688,33 @@ mod tests {
         assert_eq!(req.rate, 1000);
         assert_eq!(req.retries, 1);
         assert_eq!(req.scan_type, ScanType::Syn);
+        assert!(req.identify);
+        assert_eq!(req.port_threshold, DEFAULT_PORT_THRESHOLD);
+    }
+
+    /// Identification settings at their defaults leave the fingerprint as
+    /// it was before they existed (stored requests still match their
+    /// retries); any other value is a different request.
+    #[test]
+    fn identification_settings_are_part_of_the_request() {
+        let limits = ScanLimits::default();
+        let plain = input(&["192.0.2.1"], "80").validate(&limits).unwrap();
+        let mut explicit = input(&["192.0.2.1"], "80");
+        explicit.identify = Some(true);
+        explicit.port_threshold = Some(DEFAULT_PORT_THRESHOLD);
+        assert_eq!(explicit.validate(&limits).unwrap().fingerprint(), plain.fingerprint());
+        let mut off = input(&["192.0.2.1"], "80");
+        off.identify = Some(false);
+        assert_ne!(off.validate(&limits).unwrap().fingerprint(), plain.fingerprint());
+        let mut strict = input(&["192.0.2.1"], "80");
+        strict.port_threshold = Some(5);
+        assert_ne!(strict.validate(&limits).unwrap().fingerprint(), plain.fingerprint());
+        let mut huge = input(&["192.0.2.1"], "80");
+        huge.port_threshold = Some(70_000);
+        assert_eq!(
+            huge.validate(&limits).unwrap_err().to_string(),
+            "port_threshold: 70000 exceeds the number of ports, 65535"
+        );
     }
 
     #[test]

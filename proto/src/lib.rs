@@ -4,6 +4,7 @@
 //! domain types.
 
 pub mod codec;
+pub mod service;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -114,6 +114,7 @@ impl FakeAgent {
                 port: u32::from(*port),
                 state: pb::PortState::Open as i32,
                 observed_at: None,
+                ..Default::default()
             })
             .collect();
         let (shard_id, lease_epoch) = (a.shard_id, a.lease_epoch);

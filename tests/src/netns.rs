@@ -221,26 +221,7 @@ impl NetTopology {
     }
 
     pub fn listen_in(&self, namespace: &str, addrs: &[SocketAddr]) -> Listeners {
-        let ns = format!("/run/netns/{namespace}");
-        let addrs = addrs.to_vec();
-        // Sockets belong to the namespace of the thread that creates them.
-        let listeners = std::thread::spawn(move || {
-            let file = std::fs::File::open(&ns).expect("open namespace");
-            // SAFETY: setns on this short-lived thread only; the fd is valid.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            addrs
-                .iter()
-                .map(|a| {
-                    let l = std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("listen on {a}: {e}"));
-                    l.set_nonblocking(true).expect("nonblocking");
-                    l
-                })
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .expect("listener thread");
-        let tasks = listeners
+        let tasks = bind_in(namespace, addrs)
             .into_iter()
             .map(|l| {
                 tokio::spawn(async move {
@@ -253,6 +234,52 @@ impl NetTopology {
             .collect();
         Listeners { tasks }
     }
+
+    /// A server in the target namespace: each connection to `addr` is
+    /// handed to `handler` in a task of its own.
+    pub fn serve<F, Fut>(&self, addr: SocketAddr, handler: F) -> Listeners
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let tasks = bind_in(&self.target, &[addr])
+            .into_iter()
+            .map(|l| {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let l = tokio::net::TcpListener::from_std(l).expect("tokio listener");
+                    while let Ok((s, _)) = l.accept().await {
+                        tokio::spawn(handler(s));
+                    }
+                })
+            })
+            .collect();
+        Listeners { tasks }
+    }
+}
+
+/// Listening sockets bound inside `namespace`.
+fn bind_in(namespace: &str, addrs: &[SocketAddr]) -> Vec<std::net::TcpListener> {
+    let ns = format!("/run/netns/{namespace}");
+    let addrs = addrs.to_vec();
+    // Sockets belong to the namespace of the thread that creates them.
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).expect("open namespace");
+        // SAFETY: setns on this short-lived thread only; the fd is valid.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        addrs
+            .iter()
+            .map(|a| {
+                let l = std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("listen on {a}: {e}"));
+                l.set_nonblocking(true).expect("nonblocking");
+                l
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("listener thread")
 }
 
 impl Drop for NetTopology {

@@ -86,7 +86,7 @@ impl FakeAgent {
 }
 
 fn result(ip: [u8; 4], port: u32) -> pb::PortResult {
-    pb::PortResult { ip: ip.to_vec(), port, state: pb::PortState::Open as i32, observed_at: None }
+    pb::PortResult { ip: ip.to_vec(), port, state: pb::PortState::Open as i32, ..Default::default() }
 }
 
 fn batch(shard: u64, epoch: u64, seq: u64, results: Vec<pb::PortResult>) -> Out {
@@ -401,6 +401,13 @@ async fn random_frames_never_break_the_controller() {
                 observed_at: rng
                     .random_bool(0.5)
                     .then(|| prost_types::Timestamp { seconds: rng.random(), nanos: rng.random() }),
+                service: rng.random_bool(0.3).then(|| pb::Service {
+                    name: "\u{1b}x".repeat(rng.random_range(0..5000)),
+                    confidence: rng.random(),
+                    http: vec![pb::HttpInfo { status: rng.random(), ..Default::default() }; rng.random_range(0..40)],
+                    ..Default::default()
+                }),
+                host_answers_everything: rng.random(),
             })
             .collect();
         let counts = rng.random_bool(0.5).then(|| pb::ShardCounts {

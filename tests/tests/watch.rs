@@ -156,7 +156,7 @@ fn plan_lease(a: &pb::Assign, expected: &mut BTreeSet<(String, u32)>) -> Lease {
                 IpAddr::V4(v4) => v4.octets().to_vec(),
                 IpAddr::V6(v6) => v6.octets().to_vec(),
             };
-            pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, observed_at: None }
+            pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, ..Default::default() }
         })
         .collect();
     let batches: Vec<Vec<pb::PortResult>> = results.chunks(37).map(<[_]>::to_vec).collect();

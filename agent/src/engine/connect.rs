@@ -49,8 +49,9 @@ async fn probe(
         if attempt > 0 {
             limiter.acquire().await;
         }
-        // Held (controller silent, outbox full): no attempt goes out.
-        while job.control.is_paused() && !cancel.is_cancelled() {
+        // Held (controller silent, outbox full, identification behind):
+        // no attempt goes out.
+        while job.control.probing_held() && !cancel.is_cancelled() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if cancel.is_cancelled() {

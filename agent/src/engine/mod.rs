@@ -88,11 +88,38 @@ pub struct EngineControl {
     /// The controller has been silent so long that the lease may have
     /// lapsed there: no probe until it is heard again.
     offline: AtomicBool,
+    /// More open ports wait for identification than its queue holds: no
+    /// new probe until it drains. Only probing stops; identification and
+    /// replies to probes already sent go on.
+    backlog: AtomicBool,
+    /// Connections the identification stage opened under this rate, not
+    /// yet paid for by the send loops: probes and identification
+    /// connections share one rate.
+    charged: AtomicU32,
 }
 
 impl EngineControl {
     pub fn new(rate: u32) -> Self {
-        Self { rate: AtomicU32::new(rate.max(1)), paused: AtomicBool::new(false), offline: AtomicBool::new(false) }
+        Self {
+            rate: AtomicU32::new(rate.max(1)),
+            paused: AtomicBool::new(false),
+            offline: AtomicBool::new(false),
+            backlog: AtomicBool::new(false),
+            charged: AtomicU32::new(0),
+        }
+    }
+
+    /// Counts `n` packets sent outside the engine against its rate.
+    pub fn charge(&self, n: u32) {
+        self.charged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// What was charged since the last call; the caller pays it.
+    pub fn take_charged(&self) -> u32 {
+        if self.charged.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.charged.swap(0, Ordering::Relaxed)
     }
 
     pub fn rate(&self) -> u32 {
@@ -113,6 +140,28 @@ impl EngineControl {
 
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn set_backlog(&self, backlog: bool) {
+        self.backlog.store(backlog, Ordering::Relaxed);
+    }
+
+    /// Whether the send loops hold: paused, offline, or identification
+    /// behind.
+    pub fn probing_held(&self) -> bool {
+        self.is_paused() || self.backlog.load(Ordering::Relaxed)
+    }
+}
+
+/// Lowers the calling thread's CPU priority by `niceness` (Linux's
+/// `setpriority(PRIO_PROCESS, 0)` applies to the calling thread only), so
+/// the engine's own threads, which keep the process's priority, are
+/// scheduled first when the CPU is short. Best effort: a failure only
+/// leaves the priority as it was.
+pub fn yield_to_probing(niceness: i32) {
+    use rustix::process::{getpriority_process, setpriority_process};
+    if let Ok(now) = getpriority_process(None) {
+        let _ = setpriority_process(None, (now + niceness).min(19));
     }
 }
 

@@ -196,12 +196,15 @@ fn send_loop(shared: &Shared, sender: &mut Sender, threads: u32) -> std::io::Res
                 return Ok(());
             }
             while *credit == 0 {
-                while control.is_paused() && !shared.stop.load(Ordering::Relaxed) {
+                while control.probing_held() && !shared.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 if f64::from(share()) != bucket.rate() {
                     bucket.set_rate(share());
                 }
+                // Any send thread pays for the identification stage's
+                // connections: one rate for probes and connections.
+                bucket.charge(control.take_charged());
                 match bucket.take(epoch.elapsed(), MAX_BATCH as u32) {
                     Ok(n) => *credit = n,
                     Err(wait) => {

@@ -83,6 +83,8 @@ pub struct AgentConfig {
     pub policy: Arc<portfleet_core::ScopePolicy>,
     /// TLS to the controller (an https:// URL needs it).
     pub tls: Option<ClientTls>,
+    /// Service identification; `None` reports open ports only.
+    pub identifier: Option<Arc<crate::identify::Identifier>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             raw_socket,
             max_rate: config.max_rate,
             max_shards: config.max_shards,
+            identifier: config.identifier.clone(),
         }),
         id,
         leases: Leases::default(),

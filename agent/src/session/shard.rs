@@ -17,7 +17,8 @@ use super::{
     wire::{Assignment, LeaseId, ShardFrame},
 };
 use crate::{
-    engine::{self, Event, Finding, ScanJob},
+    engine::{self, Event, ScanJob},
+    identify::{Gate, Identified, Identifier, Item, Pipeline},
     net::NetOptions,
 };
 
@@ -41,6 +42,9 @@ pub struct ShardSettings {
     /// Probes per second over all shards; 0 for no limit.
     pub max_rate: u32,
     pub max_shards: u32,
+    /// The identification stage; `None` when this agent does not identify
+    /// (`--no-identify`), whatever the scan asks.
+    pub identifier: Option<Arc<Identifier>>,
 }
 
 /// Why this agent will not run an assignment it understood.
@@ -106,8 +110,15 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
         Err(e) => return fail(&lease, e.to_string()),
     };
     lease.set_counts(handle.counts());
-    let mut batch: Vec<Finding> = Vec::new();
-    let flush = |results: Vec<Finding>| {
+    let mut pipeline = match (&settings.identifier, a.identify) {
+        (Some(identifier), true) => {
+            let gate = Arc::new(Gate::new(settings.deny.clone(), lease.control().clone()));
+            Pipeline::identifying(identifier.clone(), gate, a.names.clone(), a.port_threshold)
+        }
+        _ => Pipeline::plain(),
+    };
+    let mut batch: Vec<Identified> = Vec::new();
+    let flush = |results: Vec<Identified>| {
         let lease = lease.clone();
         async move {
             if results.is_empty() {
@@ -117,9 +128,25 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
         }
     };
     let mut deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+    let mut engine_done = false;
+    let identifying = pipeline.identifies();
     loop {
-        let event = tokio::select! {
-            ev = rx.recv() => ev,
+        if engine_done && pipeline.is_empty() {
+            break;
+        }
+        let item = tokio::select! {
+            biased;
+            // Stopped: the engine ends within milliseconds; see below.
+            _ = stop.cancelled(), if identifying => break,
+            ev = rx.recv(), if !engine_done => {
+                match ev {
+                    Some(Event::Open(f)) => pipeline.push_open(f),
+                    Some(Event::Checkpoint { position, counts }) => pipeline.push_checkpoint(position, counts),
+                    None => engine_done = true,
+                }
+                continue;
+            }
+            item = pipeline.next(), if !pipeline.is_empty() => item,
             _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
                 if !flush(std::mem::take(&mut batch)).await {
                     return stop.cancel();
@@ -127,17 +154,17 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
                 continue;
             }
         };
-        match event {
-            Some(Event::Open(f)) => {
+        match item {
+            Some(Item::Found(f)) => {
                 if batch.is_empty() {
                     deadline = tokio::time::Instant::now() + FLUSH_EVERY;
                 }
-                batch.push(f);
+                batch.push(*f);
                 if batch.len() >= max_batch && !flush(std::mem::take(&mut batch)).await {
                     return stop.cancel();
                 }
             }
-            Some(Event::Checkpoint { position, counts }) => {
+            Some(Item::Checkpoint { position, counts }) => {
                 // Results below the checkpoint go first: the controller
                 // commits frames of a lease in order.
                 if !flush(std::mem::take(&mut batch)).await {
@@ -149,9 +176,33 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
                     return stop.cancel();
                 }
             }
-            None => break,
+            None => {}
         }
     }
+    // Stopped while identifying: what is identified goes out, with the
+    // checkpoints it covers; the rest is dropped with the pipeline, so no
+    // checkpoint moves past it - whoever resumes the shard finds and
+    // identifies those ports again. The engine's last events are drained
+    // so that it can finish.
+    let mut reported_all = pipeline.is_empty();
+    while let Some(ev) = rx.recv().await {
+        if let Event::Open(_) = ev {
+            reported_all = false;
+        }
+    }
+    for item in pipeline.ready() {
+        match item {
+            Item::Found(f) => batch.push(*f),
+            Item::Checkpoint { position, counts } => {
+                if !flush(std::mem::take(&mut batch)).await {
+                    return;
+                }
+                lease.push(|seq| ShardFrame::Progress { lease: id, seq, checkpoint: position, counts }).await;
+            }
+        }
+    }
+    reported_all &= pipeline.is_empty();
+    drop(pipeline);
     if !flush(std::mem::take(&mut batch)).await {
         return;
     }
@@ -161,14 +212,16 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
     };
     let (counts, checkpoint) = (summary.counts, summary.checkpoint);
     tracing::info!(sent = counts.sent, open = counts.open, checkpoint, "shard engine finished");
-    if checkpoint >= a.range.end {
+    if checkpoint >= a.range.end && reported_all {
         if lease.push(|seq| ShardFrame::Complete { lease: id, seq, counts }).await {
             lease.finish();
         }
         return;
     }
     if lease.stop_mode() == Some(StopMode::Release) {
-        lease.push(|seq| ShardFrame::Progress { lease: id, seq, checkpoint, counts }).await;
+        if reported_all {
+            lease.push(|seq| ShardFrame::Progress { lease: id, seq, checkpoint, counts }).await;
+        }
         lease.push_final(ShardFrame::Released { lease: id, agent_leaving: true });
         tracing::info!(checkpoint, "shard handed back");
     }
@@ -192,6 +245,7 @@ mod tests {
             raw_socket,
             max_rate,
             max_shards: 4,
+            identifier: None,
         }
     }
 
@@ -200,7 +254,18 @@ mod tests {
         let space = ScanSpace::new(addrs, PortSet::parse("80").unwrap(), 0, u64::MAX).unwrap();
         let lease = LeaseId { shard: ShardId::try_from(1).unwrap(), epoch: LeaseEpoch::try_from(1).unwrap() };
         let range = ShardRange { start: 0, end: space.len() };
-        Assignment { lease, scan_id: "s".into(), space: Arc::new(space), scan_type, range, retries: 1, rate: 100 }
+        Assignment {
+            lease,
+            scan_id: "s".into(),
+            space: Arc::new(space),
+            scan_type,
+            range,
+            retries: 1,
+            rate: 100,
+            identify: false,
+            names: Arc::default(),
+            port_threshold: 0,
+        }
     }
 
     /// The reasons the shard task used to report, word for word.

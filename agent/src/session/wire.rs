@@ -12,6 +12,7 @@
 //! session speaks domain values only.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -33,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::engine::{Counts, Finding};
+use crate::{engine::Counts, identify::Identified};
 
 /// The largest id, epoch or sequence number the controller can store.
 const MAX_WIRE_ID: u64 = i64::MAX.unsigned_abs();
@@ -163,6 +164,13 @@ pub struct Assignment {
     /// This lease's share of the scan's rate, probes per second, before the
     /// agent's own ceiling.
     pub rate: u32,
+    /// Identify open ports before reporting them.
+    pub identify: bool,
+    /// Names per address (SNI, HTTP Host for identification).
+    pub names: Arc<HashMap<IpAddr, Vec<String>>>,
+    /// Open ports on one address above which it answers everything; 0 for
+    /// no limit.
+    pub port_threshold: u32,
 }
 
 /// Why an Assign's work is unusable. The messages are what the agent
@@ -226,6 +234,19 @@ impl TryFrom<pb::Assign> for Assignment {
             Ok(pb::ScanType::Syn) => ScanType::Syn,
             _ => return Err(reject(InvalidAssign::ScanType(p.scan_type)).into()),
         };
+        let mut names: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        for h in p.hostnames.iter().take(MAX_HOSTNAMES) {
+            let ip = match h.ip.len() {
+                4 => <[u8; 4]>::try_from(&h.ip[..]).map(IpAddr::from),
+                16 => <[u8; 16]>::try_from(&h.ip[..]).map(IpAddr::from),
+                _ => continue,
+            };
+            // A name that is not a plain DNS name is never sent as SNI or
+            // Host: it is dropped, not escaped.
+            if let (Ok(ip), true) = (ip, is_dns_name(&h.name)) {
+                names.entry(ip).or_default().push(h.name.clone());
+            }
+        }
         Ok(Assignment {
             lease,
             scan_id: text::sanitize(&p.scan_id, 64),
@@ -234,8 +255,22 @@ impl TryFrom<pb::Assign> for Assignment {
             range: ShardRange { start: a.start_index, end: a.end_index },
             retries: p.retries,
             rate: a.rate,
+            identify: p.identify,
+            names: Arc::new(names),
+            port_threshold: p.port_threshold,
         })
     }
+}
+
+/// Hostnames per Assign the agent keeps (the controller sends at most its
+/// per-scan limit).
+const MAX_HOSTNAMES: usize = 10_000;
+
+/// Letters, digits, '-', '_' and '.', 1 to 253 bytes: safe in a Host
+/// header and as SNI.
+fn is_dns_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 /// What the controller's Welcome sets for a session, clamped to what this
@@ -536,7 +571,7 @@ pub enum ShardFrame {
     Results {
         lease: LeaseId,
         seq: Seq,
-        results: Vec<Finding>,
+        results: Vec<Identified>,
     },
     /// Every position below `checkpoint` is final and its results are in
     /// earlier frames.
@@ -574,7 +609,8 @@ fn counts(c: &Counts) -> pb::ShardCounts {
     pb::ShardCounts { sent: c.sent, open: c.open, closed: c.closed, filtered: c.filtered }
 }
 
-fn port_result(f: &Finding) -> pb::PortResult {
+fn port_result(r: &Identified) -> pb::PortResult {
+    let f = &r.finding;
     let ip = match f.ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
@@ -584,6 +620,8 @@ fn port_result(f: &Finding) -> pb::PortResult {
         port: u32::from(f.port),
         state: pb::PortState::Open.into(),
         observed_at: Some(timestamp(f.observed_at)),
+        service: r.service.as_ref().map(pb::Service::from),
+        host_answers_everything: r.answers_everything,
     }
 }
 
@@ -720,6 +758,7 @@ mod tests {
             retries: 2,
             seed: 7,
             total: 10,
+            ..Default::default()
         }
     }
 
@@ -861,9 +900,12 @@ mod tests {
     fn outbound_frames_are_built_from_domain_values() {
         let lease = LeaseId { shard: ShardId(5), epoch: LeaseEpoch(2) };
         let at = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5);
-        let finding = Finding { ip: "2001:db8::1".parse().unwrap(), port: 443, position: 9, observed_at: at };
+        let finding =
+            crate::engine::Finding { ip: "2001:db8::1".parse().unwrap(), port: 443, position: 9, observed_at: at };
+        let service = portfleet_core::Service { name: "https".into(), verified: true, ..Default::default() };
+        let found = Identified { finding, service: Some(service), answers_everything: false };
         let msg =
-            pb::AgentMessage::from(Outbound::Shard(ShardFrame::Results { lease, seq: Seq(4), results: vec![finding] }));
+            pb::AgentMessage::from(Outbound::Shard(ShardFrame::Results { lease, seq: Seq(4), results: vec![found] }));
         let Some(Out::Results(b)) = msg.frame else { panic!("{msg:?}") };
         assert_eq!((b.shard_id, b.lease_epoch, b.seq), (5, 2, 4));
         assert_eq!(
@@ -871,6 +913,7 @@ mod tests {
             (16, 443, pb::PortState::Open as i32)
         );
         assert_eq!(b.results[0].observed_at, Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5 }));
+        assert_eq!(b.results[0].service.as_ref().map(|s| s.name.as_str()), Some("https"));
         let released = pb::AgentMessage::from(Outbound::Shard(ShardFrame::Released { lease, agent_leaving: true }));
         assert_eq!(
             released.frame,

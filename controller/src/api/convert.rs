@@ -75,6 +75,8 @@ impl TryFrom<pb::CreateScanRequest> for ScanRequestInput {
             labels: r.labels.into_iter().collect(),
             agent_selector: r.agent_selector.into_iter().collect(),
             allow_connect_fallback: r.allow_connect_fallback,
+            identify: r.identify,
+            port_threshold: r.port_threshold,
             ..Default::default()
         })
     }
@@ -97,6 +99,8 @@ impl From<ScanRecord> for pb::Scan {
                 labels: s.labels.0.into_iter().collect(),
                 agent_selector: s.agent_selector.0.into_iter().collect(),
                 allow_connect_fallback: s.allow_connect_fallback,
+                identify: Some(s.identify),
+                port_threshold: Some(s.port_threshold as u32),
             }),
             address_count: s.address_count as u64,
             port_count: s.port_count as u32,
@@ -168,6 +172,8 @@ impl From<ResultRecord> for pb::Result {
             hostname: r.hostname.unwrap_or_default(),
             observed_at: Some(timestamp(r.last_seen_at)),
             first_observed_at: Some(timestamp(r.first_seen_at)),
+            service: r.service.as_ref().map(|s| pb::Service::from(&s.0)),
+            host_answers_everything: r.host_answers_everything,
         }
     }
 }

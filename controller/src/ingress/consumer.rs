@@ -240,12 +240,9 @@ fn parse(ingress: &Ingress, queue: &RequestQueue, d: &Delivery) -> Result<crate:
     match queue.kind {
         QueueKind::Native => messages::parse_native(d.routing_key.as_str(), &d.data, &props, max_targets),
         QueueKind::NaabuM8 => {
-            let defaults = ingress
-                .config
-                .naabum8
-                .as_ref()
-                .map(|n| n.defaults.clone())
-                .unwrap_or_else(|| messages::NaabuDefaults { ports: "top-100".into(), rate: 1000 });
+            let defaults = ingress.config.naabum8.as_ref().map(|n| n.defaults.clone()).unwrap_or_else(|| {
+                messages::NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false }
+            });
             messages::parse_naabum8(d.routing_key.as_str(), &d.data, &props, &defaults, max_targets)
         }
     }

@@ -9,7 +9,9 @@ use portfleet_core::{ScanType, labels, text};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::scans::{Origin, ScanRequestInput};
+use uuid::Uuid;
+
+use crate::scans::{HostnameSelection, Origin, ScanRequestInput};
 
 /// Why a message can never become a scan (it goes to the dead-letter
 /// queue with this reason).
@@ -128,6 +130,11 @@ struct NativeV1 {
     agent_selector: BTreeMap<String, String>,
     #[serde(default)]
     allow_connect_fallback: bool,
+    /// Identify open ports (default true).
+    #[serde(default)]
+    identify: Option<bool>,
+    #[serde(default)]
+    port_threshold: Option<u32>,
     #[serde(default)]
     reply_to: Option<String>,
     #[serde(default)]
@@ -170,6 +177,9 @@ pub fn parse_native(
         labels: msg.labels,
         agent_selector: msg.agent_selector,
         allow_connect_fallback: msg.allow_connect_fallback,
+        identify: msg.identify,
+        port_threshold: msg.port_threshold,
+        naabum8: None,
         origin: Origin::Amqp,
         // The AMQP properties win over the body.
         reply_to: props.reply_to.map(str::to_string).or(msg.reply_to),
@@ -196,6 +206,10 @@ struct PostScan {
 
 #[derive(Deserialize)]
 struct NamedTarget {
+    /// A `cptm8hostname` id: a UUID where NaabuM8's table is read, kept
+    /// unparsed otherwise (it is not used then).
+    #[serde(default)]
+    id: serde_json::Value,
     name: String,
 }
 
@@ -204,6 +218,9 @@ struct NamedTarget {
 pub struct NaabuDefaults {
     pub ports: String,
     pub rate: u32,
+    /// Hostnames come from NaabuM8's own table (`--naabum8-database-url`),
+    /// not from portfleet's stored targets.
+    pub hostname_table: bool,
 }
 
 /// The routing key is the command:
@@ -239,13 +256,25 @@ pub fn parse_naabum8(
     if let Some(source) = env.source.filter(|s| !s.is_empty()) {
         input.labels.insert("naabum8.source".into(), text::sanitize(&source, labels::MAX_VALUE));
     }
+    let table = defaults.hostname_table;
     if command == "cptm8.naabum8.get.scan" {
-        input.target_group = "*".into();
+        if table {
+            input.naabum8 = Some(HostnameSelection::All);
+        } else {
+            input.target_group = "*".into();
+        }
     } else if let Some(group) = command.strip_prefix("cptm8.naabum8.get.scan/domain/") {
         if group.is_empty() {
             return Err(BadMessage(format!("{command}: no domain id")));
         }
-        input.target_group = group.to_string();
+        if table {
+            // NaabuM8 answered 400 to an id that is not a UUID.
+            let id = Uuid::parse_str(group)
+                .map_err(|_| BadMessage(format!("{command}: the domain id {group:?} is not a UUID")))?;
+            input.naabum8 = Some(HostnameSelection::Domain(id));
+        } else {
+            input.target_group = group.to_string();
+        }
     } else if command == "cptm8.naabum8.post.scan" {
         let payload = env.payload.as_deref().map_or("null", serde_json::value::RawValue::get);
         let post: PostScan = from_json(payload.as_bytes(), max_targets).map_err(|e| {
@@ -254,7 +283,20 @@ pub fn parse_naabum8(
         if post.target.0.is_empty() {
             return Err(BadMessage(format!("{command}: no targets")));
         }
-        input.targets = post.target.0.into_iter().map(|t| t.name).collect();
+        if table {
+            let pairs = post
+                .target
+                .0
+                .into_iter()
+                .map(|t| match t.id.as_str().and_then(|id| Uuid::parse_str(id).ok()) {
+                    Some(id) => Ok((id, t.name)),
+                    None => Err(BadMessage(format!("{command}: target {:?} has no UUID id", t.name))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            input.naabum8 = Some(HostnameSelection::Named(pairs));
+        } else {
+            input.targets = post.target.0.into_iter().map(|t| t.name).collect();
+        }
     } else {
         return Err(BadMessage(format!("unknown NaabuM8 command {command:?}")));
     }
@@ -319,7 +361,7 @@ mod tests {
         assert_eq!(parse_native("k", &body(10), &props(), 10).unwrap().targets.len(), 10);
         let err = parse_native("k", &body(11), &props(), 10).unwrap_err().0;
         assert!(err.contains("more than the maximum of 10 targets"), "{err}");
-        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false };
         let names: Vec<_> = (0..11).map(|i| serde_json::json!({ "id": i, "name": format!("h{i}.example") })).collect();
         let env = serde_json::to_vec(&serde_json::json!({ "payload": { "target": names } })).unwrap();
         let err = parse_naabum8("cptm8.naabum8.post.scan", &env, &props(), &d, 10).unwrap_err().0;
@@ -336,7 +378,7 @@ mod tests {
             "cptm8.naabum8.get.scan",
             br#"{"payload":null,"source":"a\r\nb"}"#,
             &props(),
-            &NaabuDefaults { ports: "top-100".into(), rate: 1000 },
+            &NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false },
             MAX,
         )
         .unwrap();
@@ -345,7 +387,7 @@ mod tests {
 
     #[test]
     fn naabum8_commands_map_to_scans() {
-        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false };
         let env = br#"{"channel":"cptm8.naabum8.get.scan","payload":null,"timestamp":"2024-01-01T00:00:00Z","source":"orchestrator"}"#;
         let all = parse_naabum8("cptm8.naabum8.get.scan", env, &props(), &d, MAX).unwrap();
         assert_eq!(all.target_group, "*");
@@ -369,6 +411,31 @@ mod tests {
         }
     }
 
+    /// With NaabuM8's table, commands select from it as NaabuM8 did: a
+    /// domain id and every posted id must be UUIDs (NaabuM8 answered 400).
+    #[test]
+    fn naabum8_commands_select_from_its_hostname_table() {
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: true };
+        let all = parse_naabum8("cptm8.naabum8.get.scan", br#"{"payload":null}"#, &props(), &d, MAX).unwrap();
+        assert!(all.needs_lookup());
+        assert_eq!((all.naabum8, all.target_group.as_str()), (Some(HostnameSelection::All), ""));
+        let id = "6f1c1f4e-9a0e-4c1e-8c55-0d6f5b1b2a10";
+        let one = parse_naabum8(&format!("cptm8.naabum8.get.scan/domain/{id}"), br#"{}"#, &props(), &d, MAX).unwrap();
+        assert_eq!(one.naabum8, Some(HostnameSelection::Domain(id.parse().unwrap())));
+        let post = format!(r#"{{"payload":{{"target":[{{"id":"{id}","name":"a.example"}}]}}}}"#);
+        let named = parse_naabum8("cptm8.naabum8.post.scan", post.as_bytes(), &props(), &d, MAX).unwrap();
+        assert_eq!(named.naabum8, Some(HostnameSelection::Named(vec![(id.parse().unwrap(), "a.example".into())])));
+        assert!(named.targets.is_empty());
+        for (rk, body, needle) in [
+            ("cptm8.naabum8.get.scan/domain/42", &br#"{}"#[..], "the domain id \"42\" is not a UUID"),
+            ("cptm8.naabum8.post.scan", br#"{"payload":{"target":[{"id":7,"name":"a.example"}]}}"#, "no UUID id"),
+            ("cptm8.naabum8.post.scan", br#"{"payload":{"target":[{"name":"a.example"}]}}"#, "no UUID id"),
+        ] {
+            let err = parse_naabum8(rk, body, &props(), &d, MAX).unwrap_err().0;
+            assert!(err.contains(needle), "{rk}: {err}");
+        }
+    }
+
     /// docs/amqp-request.schema.json and the parser agree: its examples
     /// parse, every property it names is accepted, and a property it does
     /// not name is refused (as its `additionalProperties: false` says).
@@ -385,7 +452,8 @@ mod tests {
         let samples = serde_json::json!({
             "version": 1, "targets": ["192.0.2.1"], "target_group": "g", "ports": "80", "scan_type": "connect",
             "rate": 5, "retries": 2, "request_id": "r", "labels": {"a": "b"}, "agent_selector": {"c": "d"},
-            "allow_connect_fallback": true, "reply_to": "q", "correlation_id": "c"
+            "allow_connect_fallback": true, "identify": false, "port_threshold": 20, "reply_to": "q",
+            "correlation_id": "c"
         });
         let properties = schema["properties"].as_object().unwrap();
         let sample_keys: Vec<&String> = samples.as_object().unwrap().keys().collect();
@@ -419,7 +487,7 @@ mod tests {
                     .prop_map(String::into_bytes),
             ],
         ) {
-            let d = NaabuDefaults { ports: "top-100".into(), rate: 1000 };
+            let d = NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false };
             let _ = parse_native(&key, &body, &props(), MAX);
             let _ = parse_naabum8(&key, &body, &props(), &d, MAX);
         }

@@ -22,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 pub use messages::NaabuDefaults;
 pub use publisher::{event_body, naabum8_completion};
 
-use crate::{notify::Notifier, scans::ScanManager, store::Store};
+use crate::{
+    notify::Notifier,
+    scans::ScanManager,
+    store::{NaabuM8Db, Store},
+};
 
 /// 256 KiB: some 15,000 targets (more belong in a target group).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 10;
@@ -62,6 +66,9 @@ pub struct NaabuM8Config {
     /// Routing key of the completion message (NaabuM8 notified katanam8).
     pub completion_key: String,
     pub defaults: NaabuDefaults,
+    /// NaabuM8's database: hostnames are read from it and results written
+    /// to it (`crate::naabum8`).
+    pub database: Option<sqlx::postgres::PgConnectOptions>,
 }
 
 impl IngressConfig {
@@ -90,7 +97,8 @@ impl Default for NaabuM8Config {
             queue: "qnaabum8".into(),
             binding: "cptm8.naabum8.#".into(),
             completion_key: "cptm8.katanam8.get.scan".into(),
-            defaults: NaabuDefaults { ports: "top-100".into(), rate: 1000 },
+            defaults: NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false },
+            database: None,
         }
     }
 }
@@ -113,6 +121,8 @@ pub struct Ingress {
     pub scans: ScanManager,
     pub store: Store,
     pub notifier: Notifier,
+    /// NaabuM8's database, when `--naabum8-database-url` is set.
+    pub naabum8_db: Option<NaabuM8Db>,
     attempts: consumer::Attempts,
 }
 
@@ -122,9 +132,10 @@ pub async fn run(
     scans: ScanManager,
     store: Store,
     notifier: Notifier,
+    naabum8_db: Option<NaabuM8Db>,
     cancel: CancellationToken,
 ) {
-    let ingress = Arc::new(Ingress { config, scans, store, notifier, attempts: Default::default() });
+    let ingress = Arc::new(Ingress { config, scans, store, notifier, naabum8_db, attempts: Default::default() });
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let started = tokio::time::Instant::now();

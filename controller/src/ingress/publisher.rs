@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Ingress, IngressError, consumer::json_properties};
 use crate::{
     notify::Notice,
-    store::{Origin, PendingEvent, ScanEvent, ScanRecord},
+    store::{Origin, PendingEvent, ScanEvent, ScanRecord, StoreError},
 };
 
 const BATCH: i64 = 200;
+/// How often an unavailable NaabuM8 database is logged.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn ts(t: Option<DateTime<Utc>>) -> serde_json::Value {
     t.map_or(serde_json::Value::Null, |t| json!(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
@@ -44,11 +46,19 @@ pub fn event_body(event: &str, s: &ScanRecord) -> serde_json::Value {
     })
 }
 
-/// NaabuM8's completion message, as its downstream services expect it.
-pub fn naabum8_completion(routing_key: &str, s: &ScanRecord, event: ScanEvent) -> serde_json::Value {
-    let (status, message) = match event {
-        ScanEvent::Completed => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
-        other => (
+/// NaabuM8's completion message, as its downstream services expect it:
+/// `warning` (NaabuM8's word for a step that failed) when its tables could
+/// not be written, else `complete` or `incomplete`.
+pub fn naabum8_completion(
+    routing_key: &str,
+    s: &ScanRecord,
+    event: ScanEvent,
+    tables_failed: Option<&str>,
+) -> serde_json::Value {
+    let (status, message) = match (event, tables_failed) {
+        (_, Some(why)) => ("warning", format!("scan {} {event}, but NaabuM8's tables were not written: {why}", s.id)),
+        (ScanEvent::Completed, None) => ("complete", format!("scan {} completed: {} open ports", s.id, s.open_ports)),
+        (other, None) => (
             "incomplete",
             format!("scan {} {other}{}", s.id, s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
         ),
@@ -78,12 +88,47 @@ async fn publish(
     Ok(ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), &bytes, props).await?)
 }
 
+/// A NaabuM8 scan's rows, written to NaabuM8's tables before its
+/// completion message goes out (`crate::naabum8`). `Ok(Some(why))` when
+/// they cannot be written (the message says so); `Err` when NaabuM8's
+/// database is unavailable: the event waits in the outbox and is tried
+/// again.
+async fn naabum8_tables(ingress: &Ingress, e: &PendingEvent, down: &mut bool) -> Result<Option<String>, StoreError> {
+    let Some(db) = &ingress.naabum8_db else { return Ok(None) };
+    if e.event == ScanEvent::Created || e.scan.origin != Origin::NaabuM8 {
+        return Ok(None);
+    }
+    // Found unavailable earlier in this pass: the rest wait without
+    // waiting for a connection each.
+    if *down {
+        return Err(StoreError::Cancelled);
+    }
+    let complete = e.event == ScanEvent::Completed;
+    let t0 = std::time::Instant::now();
+    match crate::naabum8::export(&ingress.store, db, e.scan.id, complete).await {
+        Ok(w) => {
+            tracing::info!(scan_id = %e.scan.id, services = w.services, endpoints = w.endpoints,
+                hostnames = w.hostnames, complete, elapsed = ?t0.elapsed(), "NaabuM8 tables written");
+            Ok(None)
+        }
+        Err(err) if err.is_transient() => {
+            *down = true;
+            Err(err)
+        }
+        Err(err) => {
+            tracing::error!(scan_id = %e.scan.id, error = %err, "cannot write NaabuM8's tables");
+            Ok(Some(err.to_string()))
+        }
+    }
+}
+
 /// Publishes one event (and the reply or NaabuM8 message it implies); the
 /// confirms go to `confirms`.
 async fn publish_event(
     ch: &Channel,
     ingress: &Ingress,
     e: &PendingEvent,
+    tables_failed: Option<&str>,
     confirms: &mut Vec<lapin::PublisherConfirm>,
 ) -> Result<(), IngressError> {
     let s = &e.scan;
@@ -101,7 +146,7 @@ async fn publish_event(
         && s.origin == Origin::NaabuM8
         && let Some(n) = &ingress.config.naabum8
     {
-        let body = naabum8_completion(&n.completion_key, s, e.event);
+        let body = naabum8_completion(&n.completion_key, s, e.event, tables_failed);
         confirms.push(publish(ch, &n.exchange, &n.completion_key, &body, format!("{}:naabum8", s.id), None).await?);
     }
     Ok(())
@@ -120,6 +165,7 @@ pub async fn run(conn: &Connection, ingress: Arc<Ingress>, cancel: CancellationT
 async fn publish_events(ch: &Channel, ingress: &Ingress, cancel: &CancellationToken) -> Result<(), IngressError> {
     ch.confirm_select(Default::default()).await?;
     let mut notices = ingress.notifier.subscribe();
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         // A database outage pauses publishing; it does not end the session.
         let pending = match ingress.store.pending_events(BATCH).await {
@@ -135,8 +181,24 @@ async fn publish_events(ch: &Channel, ingress: &Ingress, cancel: &CancellationTo
         let claimed = pending.events.len() as i64;
         let mut confirms = Vec::new();
         let mut failure = None;
+        // Events that wait for NaabuM8's database: left in the outbox.
+        let mut waiting = Vec::new();
+        let mut naabum8_down = false;
         for e in &pending.events {
-            if let Err(err) = publish_event(ch, ingress, e, &mut confirms).await {
+            let tables_failed = match naabum8_tables(ingress, e, &mut naabum8_down).await {
+                Ok(failed) => failed,
+                Err(err) => {
+                    // Once a minute, not once a pass.
+                    if !matches!(err, StoreError::Cancelled) && warned.is_none_or(|t| t.elapsed() > WARN_EVERY) {
+                        warned = Some(std::time::Instant::now());
+                        tracing::warn!(scan_id = %e.scan.id, error = %err,
+                            "NaabuM8's database unavailable; completions of NaabuM8 scans wait for it");
+                    }
+                    waiting.push(e.event_id);
+                    continue;
+                }
+            };
+            if let Err(err) = publish_event(ch, ingress, e, tables_failed.as_deref(), &mut confirms).await {
                 failure = Some(err);
                 break;
             }
@@ -149,8 +211,11 @@ async fn publish_events(ch: &Channel, ingress: &Ingress, cancel: &CancellationTo
                 Err(err) => failure = Some(err.into()),
             }
         }
-        let published: Vec<i64> =
-            if failure.is_some() { Vec::new() } else { pending.events.iter().map(|e| e.event_id).collect() };
+        let published: Vec<i64> = if failure.is_some() {
+            Vec::new()
+        } else {
+            pending.events.iter().map(|e| e.event_id).filter(|id| !waiting.contains(id)).collect()
+        };
         if let Err(e) = pending.finish(&published).await {
             // Published but still in the outbox: it goes out again.
             tracing::warn!(error = %e, "cannot record published events; they will be published again");
@@ -158,7 +223,7 @@ async fn publish_events(ch: &Channel, ingress: &Ingress, cancel: &CancellationTo
         if let Some(e) = failure {
             return Err(e);
         }
-        if claimed == BATCH {
+        if claimed == BATCH && waiting.is_empty() {
             continue;
         }
         let relevant = async {

@@ -218,7 +218,7 @@ impl Session {
                     Err(msg) => return self.refuse_frame(id, Refusal::Invalid, msg).await,
                 };
                 // One statement may not touch a row twice.
-                rows.sort_unstable();
+                rows.sort_unstable_by_key(|r| r.position);
                 rows.dedup_by_key(|r| r.position);
                 let outcome = store.apply_results(&self.fence(id), &rows).await.map_err(SessionEnd::Store)?;
                 self.answer(id, outcome).await
@@ -288,5 +288,8 @@ fn port_record(r: Reported, space: &ScanSpace) -> Result<PortRecord, String> {
         ip: r.ip,
         port: i32::from(r.port),
         observed_at: r.observed_at,
+        // A struct of plain fields always serialises.
+        service: r.service.map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        host_answers_everything: r.host_answers_everything,
     })
 }

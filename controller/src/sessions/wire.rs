@@ -50,11 +50,14 @@ pub struct FrameId {
 
 /// One open port as an agent reported it (its position in the scan is
 /// found against the scan's space, which the frame does not carry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reported {
     pub ip: IpAddr,
     pub port: u16,
     pub observed_at: DateTime<Utc>,
+    /// What answered, cut to the domain's bounds.
+    pub service: Option<portfleet_core::Service>,
+    pub host_answers_everything: bool,
 }
 
 /// A frame from an agent, validated.
@@ -243,7 +246,8 @@ fn reported(r: pb::PortResult) -> Result<Reported, String> {
         .observed_at
         .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .unwrap_or_else(Utc::now);
-    Ok(Reported { ip, port, observed_at })
+    let service = r.service.map(portfleet_core::Service::from);
+    Ok(Reported { ip, port, observed_at, service, host_answers_everything: r.host_answers_everything })
 }
 
 impl TryFrom<pb::Hello> for Hello {
@@ -370,6 +374,19 @@ impl From<Assignment> for pb::Assign {
                 retries: p.retries,
                 seed: p.seed,
                 total: p.probes_planned,
+                identify: p.identify,
+                hostnames: p
+                    .hostnames
+                    .iter()
+                    .flat_map(|(ip, names)| {
+                        let ip = match ip {
+                            IpAddr::V4(v4) => v4.octets().to_vec(),
+                            IpAddr::V6(v6) => v6.octets().to_vec(),
+                        };
+                        names.split(',').map(move |name| pb::HostName { ip: ip.clone(), name: name.to_string() })
+                    })
+                    .collect(),
+                port_threshold: p.port_threshold,
             }),
             start_index: u64::try_from(a.start).unwrap_or(0),
             end_index: u64::try_from(a.end).unwrap_or(0),
@@ -446,7 +463,7 @@ mod tests {
     }
 
     fn result(ip: Vec<u8>, port: u32) -> pb::PortResult {
-        pb::PortResult { ip, port, state: pb::PortState::Open as i32, observed_at: None }
+        pb::PortResult { ip, port, state: pb::PortState::Open as i32, observed_at: None, ..Default::default() }
     }
 
     #[test]
@@ -466,6 +483,29 @@ mod tests {
         assert_eq!(code(&|h| h.held = vec![past]), tonic::Code::InvalidArgument);
         let h = Hello::try_from(pb::Hello { max_shards: 1000, max_rate: u32::MAX, ..hello() }).unwrap();
         assert_eq!((h.intro.max_shards, h.intro.max_rate), (64, i32::MAX));
+    }
+
+    /// An agent's identification is taken cut to the domain's bounds and
+    /// without control characters, whatever the agent sent.
+    #[test]
+    fn reported_services_are_bounded() {
+        let service = pb::Service {
+            name: "ssh\u{1b}[2J".into(),
+            banner: "b".repeat(1 << 20),
+            confidence: 1000,
+            ..Default::default()
+        };
+        let r = reported(pb::PortResult {
+            service: Some(service),
+            host_answers_everything: true,
+            ..result(vec![192, 0, 2, 1], 22)
+        })
+        .unwrap();
+        let s = r.service.unwrap();
+        assert_eq!((s.name.as_str(), s.confidence), ("ssh[2J", 10));
+        assert_eq!(s.banner.len(), portfleet_core::service::MAX_BANNER);
+        assert!(r.host_answers_everything);
+        assert_eq!(reported(result(vec![192, 0, 2, 1], 22)).unwrap().service, None);
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub struct ScanParams {
     pub seed: i64,
     pub probes_planned: i64,
     pub rate: i32,
+    pub identify: bool,
+    pub port_threshold: i32,
+}
+
+/// A name an address of a scan was resolved from (several joined by ',').
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ScanHost {
+    pub scan_id: Uuid,
+    pub ip: IpAddr,
+    pub hostname: String,
 }
 
 /// A scan some agent is working on.
@@ -64,12 +74,15 @@ pub struct LeasedScan {
 /// One open port reported by an agent, with its position in the scan's
 /// index space (computed by the controller, which also proves that the
 /// port belongs to the scan).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRecord {
     pub position: i64,
     pub ip: IpAddr,
     pub port: i32,
     pub observed_at: DateTime<Utc>,
+    /// `portfleet_core::Service` as JSON, when the agent identified it.
+    pub service: Option<String>,
+    pub host_answers_everything: bool,
 }
 
 /// The fence a frame must pass.
@@ -325,8 +338,21 @@ impl Store {
     /// Parameters of many scans in one query.
     pub async fn scan_params_many(&self, ids: &[Uuid]) -> Result<Vec<ScanParams>, StoreError> {
         let rows = sqlx::query_as::<_, ScanParams>(
-            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate
+            "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, identify,
+                    port_threshold
              FROM scans WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// The named addresses of many scans in one query (each scan has at
+    /// most `ScanLimits::max_hostnames`).
+    pub async fn scan_hosts_many(&self, ids: &[Uuid]) -> Result<Vec<ScanHost>, StoreError> {
+        let rows = sqlx::query_as::<_, ScanHost>(
+            "SELECT scan_id, ip, hostname FROM scan_hosts WHERE scan_id = ANY($1) ORDER BY scan_id, ip",
         )
         .bind(ids)
         .fetch_all(&self.pool)
@@ -406,6 +432,8 @@ impl Store {
             let ips: Vec<IpAddr> = results.iter().map(|r| r.ip).collect();
             let ports: Vec<i32> = results.iter().map(|r| r.port).collect();
             let seen: Vec<DateTime<Utc>> = results.iter().map(|r| r.observed_at).collect();
+            let services: Vec<Option<&str>> = results.iter().map(|r| r.service.as_deref()).collect();
+            let everything: Vec<bool> = results.iter().map(|r| r.host_answers_everything).collect();
             // DO NOTHING: an upsert's speculative path costs ~20% more per
             // row on this, the hottest statement; conflicts are rare
             // (resends, re-scans after failover) and handled below.
@@ -414,9 +442,11 @@ impl Store {
             let sql = if named {
                 "WITH ins AS (
                     INSERT INTO results (scan_id, position, ip, port, protocol, state, hostname, first_seen_at,
-                                         last_seen_at, shard_id, shard_batch)
-                    SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', h.hostname, u.seen, u.seen, $5, $6
-                    FROM UNNEST($7::int8[], $2::inet[], $3::int4[], $4::timestamptz[]) AS u(pos, ip, port, seen)
+                                         last_seen_at, shard_id, shard_batch, service, host_answers_everything)
+                    SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', h.hostname, u.seen, u.seen, $5, $6,
+                           u.svc::jsonb, u.every
+                    FROM UNNEST($7::int8[], $2::inet[], $3::int4[], $4::timestamptz[], $8::text[], $9::bool[])
+                        AS u(pos, ip, port, seen, svc, every)
                     LEFT JOIN scan_hosts h ON h.scan_id = $1 AND h.ip = u.ip
                     ON CONFLICT DO NOTHING
                     RETURNING 1
@@ -429,9 +459,10 @@ impl Store {
             } else {
                 "WITH ins AS (
                     INSERT INTO results (scan_id, position, ip, port, protocol, state, first_seen_at, last_seen_at,
-                                         shard_id, shard_batch)
-                    SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', u.seen, u.seen, $5, $6
-                    FROM UNNEST($7::int8[], $2::inet[], $3::int4[], $4::timestamptz[]) AS u(pos, ip, port, seen)
+                                         shard_id, shard_batch, service, host_answers_everything)
+                    SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', u.seen, u.seen, $5, $6, u.svc::jsonb, u.every
+                    FROM UNNEST($7::int8[], $2::inet[], $3::int4[], $4::timestamptz[], $8::text[], $9::bool[])
+                        AS u(pos, ip, port, seen, svc, every)
                     ON CONFLICT DO NOTHING
                     RETURNING 1
                  ), counted AS (
@@ -449,6 +480,8 @@ impl Store {
                 .bind(f.shard_id)
                 .bind(batch)
                 .bind(&positions)
+                .bind(&services)
+                .bind(&everything)
                 .fetch_one(&mut *tx)
                 .await?;
             if fresh > 0 {
@@ -546,11 +579,32 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(id) = completed {
+            Self::mark_answering_hosts(&mut tx, &[id]).await?;
             super::events::record(&mut tx, id, ScanEvent::Completed).await?;
             notify_scan(&mut tx, id).await?;
         }
         tx.commit().await?;
         Ok((Applied::Done, completed))
+    }
+
+    /// Marks every open port of an address that answered on more than its
+    /// scan's `port_threshold` ports (a SYN proxy or tarpit): agents mark
+    /// what one shard shows, this what the whole scan does. Skipped for a
+    /// scan with no more open ports than the threshold in all.
+    async fn mark_answering_hosts(tx: &mut Transaction<'_, Postgres>, scans: &[Uuid]) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE results r SET host_answers_everything = true
+             FROM (
+                SELECT res.scan_id, res.ip FROM results res JOIN scans s ON s.id = res.scan_id
+                WHERE s.id = ANY($1) AND s.port_threshold > 0 AND s.open_ports > s.port_threshold
+                GROUP BY res.scan_id, res.ip, s.port_threshold HAVING count(*) > s.port_threshold
+             ) h
+             WHERE r.scan_id = h.scan_id AND r.ip = h.ip AND NOT r.host_answers_everything",
+        )
+        .bind(scans)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// Hands a lease back: the shard resumes from its checkpoint.
@@ -760,7 +814,8 @@ impl Store {
     /// Completes running scans whose shards are all done (a safety net for
     /// a completion that raced a controller crash).
     pub async fn complete_finished_scans(&self) -> Result<u64, StoreError> {
-        let n = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let completed: Vec<Uuid> = sqlx::query_scalar(
             "WITH completed AS (
                 UPDATE scans s SET state = 'completed', finished_at = now(), updated_at = now(),
                     probes_done = s.probes_planned,
@@ -770,14 +825,17 @@ impl Store {
              ), events AS (
                 INSERT INTO scan_events (scan_id, event) SELECT id, 'completed' FROM completed
              )
-             SELECT pg_notify($1, $2 || id) FROM completed",
+             SELECT id FROM completed, LATERAL (SELECT pg_notify($1, $2 || id)) AS n",
         )
         .bind(notify::CHANNEL)
         .bind(NoticeKind::ScanChanged.prefix())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !completed.is_empty() {
+            Self::mark_answering_hosts(&mut tx, &completed).await?;
+        }
+        tx.commit().await?;
+        Ok(completed.len() as u64)
     }
 
     /// Refreshes the progress counters of running scans from their shards.

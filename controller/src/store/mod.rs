@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod ids;
 mod leases;
+mod naabum8;
 mod policy;
 mod results;
 mod scans;
@@ -30,8 +31,9 @@ pub use events::{PendingEvent, PendingEvents};
 pub use ids::{LeaseEpoch, OutOfRange, Seq, ShardId};
 pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, LeasedScan, PortRecord, Retry,
-    ScanParams, ShardProgress,
+    ScanHost, ScanParams, ShardProgress,
 };
+pub use naabum8::{Export, NaabuM8Db};
 pub use policy::{ActiveScanRanges, CapsUpdate, ScopeRules};
 pub use results::{ResultHead, ResultKey, ResultRecord};
 pub use scans::{Labels, NewScan, NewShard, ScanRecord};

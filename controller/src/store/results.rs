@@ -3,7 +3,9 @@
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
+use portfleet_core::Service;
 use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Page, Paged, PortState, Store, StoreError};
@@ -18,6 +20,9 @@ pub struct ResultRecord {
     pub hostname: Option<String>,
     pub first_seen_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
+    /// What answered, when the scan identified services.
+    pub service: Option<Json<Service>>,
+    pub host_answers_everything: bool,
 }
 
 /// How many result batches a shard has committed (its `shard_batch`
@@ -44,6 +49,17 @@ pub struct ResultKey {
 }
 
 impl Store {
+    /// The distinct `hostname` values of a scan's results (each the names
+    /// of one address, joined by ','): the names with an open port.
+    pub async fn result_hostnames(&self, scan_id: Uuid) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query_scalar("SELECT DISTINCT hostname FROM results WHERE scan_id = $1 AND hostname IS NOT NULL")
+                .bind(scan_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
     /// How many result batches each shard of a scan has committed.
     pub async fn result_heads(&self, scan_id: Uuid) -> Result<Vec<ResultHead>, StoreError> {
         let rows = sqlx::query_as::<_, ResultHead>(
@@ -59,7 +75,7 @@ impl Store {
     #[tracing::instrument(name = "store.shard_results", skip_all, fields(shard_id, after, upto))]
     pub async fn shard_results(&self, shard_id: i64, after: i32, upto: i32) -> Result<Vec<ResultRecord>, StoreError> {
         let rows = sqlx::query_as::<_, ResultRecord>(
-            "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at
+            "SELECT ip, port, protocol, state, hostname, first_seen_at, last_seen_at, service, host_answers_everything
              FROM results WHERE shard_id = $1 AND shard_batch > $2 AND shard_batch <= $3
              ORDER BY shard_batch, position",
         )
@@ -79,7 +95,7 @@ impl Store {
         page: Page<ResultKey>,
     ) -> Result<Paged<ResultRecord, ResultKey>, StoreError> {
         let rows = sqlx::query_as::<_, PositionedResult>(
-            "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at
+            "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at, service, host_answers_everything
              FROM results WHERE scan_id = $1 AND position > $2
              ORDER BY position LIMIT $3",
         )

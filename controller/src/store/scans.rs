@@ -48,6 +48,11 @@ pub struct ScanRecord {
     /// The normalised request's fingerprint (`None` for scans stored before
     /// fingerprints were kept).
     pub request_fingerprint: Option<String>,
+    /// Identify what answers on open ports.
+    pub identify: bool,
+    /// More open ports than this on one address mark it as answering
+    /// everything; 0 for no limit.
+    pub port_threshold: i32,
 }
 
 /// `"<prefix> <every scans column> <suffix>"`, built at compile time because
@@ -60,7 +65,7 @@ macro_rules! with_scan_columns {
             retries, labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count, \
             port_count, probes_planned, shard_count, probes_done, open_ports, error, created_at, \
             started_at, finished_at, updated_at, has_ipv6, waiting_reason, origin, reply_to, correlation_id, \
-            request_fingerprint ",
+            request_fingerprint, identify, port_threshold ",
             $suffix
         )
     };
@@ -94,6 +99,8 @@ pub struct NewScan {
     pub correlation_id: Option<String>,
     /// See [`ScanRecord::request_fingerprint`].
     pub request_fingerprint: Option<String>,
+    pub identify: bool,
+    pub port_threshold: i32,
     pub shards: Vec<NewShard>,
     pub hostnames: Vec<(IpAddr, String)>,
 }
@@ -161,6 +168,7 @@ impl Store {
                     "shard_count": s.shards.len(), "has_ipv6": s.has_ipv6, "origin": s.origin.as_str(),
                     "reply_to": s.reply_to, "correlation_id": s.correlation_id,
                     "request_fingerprint": s.request_fingerprint,
+                    "identify": s.identify, "port_threshold": s.port_threshold,
                 })
             })
             .collect();
@@ -189,17 +197,18 @@ impl Store {
                 INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
                     labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
                     port_count, probes_planned, shard_count, has_ipv6, origin, reply_to, correlation_id,
-                    request_fingerprint)
+                    request_fingerprint, identify, port_threshold)
                 SELECT r.id, r.request_id, ARRAY(SELECT jsonb_array_elements_text(r.targets)), r.target_group,
                     r.ports, r.scan_type, r.rate, r.retries, r.labels, r.agent_selector, r.allow_connect_fallback,
                     r.seed, ARRAY(SELECT jsonb_array_elements_text(r.address_ranges)), r.address_count,
                     r.port_count, r.probes_planned, r.shard_count, r.has_ipv6, r.origin, r.reply_to,
-                    r.correlation_id, r.request_fingerprint
+                    r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold
                 FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, request_id text, targets jsonb,
                     target_group text, ports text, scan_type text, rate int, retries int, labels jsonb,
                     agent_selector jsonb, allow_connect_fallback bool, seed bigint, address_ranges jsonb,
                     address_count bigint, port_count int, probes_planned bigint, shard_count int,
-                    has_ipv6 bool, origin text, reply_to text, correlation_id text, request_fingerprint text)
+                    has_ipv6 bool, origin text, reply_to text, correlation_id text, request_fingerprint text,
+                    identify bool, port_threshold int)
                 ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
                 RETURNING *
              ), sh AS (

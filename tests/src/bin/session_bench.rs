@@ -301,7 +301,12 @@ async fn ingest_agent(mut sim: Sim, committed: Arc<AtomicU64>, target: u64) {
                         IpAddr::V4(v4) => v4.octets().to_vec(),
                         IpAddr::V6(v6) => v6.octets().to_vec(),
                     };
-                    pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, observed_at: None }
+                    pb::PortResult {
+                        ip,
+                        port: u32::from(port),
+                        state: pb::PortState::Open as i32,
+                        ..Default::default()
+                    }
                 })
                 .collect();
             pos += BATCH as u64;
@@ -957,7 +962,12 @@ mod watch {
                         IpAddr::V4(v4) => v4.octets().to_vec(),
                         IpAddr::V6(v6) => v6.octets().to_vec(),
                     };
-                    pb::PortResult { ip, port: u32::from(port), state: pb::PortState::Open as i32, observed_at: None }
+                    pb::PortResult {
+                        ip,
+                        port: u32::from(port),
+                        state: pb::PortState::Open as i32,
+                        ..Default::default()
+                    }
                 })
                 .collect();
             pos = end;
