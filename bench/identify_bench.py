@@ -39,6 +39,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from netbench import Net, sh
+
 ROOT = Path(__file__).resolve().parent.parent
 SCANNER, TARGET = "pfid-s", "pfid-t"
 S_IF, T_IF = "pfid0", "pfid1"
@@ -53,10 +55,6 @@ EXTRA_HTTP = list(range(8000, 8020))
 EXTRA_HTTPS = list(range(8440, 8448))
 EXTRA_SSH = [2200, 2201, 2202, 2203]
 MANY_PORTS = SERVICE_PORTS + EXTRA_HTTP + EXTRA_HTTPS + EXTRA_SSH
-
-
-def sh(*args, check=True, **kw):
-    return subprocess.run(list(args), check=check, text=True, capture_output=True, **kw)
 
 
 def which(cmd):
@@ -89,27 +87,11 @@ def build_agent():
     return ROOT / "target" / "release" / "portfleet-agent"
 
 
-def teardown():
-    for ns in (SCANNER, TARGET):
-        sh("ip", "netns", "del", ns, check=False)
+NET = Net(SCANNER, TARGET, S_IF, T_IF, S_IP, T_IP, LIVE)
 
 
 def setup():
-    teardown()
-    for ns in (SCANNER, TARGET):
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", S_IF, "netns", SCANNER, "type", "veth", "peer", "name", T_IF, "netns", TARGET)
-    for ns, dev, addr in ((SCANNER, S_IF, S_IP), (TARGET, T_IF, T_IP)):
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", check=False)
-    sh("ip", "-n", TARGET, "route", "add", "local", LIVE, "dev", "lo")
-    sh("ip", "-n", SCANNER, "route", "add", LIVE, "via", T_IP, "dev", S_IF)
-    mac = {ns: sh("ip", "-n", ns, "-br", "link", "show", dev).stdout.split()[2]
-           for ns, dev in ((SCANNER, S_IF), (TARGET, T_IF))}
-    sh("ip", "-n", SCANNER, "neigh", "replace", T_IP, "lladdr", mac[TARGET], "dev", S_IF, "nud", "permanent")
-    sh("ip", "-n", TARGET, "neigh", "replace", S_IP, "lladdr", mac[SCANNER], "dev", T_IF, "nud", "permanent")
+    NET.setup()
     # Thousands of identification connections in a few seconds.
     for ns in (SCANNER, TARGET):
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", check=False)
@@ -176,16 +158,7 @@ for p in {MANY_PORTS!r}:
     return procs
 
 
-def timed(cmd):
-    """Runs cmd in the scanner namespace; returns (stdout, stderr, wall, cpu, rss_kb)."""
-    with tempfile.NamedTemporaryFile("r") as tf:
-        full = ["ip", "netns", "exec", SCANNER, "/usr/bin/time", "-o", tf.name, "-f", "%e %U %S %M"] + cmd
-        r = subprocess.run(full, text=True, capture_output=True)
-        fields = Path(tf.name).read_text().split()[-4:]
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}): {r.stderr[-800:]}")
-    wall, user, sys_, rss = float(fields[0]), float(fields[1]), float(fields[2]), int(fields[3])
-    return r.stdout, r.stderr, wall, user + sys_, rss
+timed = NET.timed
 
 
 def normal(name, tunnel):
@@ -327,7 +300,7 @@ def main():
     finally:
         for p in procs:
             p.kill()
-        teardown()
+        NET.teardown()
         tmp.cleanup()
 
     if rows:

@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from netbench import Net, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNER, TARGET = "pfbench-s", "pfbench-t"
@@ -38,10 +39,6 @@ S_IF, T_IF = "pfbench0", "pfbench1"
 S_IP, T_IP = "198.19.0.1", "198.19.0.2"
 LIVE = "198.18.1.0/24"
 OPEN_PORTS = [21, 22, 80, 139, 443, 445, 631, 993]
-
-
-def sh(*args, check=True, **kw):
-    return subprocess.run(list(args), check=check, text=True, capture_output=True, **kw)
 
 
 def ensure_tools():
@@ -60,29 +57,7 @@ def build_agent():
     return ROOT / "target" / "release" / "portfleet-agent"
 
 
-def teardown():
-    for ns in (SCANNER, TARGET):
-        sh("ip", "netns", "del", ns, check=False)
-
-
-def setup():
-    teardown()
-    for ns in (SCANNER, TARGET):
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", S_IF, "netns", SCANNER, "type", "veth", "peer", "name", T_IF, "netns", TARGET)
-    for ns, dev, addr in ((SCANNER, S_IF, S_IP), (TARGET, T_IF, T_IP)):
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        # libpcap-based tools size their rings from the GSO size.
-        sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", check=False)
-    sh("ip", "-n", TARGET, "route", "add", "local", LIVE, "dev", "lo")
-    sh("ip", "-n", SCANNER, "route", "add", LIVE, "via", T_IP, "dev", S_IF)
-    mac = {ns: sh("ip", "-n", ns, "-br", "link", "show", dev).stdout.split()[2]
-           for ns, dev in ((SCANNER, S_IF), (TARGET, T_IF))}
-    sh("ip", "-n", SCANNER, "neigh", "replace", T_IP, "lladdr", mac[TARGET], "dev", S_IF, "nud", "permanent")
-    sh("ip", "-n", TARGET, "neigh", "replace", S_IP, "lladdr", mac[SCANNER], "dev", T_IF, "nud", "permanent")
-    return mac[TARGET]
+NET = Net(SCANNER, TARGET, S_IF, T_IF, S_IP, T_IP, LIVE)
 
 
 def start_target():
@@ -106,16 +81,7 @@ while True:
     return p
 
 
-def timed(cmd):
-    """Runs cmd in the scanner namespace; returns (stdout, stderr, wall, cpu, rss_kb)."""
-    with tempfile.NamedTemporaryFile("r") as tf:
-        full = ["ip", "netns", "exec", SCANNER, "/usr/bin/time", "-o", tf.name, "-f", "%e %U %S %M"] + cmd
-        r = subprocess.run(full, text=True, capture_output=True)
-        fields = Path(tf.name).read_text().split()[-4:]
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}): {r.stderr[-500:]}")
-    wall, user, sys_, rss = float(fields[0]), float(fields[1]), float(fields[2]), int(fields[3])
-    return r.stdout, r.stderr, wall, user + sys_, rss
+timed = NET.timed
 
 
 def parse_portfleet(stdout, _):
@@ -176,7 +142,7 @@ def main():
                  ("b", "254 x 1000", "198.18.1.1-198.18.1.254", "1-1000", 254)]
     if args.full:
         workloads.append(("c", "254 x 65535", "198.18.1.1-198.18.1.254", "1-65535", 254))
-    router_mac = setup()
+    router_mac = NET.setup()
     target = start_target()
     results = {}
     try:
@@ -226,7 +192,7 @@ def main():
                       file=sys.stderr)
     finally:
         target.kill()
-        teardown()
+        NET.teardown()
 
     print(f"\n| work | tool | wall s | probes/s | CPU s | peak RSS MB | found/expected | runs |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

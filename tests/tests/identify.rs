@@ -359,13 +359,14 @@ async fn scan(api: &mut ApiClient, request_id: &str) -> (pb::Scan, HashMap<(Stri
     .await;
     eprintln!("scan {request_id} took {:?}", started.elapsed());
     assert_eq!(done.state, pb::ScanState::Completed as i32, "{done:?}");
-    let results = api
-        .list_results(pb::ListResultsRequest { scan_id: scan.id.clone(), page_size: 1000, page_token: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = results_of(api, &scan.id).await;
     (done, results.into_iter().map(|r| ((r.ip.clone(), r.port), r)).collect())
+}
+
+/// A scan's results (one page: these scans have fewer than 1,000).
+async fn results_of(api: &mut ApiClient, scan_id: &str) -> Vec<pb::Result> {
+    let request = pb::ListResultsRequest { scan_id: scan_id.into(), page_size: 1000, page_token: String::new() };
+    api.list_results(request).await.expect("ListResults").into_inner().results
 }
 
 fn service(results: &HashMap<(String, u32), pb::Result>, ip: &str, port: u32) -> Service {
@@ -515,12 +516,7 @@ async fn an_agent_killed_mid_identification_loses_and_doubles_nothing() {
         }
     })
     .await;
-    let results = api
-        .list_results(pb::ListResultsRequest { scan_id: scan.id.clone(), page_size: 1000, page_token: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = results_of(&mut api, &scan.id).await;
     assert_eq!(done.open_ports, 40, "{done:?}");
     assert_eq!(results.len(), 40);
     for r in &results {

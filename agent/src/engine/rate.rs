@@ -19,7 +19,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// `rate` tokens per second; at most about 5 ms of them accumulate
-    /// (at most [`MAX_BURST`]), so a stall is not followed by a long burst,
+    /// (at most 4,096), so a stall is not followed by a long burst,
     /// while a send thread that woke a little late (a busy host) makes up
     /// for it instead of losing the rate.
     pub fn new(rate: u32, now: Duration) -> Self {

@@ -3,7 +3,7 @@
 //! A second stage after discovery. Each open port the engine finds is
 //! queued ([`Pipeline`], bounded: a full queue pauses reading the engine's
 //! events, which in turn paces the engine) and identified by a task of its
-//! own ([`port`]): banner, HTTP and TLS ([`http`], [`tls`]), portfleet's own
+//! own (`port`): banner, HTTP and TLS ([`http`], [`tls`]), portfleet's own
 //! rules ([`rules`], `agent/rules/services.rules`) and, when installed,
 //! nmap's service probe database ([`nmap`], read at run time). Results
 //! leave the pipeline in the order they were found, each checkpoint after

@@ -142,7 +142,7 @@ impl Rules {
     /// The service `response` identifies: the first rule `on` the source
     /// (`probe`, [`HTTP`], or None for the banner) or `*` that matches,
     /// then, for a probe's response, the first `banner` rule that matches.
-    /// Confidence 10, method "probed", rule "builtin:<rule name>"; the
+    /// Confidence 10, method "probed", rule `builtin:<rule name>`; the
     /// banner, TLS, HTTP and tunnel fields are left to the driver.
     pub fn identify(&self, probe: Option<&str>, response: &[u8]) -> Option<Service> {
         let source = probe.unwrap_or(BANNER);
