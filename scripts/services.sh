@@ -47,11 +47,12 @@ Install it (apt-get install rabbitmq-server); the tests use guest/guest on local
 }
 
 # Daemons the identification tests run inside their target namespaces, and
-# nmap (its service probe database, and the benchmark's peer), from
+# nmap (its service probe database, and the benchmark's peer), ndiff and
+# xmllint (the exports are checked with them), from
 # Debian's packages. Their services are not started here (policy-rc.d):
 # the tests start their own copies on namespace addresses.
-TEST_PACKAGES="nmap nginx-light openssh-server vsftpd memcached redis-server mosquitto"
-TEST_COMMANDS="nmap nginx sshd vsftpd memcached redis-server mosquitto"
+TEST_PACKAGES="nmap ndiff libxml2-utils python3 nginx-light openssh-server vsftpd memcached redis-server mosquitto"
+TEST_COMMANDS="nmap ndiff xmllint python3 nginx sshd vsftpd memcached redis-server mosquitto"
 
 ensure_test_daemons() {
   local missing=""

@@ -6,7 +6,11 @@
 //! `portfleet-core` (the label rules the controller applies too, and the
 //! result line the agent prints too) and tonic, never the controller's
 //! database or broker crates. [`run`] connects and hands each subcommand
-//! to its own function; `show` formats answers, `watch` follows a scan.
+//! to its own function; `show` formats answers, `watch` follows a scan,
+//! `export` and `nmap` print results in other tools' formats, `inventory`
+//! asks about the network memory (hosts, changes, diffs), `webhooks` and
+//! `retention` manage what the controller sends and keeps, and `args`
+//! parses the flag values several subcommands share.
 //!
 //! `--agent-label` is checked here with the shared label rules
 //! ([`Labels`]); everything else is validated by the controller, which
@@ -19,8 +23,14 @@
 
 #![forbid(unsafe_code)]
 
+mod args;
+mod export;
+mod inventory;
+mod nmap;
+mod retention;
 mod show;
 mod watch;
+mod webhooks;
 
 use std::{
     io::{IsTerminal, Write},
@@ -28,7 +38,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use portfleet_core::{Found, labels::Labels};
+use portfleet_core::labels::Labels;
 use portfleet_proto::{
     auth::{self, ApiClient, Bearer},
     v1::{self as pb, watch_scan_response::Event},
@@ -37,6 +47,13 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::show::{Table, count};
+pub use crate::{
+    args::{ChangeKindArg, ListFormat, PortStateArg, ResultsFormat, ViewFormat},
+    export::ResultsArgs,
+    inventory::{ChangesArgs, DiffArgs, HostsArgs},
+    retention::RetentionCommand,
+    webhooks::WebhooksCommand,
+};
 
 /// The exit status of `scan --timeout` when time runs out (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -55,7 +72,7 @@ pub struct Cli {
     /// API token (`portfleet-controller tokens create`).
     #[arg(long, env = "PORTFLEET_TOKEN", hide_env_values = true, default_value = "", global = true)]
     pub token: String,
-    /// Tables without their header row (for scripts).
+    /// Tables and CSV without their header row (for scripts).
     #[arg(long, global = true)]
     pub no_headers: bool,
     #[command(subcommand)]
@@ -84,14 +101,69 @@ pub enum Command {
         limit: u32,
     },
     /// Print a scan's open ports, sorted by address (IPv4 first) and port.
-    Results {
-        id: String,
-        /// JSON Lines, the schema of `portfleet-agent scan --json`.
-        #[arg(long)]
-        json: bool,
-    },
+    ///
+    /// --format text (the default) prints `ip:port` lines, jsonl the schema
+    /// of `portfleet-agent scan --json`, csv a header row and a record per
+    /// port, nmap-xml nmap's XML output (-oX, for tools that import nmap
+    /// scans), masscan masscan's list output (-oL). The filters are applied
+    /// by the controller.
+    Results(ResultsArgs),
     /// Cancel a scan.
     Cancel { id: String },
+    /// Delete finished scans.
+    ///
+    /// A completed, cancelled or failed scan is gone from every list at
+    /// once; its results are removed in the background. The inventory keeps
+    /// what it found. A pending or running scan is refused: cancel it
+    /// first. Stops at the first refusal (the scans before it are deleted).
+    Delete {
+        /// Scan ids, as `list` shows them.
+        #[arg(required = true, value_name = "SCAN_ID")]
+        ids: Vec<String>,
+    },
+    /// List the hosts any scan found open (the inventory), by address.
+    ///
+    /// One row per host: its names, how many ports are open now, when it
+    /// was first and last seen open; jsonl and csv add its target groups.
+    Hosts(HostsArgs),
+    /// Show one address from the inventory: its ports and latest changes.
+    ///
+    /// Every port any scan found open on it (open now, or closed since a
+    /// later scan probed it), and its latest changes, newest first.
+    Host {
+        /// The address.
+        ip: String,
+        /// Output format: text, or one JSON object with its ports and
+        /// changes.
+        #[arg(long, value_enum, default_value_t = ViewFormat::Text)]
+        format: ViewFormat,
+    },
+    /// List what opened, closed or changed service, newest first.
+    ///
+    /// A change is only recorded where a later scan really probed the port:
+    /// a port a scan did not cover has not closed.
+    Changes(ChangesArgs),
+    /// Compare two scans: what opened and closed from A to B.
+    ///
+    /// Compared over the ports both scans finished probing. Prints the
+    /// counts, then every entry: `+ ip:port opened`, `- ip:port closed`,
+    /// `? ip:port only in A` (open in A, never probed by B) or `only in B`.
+    Diff(DiffArgs),
+    /// Manage webhooks (an admin token).
+    ///
+    /// The controller POSTs each event to the URL, at least once, signed
+    /// with the webhook's secret.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// Show how long finished scans are kept; `retention set` changes it.
+    ///
+    /// An admin token. `retention set 90d` deletes finished scans 90 days
+    /// after they ended; `retention set forever` (or 0) keeps them. Shared
+    /// by every controller; a change applies within a minute.
+    Retention {
+        #[command(subcommand)]
+        command: Option<RetentionCommand>,
+    },
     /// List agents.
     Agents,
     /// Ask an agent to finish its shards and take no new ones.
@@ -245,8 +317,15 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
         Command::Scan(a) => scan(&mut c, a).await,
         Command::Get { id } => get(&mut c, id).await,
         Command::List { state, limit } => list(&mut c, state, limit, headers).await,
-        Command::Results { id, json } => results(&mut c, id, json).await,
+        Command::Results(a) => export::results(&mut c, a, headers).await,
         Command::Cancel { id } => cancel(&mut c, id).await,
+        Command::Delete { ids } => retention::delete_scans(&mut c, ids).await,
+        Command::Hosts(a) => inventory::hosts(&mut c, a, headers).await,
+        Command::Host { ip, format } => inventory::host(&mut c, ip, format, headers).await,
+        Command::Changes(a) => inventory::changes(&mut c, a, headers).await,
+        Command::Diff(a) => inventory::diff(&mut c, a).await,
+        Command::Webhooks(w) => webhooks::run(&mut c, w, headers).await,
+        Command::Retention { command } => retention::retention(&mut c, command).await,
         Command::Agents => agents(&mut c, headers).await,
         Command::Drain { agent } => drain(&mut c, &agent, Drain::On).await,
         Command::Undrain { agent } => drain(&mut c, &agent, Drain::Off).await,
@@ -275,12 +354,13 @@ async fn connect(cli: &Cli) -> Result<ApiClient, String> {
 }
 
 /// How a refused call is reported: the gRPC code and the server's message.
-fn status(s: tonic::Status) -> String {
+pub(crate) fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), show::clean(s.message()))
 }
 
-/// The largest page the controller serves for agents and targets.
-const PAGE: u32 = 1000;
+/// The largest page the controller serves for agents, targets, hosts,
+/// changes and webhooks.
+pub(crate) const PAGE: u32 = 1000;
 
 /// `scan`: creates the scan, then (unless `--no-wait`) watches it and
 /// prints open ports as they land; exits 0 only if it completed.
@@ -439,37 +519,6 @@ fn scan_row(s: &pb::Scan) -> Vec<String> {
         s.open_ports.to_string(),
         what,
     ]
-}
-
-/// `results`: every open port of a scan, sorted by address then port.
-/// The controller pages in scan order (its index), so the pages are
-/// gathered and sorted here.
-async fn results(c: &mut ApiClient, id: String, json: bool) -> Result<i32, String> {
-    let mut found: Vec<Found> = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .list_results(pb::ListResultsRequest { scan_id: id.clone(), page_size: 10_000, page_token: token })
-            .await
-            .map_err(status)?
-            .into_inner();
-        found.extend(page.results.iter().filter_map(watch::found));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
-    // IpAddr orders numerically, IPv4 before IPv6.
-    found.sort_by_key(|f| (f.ip, f.port));
-    let mut out = std::io::stdout().lock();
-    let mut lines = portfleet_core::found::TextLines::default();
-    for f in &found {
-        let Some(line) = (if json { Some(f.to_json()) } else { lines.line(f) }) else { continue };
-        if writeln!(out, "{line}").is_err() {
-            break;
-        }
-    }
-    Ok(0)
 }
 
 /// `cancel`: cancels a scan and shows it.

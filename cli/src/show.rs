@@ -48,6 +48,40 @@ pub fn time(t: Option<&prost_types::Timestamp>) -> String {
     system_time(t).map_or_else(|| "-".into(), |t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
+/// RFC 3339 in UTC with nanoseconds, as `Found`'s `timestamp`: the time
+/// of the machine formats (JSON Lines, CSV).
+pub fn exact_time(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    system_time(t).map(|t| humantime::format_rfc3339_nanos(t).to_string())
+}
+
+/// `ip:port` (`[v6]:port`); an address that does not parse is shown as
+/// sent, cleaned.
+pub fn endpoint(ip: &str, port: u32) -> String {
+    match (ip.parse::<std::net::IpAddr>(), u16::try_from(port)) {
+        (Ok(ip), Ok(port)) => std::net::SocketAddr::new(ip, port).to_string(),
+        _ => format!("{}:{port}", clean(ip)),
+    }
+}
+
+/// What answers on a port, one cell: "ssh OpenSSH 9.2p1", or "-".
+pub fn service(s: Option<&pb::Service>) -> String {
+    s.map_or_else(|| "-".into(), |s| or_dash(&portfleet_core::Service::from(s.clone()).summary()))
+}
+
+/// One CSV record without its line end, quoted as RFC 4180 says: a field
+/// with a comma, a double quote or a line break is put in double quotes,
+/// its double quotes doubled.
+pub fn csv_record<S: AsRef<str>>(fields: &[S]) -> String {
+    let quoted: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            let f = f.as_ref();
+            if f.contains([',', '"', '\r', '\n']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.to_string() }
+        })
+        .collect();
+    quoted.join(",")
+}
+
 /// A duration to the second ("1h 2m 3s"); under a second is "0s".
 pub fn duration(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
@@ -124,6 +158,25 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(pb::ScanState::Completed) => "completed",
         Ok(pb::ScanState::Cancelled) => "cancelled",
         Ok(pb::ScanState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+pub fn port_state_name(state: i32) -> &'static str {
+    match pb::PortState::try_from(state) {
+        Ok(pb::PortState::Open) => "open",
+        Ok(pb::PortState::Closed) => "closed",
+        Ok(pb::PortState::Filtered) => "filtered",
+        _ => "unknown",
+    }
+}
+
+/// As `changes --kind` spells it.
+pub fn change_kind_name(kind: i32) -> &'static str {
+    match pb::ChangeKind::try_from(kind) {
+        Ok(pb::ChangeKind::Opened) => "opened",
+        Ok(pb::ChangeKind::Closed) => "closed",
+        Ok(pb::ChangeKind::ServiceChanged) => "service-changed",
         _ => "unknown",
     }
 }
@@ -273,6 +326,23 @@ mod tests {
         let mut out = Vec::new();
         fields(&mut out, &f[..2]).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "id:    x\nstate: pending\n");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_as_rfc_4180_says() {
+        assert_eq!(csv_record(&["a", "", "b c"]), "a,,b c");
+        assert_eq!(
+            csv_record(&["x,y", "say \"hi\"", "two\nlines", "cr\r"]),
+            "\"x,y\",\"say \"\"hi\"\"\",\"two\nlines\",\"cr\r\""
+        );
+        assert_eq!(csv_record(&["\""]), "\"\"\"\"");
+    }
+
+    #[test]
+    fn endpoints_bracket_ipv6() {
+        assert_eq!(endpoint("192.0.2.1", 80), "192.0.2.1:80");
+        assert_eq!(endpoint("2001:db8::1", 443), "[2001:db8::1]:443");
+        assert_eq!(endpoint("bad\nip", 1), "bad ip:1");
     }
 
     #[test]

@@ -245,6 +245,17 @@ pub struct ServeArgs {
     /// 0 lifts it). Unset: the database's value stays.
     #[arg(long = "max-rate-per-host", env = "PORTFLEET_MAX_RATE_PER_HOST")]
     pub max_rate_per_host: Option<u32>,
+    /// Set how long finished scans are kept (kept in the database; admins
+    /// change it at run time with `portfleet retention set`): e.g. `90d`;
+    /// `0` or `forever` keeps them. Unset: the database's value stays.
+    /// The inventory keeps what pruned scans found.
+    #[arg(long = "retain-scans", env = "PORTFLEET_RETAIN_SCANS", value_parser = parse_retention)]
+    pub retain_scans: Option<Retention>,
+    /// Do not fold results into the inventory on this controller (another
+    /// controller on the database does it; with it on none, hosts and
+    /// changes stay empty and scans send no scan.changes).
+    #[arg(long = "no-inventory", env = "PORTFLEET_NO_INVENTORY", action = ArgAction::SetTrue, value_parser = boolish())]
+    pub no_inventory: bool,
     /// Likewise for one IPv4 /24 or IPv6 /64.
     #[arg(long = "max-rate-per-block", env = "PORTFLEET_MAX_RATE_PER_BLOCK")]
     pub max_rate_per_block: Option<u32>,
@@ -479,6 +490,24 @@ impl ApiConfig {
     }
 }
 
+/// How long finished scans are kept: `None` for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+/// `90d`, `12h`; `0` or `forever` for no limit.
+pub fn parse_retention(s: &str) -> Result<Retention, String> {
+    match s.trim() {
+        "0" | "forever" | "never" => Ok(Retention(None)),
+        t => {
+            let d = humantime::parse_duration(t).map_err(|e| format!("{t:?}: {e} (e.g. 90d, 12h, or forever)"))?;
+            if d < Duration::from_secs(1) {
+                return Err(format!("{t:?}: keep scans at least a second (or `forever`)"));
+            }
+            Ok(Retention(Some(d)))
+        }
+    }
+}
+
 /// Everything the controller needs to run, whatever the source.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -494,6 +523,10 @@ pub struct ControllerConfig {
     pub policy: ScopeRules,
     /// Politeness caps set in the database at start.
     pub rate_caps: CapsUpdate,
+    /// The retention set in the database at start, when given.
+    pub retain_scans: Option<Retention>,
+    /// Maintain the inventory (docs/inventory.md) on this controller.
+    pub inventory: bool,
     /// Serve gRPC reflection and health (unauthenticated, like all of
     /// their kind).
     pub reflection: bool,
@@ -516,6 +549,8 @@ impl ControllerConfig {
             ingress: None,
             policy: ScopeRules::default(),
             rate_caps: CapsUpdate::default(),
+            retain_scans: None,
+            inventory: true,
             reflection: true,
             health: true,
             tls: None,
@@ -617,6 +652,8 @@ impl TryFrom<&ServeArgs> for ControllerConfig {
             },
             policy: ScopeRules { allow: a.allow.0.clone(), deny: a.deny.0.clone() },
             rate_caps: CapsUpdate { per_host: a.max_rate_per_host, per_block: a.max_rate_per_block },
+            retain_scans: a.retain_scans,
+            inventory: !a.no_inventory,
             reflection: !a.no_reflection,
             health: !a.no_health,
             tls: a.tls_cert.clone().zip(a.tls_key.clone()).map(|(cert, key)| TlsFiles {

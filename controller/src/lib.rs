@@ -11,19 +11,23 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod diff;
 pub mod enroll;
 pub mod health;
 pub mod ingress;
+pub mod inventory;
 pub mod naabum8;
 pub mod notify;
 pub mod plans;
 pub mod policy;
 pub mod politeness;
+pub mod prune;
 pub mod scans;
 pub mod scheduler;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -115,6 +119,9 @@ pub async fn run(
     store.add_scope_rules(store::ScopeAction::Allow, &config.policy.allow).await?;
     store.add_scope_rules(store::ScopeAction::Deny, &config.policy.deny).await?;
     store.set_rate_caps(config.rate_caps).await?;
+    if let Some(config::Retention(keep)) = config.retain_scans {
+        store.set_retention(keep).await?;
+    }
     let rules = store.scope_rules().await?;
     let caps = store.rate_caps().await?;
     if rules.allow.is_empty() {
@@ -156,6 +163,14 @@ pub async fn run(
         agent_ca: agent_ca(&config)?,
     });
     tasks.spawn(scheduler::run(fleet.clone()));
+    // The inventory, webhooks and the pruner on a small pool of their own:
+    // their transactions can never take the agent protocol's connections.
+    let upkeep = Store::connect_lazy(&store::DatabaseConfig { pool_size: 3, ..config.database.clone() });
+    if config.inventory {
+        tasks.spawn(inventory::run(upkeep.clone(), fleet.plans.clone(), notifier.clone(), background.clone()));
+    }
+    tasks.spawn(webhooks::run(upkeep.clone(), background.clone()));
+    tasks.spawn(prune::run(upkeep.clone(), background.clone()));
     tracing::info!(controller_id = %config.fleet.controller_id, "fleet scheduler started");
 
     // Both reflection versions: grpcurl 1.8 and many tools speak only v1alpha.
@@ -229,7 +244,7 @@ pub async fn run(
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop in time");
     }
-    let closed = async { tokio::join!(store.close(), api_store.close()) };
+    let closed = async { tokio::join!(store.close(), api_store.close(), upkeep.close()) };
     if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
         tracing::warn!("database pools did not close in time");
     }

@@ -194,7 +194,9 @@ pub async fn export(store: &Store, db: &NaabuM8Db, scan_id: Uuid, complete: bool
     let mut written = Written { hostnames: open_ids.len(), ..Written::default() };
     let mut after = None;
     loop {
-        let page = store.list_results(scan_id, crate::store::Page { after, limit: PAGE }).await?;
+        let page = store
+            .list_results(scan_id, &crate::store::ResultFilter::default(), crate::store::Page { after, limit: PAGE })
+            .await?;
         let rows = rows(&page.items, &ids);
         tx.write(&rows.services, &rows.endpoints, &rows.infos).await?;
         written.services += rows.services.len();

@@ -30,6 +30,18 @@ impl Backoff {
         delay
     }
 
+    /// The delay [`Backoff::next_delay`] gives on its `n`th call (n >= 1):
+    /// for retries whose count is stored rather than held in a loop.
+    pub fn nth_delay(initial: Duration, max: Duration, n: u32) -> Duration {
+        let mut b = Self::new(initial, max);
+        let mut delay = initial;
+        // Past 64 doublings every step is at the cap.
+        for _ in 0..n.clamp(1, 64) {
+            delay = b.next_delay();
+        }
+        delay
+    }
+
     /// Back to the first step, after a success.
     pub fn reset(&mut self) {
         self.current = self.initial;

@@ -452,7 +452,12 @@ async fn results_page_in_scan_order_with_hostnames() {
     let mut token = String::new();
     loop {
         let page = client
-            .list_results(pb::ListResultsRequest { scan_id: scan.id.clone(), page_size: 2, page_token: token.clone() })
+            .list_results(pb::ListResultsRequest {
+                scan_id: scan.id.clone(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

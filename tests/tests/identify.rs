@@ -365,7 +365,7 @@ async fn scan(api: &mut ApiClient, request_id: &str) -> (pb::Scan, HashMap<(Stri
 
 /// A scan's results (one page: these scans have fewer than 1,000).
 async fn results_of(api: &mut ApiClient, scan_id: &str) -> Vec<pb::Result> {
-    let request = pb::ListResultsRequest { scan_id: scan_id.into(), page_size: 1000, page_token: String::new() };
+    let request = pb::ListResultsRequest { scan_id: scan_id.into(), page_size: 1000, ..Default::default() };
     api.list_results(request).await.expect("ListResults").into_inner().results
 }
 

@@ -333,6 +333,16 @@ async fn lifecycle_events_and_replies_are_published() {
     assert_eq!(cancelled["scan_id"], id.as_str());
     assert_eq!(cancelled["state"], "cancelled");
     assert!(cancelled["finished_at"].is_string());
+    // Then what the scan changed in the inventory: nothing, it probed
+    // nothing.
+    let (rk, body, props) = tokio::time::timeout(Duration::from_secs(15), events.recv()).await.unwrap().unwrap();
+    assert_eq!(rk, "scan.changes");
+    let changes: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(changes["scan_id"], id.as_str());
+    assert_eq!((changes["page"].as_u64(), changes["pages"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(changes["counts"], serde_json::json!({"opened": 0, "closed": 0, "service_changed": 0}));
+    assert_eq!(changes["changes"], serde_json::json!([]));
+    assert_eq!(props.message_id().as_ref().map(|m| m.to_string()), Some(format!("{id}:scan.changes:1")));
     // Published once: nothing else arrives.
     assert!(tokio::time::timeout(Duration::from_secs(2), events.recv()).await.is_err());
 }

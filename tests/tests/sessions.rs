@@ -142,7 +142,12 @@ async fn results(client: &mut ApiClient, id: &str) -> BTreeSet<SocketAddr> {
     let mut token = String::new();
     loop {
         let page = client
-            .list_results(pb::ListResultsRequest { scan_id: id.into(), page_size: 1000, page_token: token })
+            .list_results(pb::ListResultsRequest {
+                scan_id: id.into(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

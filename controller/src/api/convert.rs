@@ -154,12 +154,22 @@ impl From<TargetRecord> for pb::Target {
     }
 }
 
-fn port_state_to_pb(state: PortState) -> pb::PortState {
+pub fn port_state_to_pb(state: PortState) -> pb::PortState {
     match state {
         PortState::Open => pb::PortState::Open,
         PortState::Closed => pb::PortState::Closed,
         PortState::Filtered => pb::PortState::Filtered,
     }
+}
+
+pub fn port_state_from_pb(value: i32) -> Result<Option<PortState>, Status> {
+    Ok(match pb::PortState::try_from(value) {
+        Ok(pb::PortState::Unspecified) => None,
+        Ok(pb::PortState::Open) => Some(PortState::Open),
+        Ok(pb::PortState::Closed) => Some(PortState::Closed),
+        Ok(pb::PortState::Filtered) => Some(PortState::Filtered),
+        Err(_) => return Err(Status::invalid_argument(format!("state: unknown value {value}"))),
+    })
 }
 
 impl From<ResultRecord> for pb::Result {

@@ -3,6 +3,7 @@
 
 mod agent;
 mod convert;
+mod inventory;
 mod page;
 mod status;
 mod watch;
@@ -35,6 +36,8 @@ pub struct ScanApi {
     store: Store,
     watches: WatchHub,
     auth: Authorizer,
+    /// Scan spaces, for diffs.
+    plans: crate::plans::ScanPlans,
 }
 
 impl ScanApi {
@@ -42,7 +45,8 @@ impl ScanApi {
     /// WatchScan.
     pub fn new(scans: ScanManager, store: Store, watches: WatchHub) -> Self {
         let auth = Authorizer::new(store.clone(), std::time::Duration::from_secs(5));
-        Self { scans, store, watches, auth }
+        let plans = crate::plans::ScanPlans::new(store.clone());
+        Self { scans, store, watches, auth, plans }
     }
 }
 
@@ -167,14 +171,23 @@ impl ScanService for ScanApi {
         self.auth.authorize(request.metadata(), Scope::Read, "ListResults").await?;
         let r = request.into_inner();
         let scan_id = convert::parse_id("scan_id", &r.scan_id)?;
-        let page =
-            Page { after: page::decode("results", &r.page_token)?, limit: page::size(r.page_size, 1000, 10_000) };
+        let page: Page<crate::store::ResultKey> = Page { after: None, limit: page::size(r.page_size, 1000, 10_000) };
         // NOT_FOUND for an unknown scan rather than an empty list.
         self.scans.get(scan_id).await.map_err(to_status)?;
-        let paged = self.store.list_results(scan_id, page).await.map_err(store_status)?;
+        let filter = crate::store::ResultFilter {
+            cidr: inventory::cidr("cidr", &r.cidr)?,
+            port: inventory::port("port", r.port)?,
+            hostname: Some(r.hostname.trim().to_lowercase()).filter(|h| !h.is_empty()),
+            state: convert::port_state_from_pb(r.state)?,
+            observed_since: inventory::time("observed_since", r.observed_since)?,
+        };
+        // A token is bound to its scan and filters.
+        let list = results_list(scan_id, &r);
+        let page = Page { after: page::decode(&list, &r.page_token)?, limit: page.limit };
+        let paged = self.store.list_results(scan_id, &filter, page).await.map_err(store_status)?;
         Ok(Response::new(pb::ListResultsResponse {
             results: paged.items.into_iter().map(Into::into).collect(),
-            next_page_token: page::encode("results", paged.next),
+            next_page_token: page::encode(&list, paged.next),
         }))
     }
 
@@ -269,6 +282,91 @@ impl ScanService for ScanApi {
             failed_scan_ids: failed.iter().map(ToString::to_string).collect(),
         }))
     }
+
+    async fn delete_scan(
+        &self,
+        request: Request<pb::DeleteScanRequest>,
+    ) -> Result<Response<pb::DeleteScanResponse>, Status> {
+        self.do_delete_scan(request).await
+    }
+
+    async fn list_hosts(
+        &self,
+        request: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        self.do_list_hosts(request).await
+    }
+
+    async fn get_host(&self, request: Request<pb::GetHostRequest>) -> Result<Response<pb::Host>, Status> {
+        self.do_get_host(request).await
+    }
+
+    async fn list_changes(
+        &self,
+        request: Request<pb::ListChangesRequest>,
+    ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        self.do_list_changes(request).await
+    }
+
+    async fn diff_scans(
+        &self,
+        request: Request<pb::DiffScansRequest>,
+    ) -> Result<Response<pb::DiffScansResponse>, Status> {
+        self.do_diff_scans(request).await
+    }
+
+    async fn create_webhook(
+        &self,
+        request: Request<pb::CreateWebhookRequest>,
+    ) -> Result<Response<pb::Webhook>, Status> {
+        self.do_create_webhook(request).await
+    }
+
+    async fn list_webhooks(
+        &self,
+        request: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        self.do_list_webhooks(request).await
+    }
+
+    async fn delete_webhook(
+        &self,
+        request: Request<pb::DeleteWebhookRequest>,
+    ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
+        self.do_delete_webhook(request).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        self.do_list_webhook_deliveries(request).await
+    }
+
+    async fn get_retention(
+        &self,
+        request: Request<pb::GetRetentionRequest>,
+    ) -> Result<Response<pb::Retention>, Status> {
+        self.do_get_retention(request).await
+    }
+
+    async fn update_retention(
+        &self,
+        request: Request<pb::UpdateRetentionRequest>,
+    ) -> Result<Response<pb::Retention>, Status> {
+        self.do_update_retention(request).await
+    }
+}
+
+/// The list a ListResults token belongs to: its scan and filters, so a
+/// token from another query is refused rather than silently misread.
+fn results_list(scan_id: uuid::Uuid, r: &pb::ListResultsRequest) -> String {
+    use sha2::Digest;
+    let since = r.observed_since.as_ref().map(|t| (t.seconds, t.nanos));
+    let key = format!("{scan_id}|{}|{:?}|{}|{}|{since:?}", r.cidr.trim(), r.port, r.hostname.trim(), r.state);
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("results:{short}")
 }
 
 impl ScanApi {

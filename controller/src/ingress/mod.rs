@@ -20,7 +20,7 @@ use portfleet_core::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 pub use messages::NaabuDefaults;
-pub use publisher::{event_body, naabum8_completion};
+pub use publisher::{event_body, event_body_with, naabum8_completion};
 
 use crate::{
     notify::Notifier,

@@ -46,6 +46,16 @@ pub fn event_body(event: &str, s: &ScanRecord) -> serde_json::Value {
     })
 }
 
+/// [`event_body`] with an event's own fields (a `scan.changes` page:
+/// `counts`, `page`, `pages`, `changes`) added.
+pub fn event_body_with(event: &str, s: &ScanRecord, payload: Option<&serde_json::Value>) -> serde_json::Value {
+    let mut body = event_body(event, s);
+    if let (Some(serde_json::Value::Object(extra)), Some(map)) = (payload, body.as_object_mut()) {
+        map.extend(extra.clone());
+    }
+    body
+}
+
 /// NaabuM8's completion message, as its downstream services expect it:
 /// `warning` (NaabuM8's word for a step that failed) when its tables could
 /// not be written, else `complete` or `incomplete`.
@@ -95,7 +105,7 @@ async fn publish(
 /// again.
 async fn naabum8_tables(ingress: &Ingress, e: &PendingEvent, down: &mut bool) -> Result<Option<String>, StoreError> {
     let Some(db) = &ingress.naabum8_db else { return Ok(None) };
-    if e.event == ScanEvent::Created || e.scan.origin != Origin::NaabuM8 {
+    if matches!(e.event, ScanEvent::Created | ScanEvent::Changes) || e.scan.origin != Origin::NaabuM8 {
         return Ok(None);
     }
     // Found unavailable earlier in this pass: the rest wait without
@@ -133,9 +143,17 @@ async fn publish_event(
 ) -> Result<(), IngressError> {
     let s = &e.scan;
     let name = format!("scan.{}", e.event);
-    let body = event_body(&name, s);
+    let body = event_body_with(&name, s, e.payload.as_ref().map(|p| &p.0));
     let events = &ingress.config.events_exchange;
-    confirms.push(publish(ch, events, &name, &body, format!("{}:{name}", s.id), None).await?);
+    // A scan's changes come in pages: each page its own message id.
+    let message_id = match body.get("page") {
+        Some(page) => format!("{}:{name}:{page}", s.id),
+        None => format!("{}:{name}", s.id),
+    };
+    confirms.push(publish(ch, events, &name, &body, message_id, None).await?);
+    if e.event == ScanEvent::Changes {
+        return Ok(());
+    }
     if e.event == ScanEvent::Created
         && let Some(reply_to) = &s.reply_to
     {

@@ -12,6 +12,8 @@ pub struct PendingEvent {
     pub event_id: i64,
     #[sqlx(try_from = "String")]
     pub event: ScanEvent,
+    /// `scan.changes`: its page of changes.
+    pub payload: Option<sqlx::types::Json<serde_json::Value>>,
     #[sqlx(flatten)]
     pub scan: ScanRecord,
 }
@@ -46,7 +48,7 @@ impl Store {
     pub async fn pending_events(&self, limit: i64) -> Result<PendingEvents, StoreError> {
         let mut tx = self.pool.begin().await?;
         let events = sqlx::query_as::<_, PendingEvent>(
-            "SELECT e.id AS event_id, e.event, s.id, s.request_id, s.state, s.targets, s.target_group, s.ports,
+            "SELECT e.id AS event_id, e.event, e.payload, s.id, s.request_id, s.state, s.targets, s.target_group, s.ports,
                     s.scan_type, s.rate, s.retries, s.labels, s.agent_selector, s.allow_connect_fallback, s.seed,
                     s.address_ranges, s.address_count, s.port_count, s.probes_planned, s.shard_count,
                     s.probes_done, s.open_ports, s.error, s.created_at, s.started_at, s.finished_at,

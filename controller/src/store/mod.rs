@@ -7,14 +7,17 @@ mod enroll;
 mod error;
 mod events;
 mod ids;
+mod inventory;
 mod leases;
 mod naabum8;
 mod policy;
 mod results;
+mod retention;
 mod scans;
 mod states;
 mod targets;
 mod tokens;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -29,19 +32,26 @@ pub use agents::{AgentIntro, AgentRecord, AgentStanding, Beat, FleetGroup, LiveS
 pub use error::{StoreError, unavailable_hint};
 pub use events::{PendingEvent, PendingEvents};
 pub use ids::{LeaseEpoch, OutOfRange, Seq, ShardId};
+pub use inventory::{
+    ChangeFilter, ChangeKey, ChangeRecord, Covered, Finished, HostDelta, HostFilter, HostKey, HostRecord, InventoryTx,
+    Lagging, NewChange, Observed, PortRow,
+};
 pub use leases::{
     Adopted, AgentClass, Applied, FailOutcome, Fence, Grant, LeaseRecord, LeaseState, LeasedScan, PortRecord, Retry,
     ScanHost, ScanParams, ShardProgress,
 };
 pub use naabum8::{Export, NaabuM8Db};
 pub use policy::{ActiveScanRanges, CapsUpdate, ScopeRules};
-pub use results::{ResultHead, ResultKey, ResultRecord};
+pub use results::{ResultFilter, ResultHead, ResultKey, ResultRecord};
+pub use retention::Deleted;
 pub use scans::{Labels, NewScan, NewShard, ScanRecord};
 pub use states::{
-    AgentState, LeaseOutcome, Origin, PortState, ScanEvent, ScanState, ScopeAction, ShardState, UnknownValue,
+    AgentState, ChangeKind, DeliveryState, LeaseOutcome, Origin, PortState, ScanEvent, ScanState, ScopeAction,
+    ShardState, UnknownValue,
 };
 pub use targets::{NewTarget, TargetFilter, TargetRecord};
 pub use tokens::TokenRecord;
+pub use webhooks::{Attempt, DeliveryKey, DeliveryRecord, DueDelivery, WebhookRecord};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

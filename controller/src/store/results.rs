@@ -33,6 +33,16 @@ pub struct ResultHead {
     pub batches: i32,
 }
 
+/// ListResults' filters, combined with AND.
+#[derive(Clone, Debug, Default)]
+pub struct ResultFilter {
+    pub cidr: Option<ipnet::IpNet>,
+    pub port: Option<i32>,
+    pub hostname: Option<String>,
+    pub state: Option<PortState>,
+    pub observed_since: Option<DateTime<Utc>>,
+}
+
 /// A result with its position in the scan's index space (its keyset key).
 #[derive(sqlx::FromRow)]
 struct PositionedResult {
@@ -92,16 +102,30 @@ impl Store {
     pub async fn list_results(
         &self,
         scan_id: Uuid,
+        filter: &ResultFilter,
         page: Page<ResultKey>,
     ) -> Result<Paged<ResultRecord, ResultKey>, StoreError> {
+        let (lo, hi) = super::inventory::bounds(filter.cidr);
+        // hostname holds an address's names joined by ','.
         let rows = sqlx::query_as::<_, PositionedResult>(
             "SELECT position, ip, port, protocol, state, hostname, first_seen_at, last_seen_at, service, host_answers_everything
              FROM results WHERE scan_id = $1 AND position > $2
+               AND ($4::inet IS NULL OR ip BETWEEN $4 AND $5)
+               AND ($6::int4 IS NULL OR port = $6)
+               AND ($7::text IS NULL OR lower($7) = ANY (string_to_array(lower(hostname), ',')))
+               AND ($8::text IS NULL OR state = $8)
+               AND ($9::timestamptz IS NULL OR last_seen_at >= $9)
              ORDER BY position LIMIT $3",
         )
         .bind(scan_id)
         .bind(page.after.map_or(-1, |k| k.position))
         .bind(i64::from(page.limit) + 1)
+        .bind(lo)
+        .bind(hi)
+        .bind(filter.port)
+        .bind(filter.hostname.as_deref())
+        .bind(filter.state.map(PortState::as_str))
+        .bind(filter.observed_since)
         .fetch_all(&self.pool)
         .await?;
         let paged = Paged::from_rows(rows, page.limit, |r| ResultKey { position: r.position });

@@ -282,11 +282,23 @@ impl Store {
         Ok(rows)
     }
 
-    pub async fn get_scan(&self, id: Uuid) -> Result<Option<ScanRecord>, StoreError> {
-        let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
+    /// These scans, deleted ones too (for deliveries about them).
+    pub async fn scans_any(&self, ids: &[Uuid]) -> Result<Vec<ScanRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!("SELECT", "FROM scans WHERE id = ANY($1)"))
+            .bind(ids)
+            .fetch_all(&self.pool)
             .await?;
+        Ok(rows)
+    }
+
+    pub async fn get_scan(&self, id: Uuid) -> Result<Option<ScanRecord>, StoreError> {
+        let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
+            "SELECT",
+            "FROM scans WHERE id = $1 AND deleted_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row)
     }
 
@@ -299,7 +311,7 @@ impl Store {
         let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
             "SELECT",
             "FROM scans
-             WHERE ($1::text IS NULL OR state = $1) AND id < $2
+             WHERE ($1::text IS NULL OR state = $1) AND id < $2 AND deleted_at IS NULL
              ORDER BY id DESC
              LIMIT $3"
         ))

@@ -99,6 +99,24 @@ text_enum! {
 }
 
 text_enum! {
+    /// An inventory change (`inventory_changes.kind`).
+    pub enum ChangeKind in "inventory_changes"."kind" {
+        Opened = "opened",
+        Closed = "closed",
+        ServiceChanged = "service_changed",
+    }
+}
+
+text_enum! {
+    /// Where a webhook delivery stands (`webhook_deliveries.state`).
+    pub enum DeliveryState in "webhook_deliveries"."state" {
+        Pending = "pending",
+        Delivered = "delivered",
+        Failed = "failed",
+    }
+}
+
+text_enum! {
     pub enum AgentState in "agents"."state" {
         Connected = "connected",
         Draining = "draining",
@@ -140,6 +158,8 @@ text_enum! {
         Completed = "completed",
         Failed = "failed",
         Cancelled = "cancelled",
+        /// What the scan changed in the inventory (`payload`: one page).
+        Changes = "changes",
     }
 }
 

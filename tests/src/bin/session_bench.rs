@@ -27,6 +27,14 @@
 //! per HTTP/2 connection, 25 per token: under the default caps), so their
 //! decoding shows apart; `--client-nice` runs it at nice 19.
 //! `--controller PATH` runs another build of the controller binary.
+//! `inventory [--results 2000000] [--runs 3] [--inventory-rows 10000000]`:
+//! the network memory's costs (docs/inventory.md), each in the same run as
+//! its yardstick: ingest with the inventory folded (and how long folding
+//! takes to catch up) against ingest with `--no-inventory`, alternating;
+//! DiffScans of two scans of 1M results each; GetHost / ListChanges /
+//! ListHosts p50 and p99 over an inventory of `--inventory-rows` ports and
+//! as many changes; deleting a 1M-result scan while agents ingest, and the
+//! ingest rate before and during the delete.
 //! Needs `cargo build --release -p portfleet-controller` first.
 
 use std::{
@@ -90,8 +98,12 @@ async fn start_controller(db: &TestDb) -> Controller {
     start_controller_bin(db, None).await
 }
 
-/// The controller built next to this bench, or the binary at `bin`.
 async fn start_controller_bin(db: &TestDb, bin: Option<&str>) -> Controller {
+    start_controller_with(db, bin, &[]).await
+}
+
+/// The controller built next to this bench, or the binary at `bin`.
+async fn start_controller_with(db: &TestDb, bin: Option<&str>, extra: &[&str]) -> Controller {
     let exe = std::env::current_exe().unwrap();
     let bin = bin.map_or_else(|| exe.parent().unwrap().join("portfleet-controller"), std::path::PathBuf::from);
     // Every simulated agent connects from 127.0.0.1: lift the per-address
@@ -118,6 +130,7 @@ async fn start_controller_bin(db: &TestDb, bin: Option<&str>) -> Controller {
     if own {
         cmd.args(["--max-connections-per-ip", "10000"]);
     }
+    cmd.args(extra);
     let child = cmd.spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
     portfleet_tests::eventually("controller up", Duration::from_secs(30), || {
@@ -524,8 +537,9 @@ async fn bench(args: &[String]) {
         Some("fleet") => fleet(args).await,
         Some("caps") => caps(args).await,
         Some("watch") => watch::bench(args).await,
+        Some("inventory") => inventory::bench(args).await,
         _ => {
-            eprintln!("usage: session-bench ingest|fleet|caps|watch [options] (see the file's header)");
+            eprintln!("usage: session-bench ingest|fleet|caps|watch|inventory [options] (see the file's header)");
             std::process::exit(2);
         }
     }
@@ -993,5 +1007,335 @@ mod watch {
             let done = pb::ShardComplete { shard_id: shard, lease_epoch: epoch, seq, counts: None };
             send(Out::Complete(done)).await;
         }
+    }
+}
+
+mod inventory {
+    use super::*;
+
+    const SPACE: &str = "198.18.0.0/15";
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// The ingest scan: far more positions than any run reports.
+    async fn big_scan(api: &mut portfleet_proto::auth::ApiClient) -> String {
+        scan_of(api, SPACE, "1-32767").await
+    }
+
+    async fn scan_of(api: &mut portfleet_proto::auth::ApiClient, targets: &str, ports: &str) -> String {
+        api.create_scan(pb::CreateScanRequest {
+            targets: vec![targets.into()],
+            ports: ports.into(),
+            identify: Some(false),
+            // Enough shards for every simulated agent.
+            rate: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+    }
+
+    async fn lagging(db: &TestDb) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM shards sh LEFT JOIN inventory_cursors c ON c.shard_id = sh.id
+             WHERE sh.result_batches > coalesce(c.batches, 0)",
+        )
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap()
+    }
+
+    /// Results/s of one ingest of `n` results; with the inventory, also
+    /// the results in Postgres (the agents' in-flight frames land after the
+    /// count is reached) and the seconds from the start until the inventory
+    /// has folded all of them.
+    async fn ingest_once(n: u64, agents: usize, with_inventory: bool) -> (f64, Option<(i64, f64)>) {
+        let db = TestDb::create().await;
+        let extra: &[&str] = if with_inventory { &[] } else { &["--no-inventory"] };
+        let ctl = start_controller_with(&db, None, extra).await;
+        let mut api = admin_client(&db, &ctl).await;
+        big_scan(&mut api).await;
+        let committed = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..agents {
+            let sim = connect(&ctl.url, &format!("ingest-{i}"), 1).await;
+            tasks.push(tokio::spawn(ingest_agent(sim, committed.clone(), n)));
+        }
+        while committed.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        for t in tasks {
+            t.abort();
+        }
+        let rate = committed.load(Ordering::Relaxed) as f64 / elapsed;
+        let caught_up = if with_inventory {
+            while lagging(&db).await > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            Some((results_of(&db, None).await, secs))
+        } else {
+            None
+        };
+        (rate, caught_up)
+    }
+
+    async fn results_of(db: &TestDb, scan: Option<&str>) -> i64 {
+        let scan: Option<uuid::Uuid> = scan.map(|s| s.parse().unwrap());
+        sqlx::query_scalar("SELECT count(*) FROM results WHERE $1::uuid IS NULL OR scan_id = $1")
+            .bind(scan)
+            .fetch_one(&mut db.connect().await)
+            .await
+            .unwrap()
+    }
+
+    fn pcts(mut ms: Vec<f64>) -> (f64, f64) {
+        ms.sort_by(f64::total_cmp);
+        (pct(&ms, 0.5), pct(&ms, 0.99))
+    }
+
+    async fn timed<F, Fut>(n: usize, mut f: F) -> (f64, f64)
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut ms = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            f(i).await;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        pcts(ms)
+    }
+
+    pub async fn bench(args: &[String]) {
+        let n = arg(args, "--results", 2_000_000);
+        let runs = arg(args, "--runs", 3) as usize;
+        let rows = arg(args, "--inventory-rows", 10_000_000) as i64;
+        let agents = 16;
+
+        // Ingest, with and without the inventory, alternating.
+        let (mut with, mut without, mut fold) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let (off, _) = ingest_once(n, agents, false).await;
+            let (on, caught_up) = ingest_once(n, agents, true).await;
+            let (rows, secs) = caught_up.unwrap_or((0, 1.0));
+            eprintln!(
+                "  run {run}: {off:.0} results/s without the inventory, {on:.0} with; {rows} results folded {secs:.1} s after the start"
+            );
+            without.push(off);
+            with.push(on);
+            fold.push(rows as f64 / secs);
+        }
+        let (on, off, folded) = (median(with), median(without), median(fold));
+        println!("inventory: ingest of {n} results, {agents} agents, median of {runs}");
+        println!(
+            "  with the inventory {on:.0} results/s, without {off:.0}: {:.2}x (goal >= 0.80x); \
+             the inventory folds {folded:.0} results/s (all-open results, each a new port)",
+            on / off
+        );
+
+        // DiffScans of two scans of 1M results, 1% changed each way.
+        let db = TestDb::create().await;
+        let ctl = start_controller(&db).await;
+        let mut api = admin_client(&db, &ctl).await;
+        let a = scan_of(&mut api, "198.18.0.0/16", "1-32767").await;
+        let b = scan_of(&mut api, "198.18.0.0/16", "1-32767").await;
+        let mut conn = db.connect().await;
+        let t = Instant::now();
+        for (id, from) in [(&a, 0i64), (&b, 10_000)] {
+            let id: uuid::Uuid = id.parse().unwrap();
+            sqlx::query("UPDATE shards SET state = 'done', checkpoint = end_index WHERE scan_id = $1")
+                .bind(id)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO results (scan_id, position, ip, port, first_seen_at, last_seen_at)
+                 SELECT $1, i, '198.18.0.0'::inet + (i % 65536), 1 + i / 65536, now(), now()
+                 FROM generate_series($2::int8, $2 + 999999) AS i",
+            )
+            .bind(id)
+            .bind(from)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        sqlx::query("ANALYZE results").execute(&mut conn).await.unwrap();
+        eprintln!("  two scans of 1M results stored in {:.1} s", t.elapsed().as_secs_f64());
+        let mut secs = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let d = api
+                .diff_scans(pb::DiffScansRequest { a: a.clone(), b: b.clone(), page_size: 1000, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            secs.push(t.elapsed().as_secs_f64());
+            assert_eq!((d.opened, d.closed, d.unchanged), (10_000, 10_000, 990_000), "{d:?}");
+        }
+        println!(
+            "  DiffScans of 1M vs 1M results (10,000 opened, 10,000 closed): median {:.2} s of 5 (goal < 2 s)",
+            median(secs)
+        );
+
+        // Deleting scan a (1M results) while agents ingest into another.
+        sqlx::query("UPDATE scans SET state = 'completed', started_at = now(), finished_at = now() WHERE id = ANY($1)")
+            .bind(vec![a.parse::<uuid::Uuid>().unwrap(), b.parse::<uuid::Uuid>().unwrap()])
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // Apart from a's space, so that its closures have nothing to do.
+        let c = scan_of(&mut api, "198.19.0.0/16", "1-65535").await;
+        let committed = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..agents {
+            let sim = connect(&ctl.url, &format!("delete-{i}"), 1).await;
+            tasks.push(tokio::spawn(ingest_agent(sim, committed.clone(), u64::MAX)));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (c0, t0) = (results_of(&db, Some(&c)).await, Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let before = (results_of(&db, Some(&c)).await - c0) as f64 / t0.elapsed().as_secs_f64();
+        // Inventoried first (its closures read its results).
+        let a_id: uuid::Uuid = a.parse().unwrap();
+        loop {
+            let done: bool = sqlx::query_scalar("SELECT inventoried FROM scans WHERE id = $1")
+                .bind(a_id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (c1, t1) = (results_of(&db, Some(&c)).await, Instant::now());
+        api.delete_scan(pb::DeleteScanRequest { id: a.clone() }).await.unwrap();
+        loop {
+            let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM scans WHERE id = $1)")
+                .bind(a_id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            if !left {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let delete_secs = t1.elapsed().as_secs_f64();
+        let during = (results_of(&db, Some(&c)).await - c1) as f64 / delete_secs;
+        for t in tasks {
+            t.abort();
+        }
+        println!(
+            "  DeleteScan of 1M results: gone in {delete_secs:.1} s; concurrent ingest {during:.0} results/s during it \
+             vs {before:.0} before: {:.2}x",
+            during / before
+        );
+        drop(ctl);
+
+        // Queries over an inventory of `rows` ports and as many changes.
+        let db = TestDb::create().await;
+        let ctl = start_controller(&db).await;
+        let mut api = admin_client(&db, &ctl).await;
+        let mut conn = db.connect().await;
+        let t = Instant::now();
+        let hosts = rows / 10;
+        sqlx::query(
+            "INSERT INTO inventory_ports (ip, port, state, first_open_at, last_open_at, open_scan_id, last_probed_at,
+                                          last_scan_id, changed_at)
+             SELECT '10.0.0.0'::inet + i / 10, 1000 + i % 10, 'open', now(), now(), gen_random_uuid(), now(),
+                    gen_random_uuid(), now()
+             FROM generate_series(0::int8, $1 - 1) AS i",
+        )
+        .bind(rows)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO inventory_changes (kind, ip, port, at, scan_id)
+             SELECT 'opened', '10.0.0.0'::inet + i / 10, 1000 + i % 10, now(), gen_random_uuid()
+             FROM generate_series(0::int8, $1 - 1) AS i",
+        )
+        .bind(rows)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO inventory_hosts (ip, open_ports, first_seen_at, last_seen_at)
+             SELECT '10.0.0.0'::inet + i, 10, now(), now() FROM generate_series(0::int8, $1 - 1) AS i",
+        )
+        .bind(hosts)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+        eprintln!("  {rows} ports, {rows} changes, {hosts} hosts stored in {:.0} s", t.elapsed().as_secs_f64());
+        let ip = |_: usize| {
+            let k = rand::random_range(0..hosts as u32);
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) + k).to_string()
+        };
+        let q = 300;
+        let get_host = timed(q, |i| {
+            let mut api = api.clone();
+            let ip = ip(i);
+            async move {
+                let h = api.get_host(pb::GetHostRequest { ip }).await.unwrap().into_inner();
+                assert_eq!(h.ports.len(), 10);
+            }
+        })
+        .await;
+        let newest = timed(q, |_| {
+            let mut api = api.clone();
+            async move {
+                let c = api.list_changes(pb::ListChangesRequest::default()).await.unwrap().into_inner();
+                assert_eq!(c.changes.len(), 100);
+            }
+        })
+        .await;
+        let by_cidr = timed(q, |i| {
+            let mut api = api.clone();
+            let cidr = format!("{}/24", ip(i));
+            async move {
+                api.list_changes(pb::ListChangesRequest { cidr, ..Default::default() }).await.unwrap();
+            }
+        })
+        .await;
+        let by_port = timed(q, |i| {
+            let mut api = api.clone();
+            async move {
+                let port = Some(1000 + (i % 10) as u32);
+                let c = api.list_changes(pb::ListChangesRequest { port, ..Default::default() }).await.unwrap();
+                assert_eq!(c.into_inner().changes.len(), 100);
+            }
+        })
+        .await;
+        let list_hosts = timed(q, |i| {
+            let mut api = api.clone();
+            let cidr = format!("{}/20", ip(i));
+            async move {
+                api.list_hosts(pb::ListHostsRequest { cidr, ..Default::default() }).await.unwrap();
+            }
+        })
+        .await;
+        println!("  queries over {rows} ports and {rows} changes, {q} calls each, ms p50 / p99 (goal p99 < 50 ms):");
+        for (name, (p50, p99)) in [
+            ("GetHost (10 ports, its changes)", get_host),
+            ("ListChanges, newest 100", newest),
+            ("ListChanges by /24", by_cidr),
+            ("ListChanges by port", by_port),
+            ("ListHosts by /20", list_hosts),
+        ] {
+            println!("    {name:<34} {p50:6.1} / {p99:6.1}  ({:.2}x of the goal)", p99 / 50.0);
+        }
+        let _ = api.get_host(pb::GetHostRequest { ip: "10.0.0.1".into() }).await;
     }
 }
