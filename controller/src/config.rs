@@ -253,7 +253,8 @@ pub struct ServeArgs {
     pub retain_scans: Option<Retention>,
     /// Do not fold results into the inventory on this controller (another
     /// controller on the database does it; with it on none, hosts and
-    /// changes stay empty and scans send no scan.changes).
+    /// changes stay empty, scans send no scan.changes, and deleted scans'
+    /// rows are removed a day after their deletion rather than at once).
     #[arg(long = "no-inventory", env = "PORTFLEET_NO_INVENTORY", action = ArgAction::SetTrue, value_parser = boolish())]
     pub no_inventory: bool,
     /// Likewise for one IPv4 /24 or IPv6 /64.
@@ -494,6 +495,9 @@ impl ApiConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention(pub Option<Duration>);
 
+/// The longest retention: Postgres cannot subtract much more from now().
+pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// `90d`, `12h`; `0` or `forever` for no limit.
 pub fn parse_retention(s: &str) -> Result<Retention, String> {
     match s.trim() {
@@ -502,6 +506,9 @@ pub fn parse_retention(s: &str) -> Result<Retention, String> {
             let d = humantime::parse_duration(t).map_err(|e| format!("{t:?}: {e} (e.g. 90d, 12h, or forever)"))?;
             if d < Duration::from_secs(1) {
                 return Err(format!("{t:?}: keep scans at least a second (or `forever`)"));
+            }
+            if d > MAX_RETENTION {
+                return Err(format!("{t:?}: at most 100 years (or `forever`)"));
             }
             Ok(Retention(Some(d)))
         }

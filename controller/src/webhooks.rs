@@ -79,7 +79,8 @@ pub async fn run(store: Store, cancel: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let wait = match deliver_due(&store, &tls).await {
-            Ok(n) if n as i64 == BATCH => continue,
+            // More due at once; still stoppable between batches.
+            Ok(n) if n as i64 == BATCH && !cancel.is_cancelled() => continue,
             Ok(_) => {
                 backoff.reset();
                 POLL

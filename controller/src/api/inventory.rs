@@ -397,6 +397,10 @@ impl ScanApi {
             Some(d) if d.seconds < 1 => {
                 return Err(Status::invalid_argument("retain_scans: keep scans at least 1 s (or 0 for ever)"));
             }
+            // Postgres cannot subtract much more from now().
+            Some(d) if d.seconds > crate::config::MAX_RETENTION.as_secs() as i64 => {
+                return Err(Status::invalid_argument("retain_scans: at most 100 years (or 0 for ever)"));
+            }
             Some(d) => Some(std::time::Duration::new(d.seconds as u64, d.nanos as u32)),
         };
         self.store.set_retention(keep).await.map_err(store_status)?;

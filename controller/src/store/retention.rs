@@ -77,11 +77,19 @@ impl Store {
         Ok(n)
     }
 
-    /// A deleted scan whose rows are still to remove. Only once the
-    /// inventory has its closures: they read its results and shards.
+    /// A deleted scan with rows still to remove: once the inventory has its
+    /// closures (they read its results and shards), or a day after the
+    /// deletion (no controller runs the inventory). The scan row itself
+    /// waits while its events are unpublished (the publisher reads it), so
+    /// such a scan is picked only while it has results left.
     pub async fn deleted_scan(&self) -> Result<Option<Uuid>, StoreError> {
         let id = sqlx::query_scalar(
-            "SELECT id FROM scans WHERE deleted_at IS NOT NULL AND inventoried ORDER BY deleted_at LIMIT 1",
+            "SELECT s.id FROM scans s
+             WHERE s.deleted_at IS NOT NULL
+               AND (s.inventoried OR s.deleted_at < now() - interval '1 day')
+               AND (EXISTS (SELECT 1 FROM results r WHERE r.scan_id = s.id)
+                    OR NOT EXISTS (SELECT 1 FROM scan_events e WHERE e.scan_id = s.id))
+             ORDER BY s.deleted_at LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await?;
@@ -104,12 +112,18 @@ impl Store {
         if n > 0 {
             return Ok(false);
         }
-        let mut tx = self.pool.begin().await?;
-        // shard_leases and inventory_cursors go with the shards (cascade).
-        sqlx::query("DELETE FROM scan_events WHERE scan_id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM scans WHERE id = $1 AND deleted_at IS NOT NULL").bind(id).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(true)
+        // Shards, hostnames, shard_leases and inventory_cursors go with the
+        // scan (cascade); not while an event of it waits to be published
+        // (or to expire, after a day, when no controller publishes).
+        let gone = sqlx::query(
+            "DELETE FROM scans s WHERE s.id = $1 AND s.deleted_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM scan_events e WHERE e.scan_id = s.id)",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(gone > 0)
     }
 
     /// Drops delivery log entries older than `age` that are settled.

@@ -1220,7 +1220,9 @@ mod inventory {
         let (c1, t1) = (results_of(&db, Some(&c)).await, Instant::now());
         api.delete_scan(pb::DeleteScanRequest { id: a.clone() }).await.unwrap();
         loop {
-            let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM scans WHERE id = $1)")
+            // Its results; the scan row waits for its events, which no
+            // publisher takes here (no RabbitMQ), to expire.
+            let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM results WHERE scan_id = $1)")
                 .bind(a_id)
                 .fetch_one(&mut conn)
                 .await
