@@ -49,8 +49,6 @@ CREATE TABLE inventory_changes (
 );
 CREATE INDEX inventory_changes_ip_idx ON inventory_changes (ip, id);
 CREATE INDEX inventory_changes_scan_idx ON inventory_changes (scan_id, id);
--- ListChanges since a time (appends: `at` grows with id).
-CREATE INDEX inventory_changes_at_idx ON inventory_changes (at);
 
 -- How many of each shard's result batches are folded into the inventory.
 -- Apart from shards so that folding never waits on an ingesting lease's
@@ -117,8 +115,6 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_hook_idx ON webhook_deliveries (webhook_id, id);
--- The pruner's expiry of the settled log.
-CREATE INDEX webhook_deliveries_settled_idx ON webhook_deliveries (created_at) WHERE state <> 'pending';
 
 CREATE FUNCTION webhook_fan_out() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
