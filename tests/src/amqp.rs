@@ -59,6 +59,33 @@ impl TestBroker {
         Self { prefix, config, conn, channel }
     }
 
+    /// The `serve` flags that point a controller at this broker's names.
+    pub fn controller_args(&self) -> Vec<String> {
+        let c = &self.config;
+        [
+            ("--amqp-url", &c.url),
+            ("--amqp-exchange", &c.exchange),
+            ("--amqp-queue", &c.queue),
+            ("--amqp-dead-letter-exchange", &c.dead_letter_exchange),
+            ("--amqp-events-exchange", &c.events_exchange),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.clone()])
+        .collect()
+    }
+
+    /// [`TestBroker::controller_args`] plus NaabuM8 compatibility on its
+    /// exchange and queue.
+    pub fn naabum8_controller_args(&self) -> Vec<String> {
+        let mut args = self.controller_args();
+        if let Some(n) = &self.config.naabum8 {
+            args.extend(
+                ["--naabum8", "--naabum8-exchange", &n.exchange, "--naabum8-queue", &n.queue].map(String::from),
+            );
+        }
+        args
+    }
+
     /// Publishes with a confirm; `message_id` as given.
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
         let confirm = self

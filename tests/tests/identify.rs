@@ -629,27 +629,9 @@ async fn a_naabum8_scan_writes_the_rows_naabum8_would_have() {
     let broker = portfleet_tests::amqp::TestBroker::new().await;
     let c = broker.config.clone();
     let n = c.naabum8.clone().unwrap();
-    let url = s.start_controller_with(&[
-        "--amqp-url",
-        &c.url,
-        "--amqp-exchange",
-        &c.exchange,
-        "--amqp-queue",
-        &c.queue,
-        "--amqp-dead-letter-exchange",
-        &c.dead_letter_exchange,
-        "--amqp-events-exchange",
-        &c.events_exchange,
-        "--naabum8",
-        "--naabum8-exchange",
-        &n.exchange,
-        "--naabum8-queue",
-        &n.queue,
-        "--naabum8-database-url",
-        naabu.db.url(),
-        "--naabum8-ports",
-        "21,22,80,443",
-    ]);
+    let mut args = broker.naabum8_controller_args();
+    args.extend(["--naabum8-database-url", naabu.db.url(), "--naabum8-ports", "21,22,80,443"].map(String::from));
+    let url = s.start_controller_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
     s.start_agent("naabu", &url, &["--nmap-service-probes", "none"]);
     broker.wait_ready().await;
     let mut completions = broker.listen(&n.exchange, &n.completion_key).await;

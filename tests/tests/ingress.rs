@@ -505,9 +505,8 @@ async fn slow_hostnames_never_hold_up_other_requests() {
     let c = &broker.config;
     let mut cmd = dns.command(&portfleet_tests::binary("portfleet-controller"));
     cmd.args(["serve", "--insecure", "--database-url", db.url(), "--listen", &listen])
-        .args(["--allow", "198.51.100.0/24", "--amqp-url", &c.url, "--amqp-exchange", &c.exchange])
-        .args(["--amqp-queue", &c.queue, "--amqp-dead-letter-exchange", &c.dead_letter_exchange])
-        .args(["--amqp-events-exchange", &c.events_exchange])
+        .args(["--allow", "198.51.100.0/24"])
+        .args(broker.controller_args())
         .args(["--resolve-deadline", "4s", "--max-scan-hostnames", "50"]);
     let naabum8 = c.naabum8.as_ref().unwrap();
     cmd.args(["--naabum8", "--naabum8-exchange", &naabum8.exchange, "--naabum8-queue", &naabum8.queue]);

@@ -52,24 +52,12 @@ impl Lab {
         let db = TestDb::create().await;
         let logs = tempfile::tempdir().unwrap();
         let ip = std::net::IpAddr::V4(topo.controller_ip.expect("management link"));
-        let c = &broker.config;
-        let amqp: Vec<&str> = vec![
-            "--amqp-url",
-            &c.url,
-            "--amqp-exchange",
-            &c.exchange,
-            "--amqp-queue",
-            &c.queue,
-            "--amqp-dead-letter-exchange",
-            &c.dead_letter_exchange,
-            "--amqp-events-exchange",
-            &c.events_exchange,
-        ];
+        let amqp = broker.controller_args();
         let mut procs = Vec::new();
         let mut urls = Vec::new();
         for name in ["controller-a", "controller-b"] {
             let listen = format!("{ip}:{}", free_port(ip));
-            let args: Vec<&str> = CTL_ARGS.iter().copied().chain(amqp.iter().copied()).collect();
+            let args: Vec<&str> = CTL_ARGS.iter().copied().chain(amqp.iter().map(String::as_str)).collect();
             procs.push(procs::controller(name, db.url(), &listen, &args, &logs));
             urls.push(format!("http://{listen}"));
         }

@@ -31,9 +31,8 @@ async fn caller_input_cannot_forge_log_lines_and_client_errors_are_not_errors() 
     let naabum8 = c.naabum8.as_ref().unwrap();
     let mut cmd = std::process::Command::new(binary("portfleet-controller"));
     cmd.args(["serve", "--insecure", "--database-url", db.url(), "--listen", &listen])
-        .args(["--allow", "198.51.100.0/24", "--amqp-url", &c.url, "--amqp-exchange", &c.exchange])
-        .args(["--amqp-queue", &c.queue, "--amqp-dead-letter-exchange", &c.dead_letter_exchange])
-        .args(["--amqp-events-exchange", &c.events_exchange])
+        .args(["--allow", "198.51.100.0/24"])
+        .args(broker.controller_args())
         .args(["--naabum8", "--naabum8-exchange", &naabum8.exchange, "--naabum8-queue", &naabum8.queue]);
     let controller = Proc::spawn_command("controller", cmd, &logs);
     broker.wait_ready().await;
@@ -218,9 +217,8 @@ async fn refusals_and_a_clean_shutdown_are_not_errors() {
     let c = &broker.config;
     let mut cmd = std::process::Command::new(binary("portfleet-controller"));
     cmd.args(["serve", "--insecure", "--database-url", db.url(), "--listen", &listen])
-        .args(["--allow", "198.51.100.0/24,203.0.113.0/24", "--amqp-url", &c.url, "--amqp-exchange", &c.exchange])
-        .args(["--amqp-queue", &c.queue, "--amqp-dead-letter-exchange", &c.dead_letter_exchange])
-        .args(["--amqp-events-exchange", &c.events_exchange]);
+        .args(["--allow", "198.51.100.0/24,203.0.113.0/24"])
+        .args(broker.controller_args());
     let naabum8 = c.naabum8.as_ref().unwrap();
     cmd.args(["--naabum8", "--naabum8-exchange", &naabum8.exchange, "--naabum8-queue", &naabum8.queue]);
     let mut controller = Proc::spawn_command("controller", cmd, &logs);
