@@ -48,11 +48,13 @@ Install it (apt-get install rabbitmq-server); the tests use guest/guest on local
 
 # Daemons the identification tests run inside their target namespaces, and
 # nmap (its service probe database, and the benchmark's peer), ndiff and
-# xmllint (the exports are checked with them), from
-# Debian's packages. Their services are not started here (policy-rc.d):
-# the tests start their own copies on namespace addresses.
-TEST_PACKAGES="nmap ndiff libxml2-utils python3 nginx-light openssh-server vsftpd memcached redis-server mosquitto"
-TEST_COMMANDS="nmap ndiff xmllint python3 nginx sshd vsftpd memcached redis-server mosquitto"
+# xmllint (the exports are checked with them), promtool (prometheus: the
+# alert rules), systemd-analyze (systemd: the units) and python3-venv (the
+# deployment tools below), from Debian's packages. Their services are not
+# started here (policy-rc.d): the tests start their own copies on namespace
+# addresses.
+TEST_PACKAGES="nmap ndiff libxml2-utils python3 python3-venv prometheus systemd nginx-light openssh-server vsftpd memcached redis-server mosquitto"
+TEST_COMMANDS="nmap ndiff xmllint python3 promtool systemd-analyze nginx sshd vsftpd memcached redis-server mosquitto"
 
 ensure_test_daemons() {
   local missing=""
@@ -74,6 +76,34 @@ ensure_test_daemons() {
     { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $apt >/dev/null; } ||
     echo "warning: could not install $TEST_PACKAGES" >&2
   [ -n "$created" ] && rm -f "$rc_policy"
+  return 0
+}
+
+# Python tools the deployment tests run (tests/tests/deploy.rs), pinned, in a
+# venv in the cache directory: kubernetes-validate (the Kubernetes schemas,
+# bundled, offline) and check-jsonschema (the compose specification's
+# schema, bundled). Made once from PyPI; the tests find it through
+# PORTFLEET_DEPLOY_TOOLS (or at this default path) and fail under CI=true
+# without it.
+DEPLOY_TOOLS_PINS="kubernetes-validate==1.37.0 check-jsonschema==0.39.0"
+export PORTFLEET_DEPLOY_TOOLS="${PORTFLEET_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/portfleet/deploy-tools}"
+
+ensure_deploy_tools() {
+  local venv=$PORTFLEET_DEPLOY_TOOLS
+  if [ -x "$venv/bin/kubernetes-validate" ] && [ -x "$venv/bin/check-jsonschema" ] &&
+     [ "$(cat "$venv/.pins" 2>/dev/null)" = "$DEPLOY_TOOLS_PINS" ]; then
+    return
+  fi
+  echo "installing the deployment test tools ($DEPLOY_TOOLS_PINS) in $venv..." >&2
+  # Only ever a venv of ours: never whatever else the variable names.
+  if [ -e "$venv/pyvenv.cfg" ]; then rm -rf "$venv"; fi
+  # shellcheck disable=SC2086
+  if python3 -m venv "$venv" >/dev/null &&
+     "$venv/bin/pip" install --quiet --disable-pip-version-check $DEPLOY_TOOLS_PINS >&2; then
+    echo "$DEPLOY_TOOLS_PINS" >"$venv/.pins"
+  else
+    echo "warning: could not install $DEPLOY_TOOLS_PINS (needs python3-venv and PyPI); the deployment tests need them" >&2
+  fi
   return 0
 }
 

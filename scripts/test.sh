@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 [ -n "${PORTFLEET_TEST_DATABASE_URL:-}" ] || ensure_postgres
 ensure_rabbitmq
 ensure_test_daemons
+ensure_deploy_tools
 ensure_loopback_services
 
 # The cross-process tests run the real binaries: build them first.

@@ -19,6 +19,10 @@ use crate::{
 
 #[derive(Args, Debug, Clone)]
 pub struct EnrollArgs {
+    /// The config file of `run` (--config FILE, docs/operations.md): its
+    /// controller, ca, name and state-dir apply here too.
+    #[arg(long = "config", env = "PORTFLEET_AGENT_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
     /// The controller, https://HOST:PORT.
     #[arg(long, env = "PORTFLEET_CONTROLLER")]
     pub controller: String,

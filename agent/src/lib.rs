@@ -11,6 +11,7 @@ pub mod engine;
 pub mod enroll_cmd;
 pub mod identify;
 pub mod identify_args;
+pub mod metrics;
 pub mod net;
 pub mod run_cmd;
 pub mod scan_cmd;

@@ -14,6 +14,12 @@ use crate::{
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// A TOML file of settings: the long flag names of `run` as keys
+    /// (`config print-default` writes one); flags and environment
+    /// variables override it. `enroll` reads its controller, ca, name and
+    /// state-dir (docs/operations.md).
+    #[arg(long = "config", env = "PORTFLEET_AGENT_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
     /// The controller's gRPC address, e.g. http://controller:50051
     #[arg(long, env = "PORTFLEET_CONTROLLER")]
     pub controller: String,
@@ -68,6 +74,12 @@ pub struct RunArgs {
     #[arg(long = "no-identify", env = "PORTFLEET_AGENT_NO_IDENTIFY", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub no_identify: bool,
+    /// Serve Prometheus metrics (`/metrics`) and HTTP health checks
+    /// (`/healthz`; `/readyz` while a session with the controller is
+    /// open) on this address, e.g. 127.0.0.1:9465 (docs/operations.md).
+    /// Off unless given.
+    #[arg(long = "metrics-listen", env = "PORTFLEET_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub identify: IdentifyArgs,
 }
@@ -99,9 +111,37 @@ pub fn host_name() -> String {
     portfleet_core::host_name().unwrap_or_else(|| "agent".into())
 }
 
+fn check_controller(url: &str) -> Result<(), String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("--controller {url:?}: expected http://HOST:PORT or https://HOST:PORT"));
+    }
+    Ok(())
+}
+
+/// `config check`: what `run` validates before it connects, short of
+/// the state directory (its lock and stored identity belong to a running
+/// agent): the controller's URL, the TLS files given, the labels and the
+/// identification rules. The message names the flag.
+pub fn check(args: &RunArgs) -> Result<(), String> {
+    check_controller(&args.controller)?;
+    for (flag, path) in [("--ca", &args.ca), ("--cert", &args.cert), ("--key", &args.key)] {
+        if let Some(p) = path {
+            std::fs::File::open(p).map_err(|e| format!("{flag} {}: {e}", p.display()))?;
+        }
+    }
+    args.labels
+        .iter()
+        .try_fold(Labels::default(), |labels, more| labels.merged(more))
+        .map_err(|e| format!("--labels: {e}"))?;
+    if !args.no_identify {
+        args.identify.identifier().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: RunArgs) -> i32 {
-    if !(args.controller.starts_with("http://") || args.controller.starts_with("https://")) {
-        eprintln!("error: --controller {:?}: expected http://HOST:PORT or https://HOST:PORT", args.controller);
+    if let Err(e) = check_controller(&args.controller) {
+        eprintln!("error: {e}");
         return 2;
     }
     let name = args.name.clone().unwrap_or_else(host_name);
@@ -160,6 +200,29 @@ pub async fn run(args: RunArgs) -> i32 {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
+    // Serves until the process exits: health answers through shutdown.
+    if let Some(addr) = args.metrics_listen {
+        let served = async {
+            let metrics = portfleet_telemetry::metrics::Metrics::install(env!("CARGO_PKG_VERSION"))?;
+            let listener = portfleet_telemetry::metrics::bind(addr).await?;
+            Ok::<_, portfleet_telemetry::metrics::MetricsError>((metrics, listener))
+        };
+        match served.await {
+            Ok((metrics, listener)) => {
+                let readiness = crate::metrics::readiness();
+                tokio::spawn(portfleet_telemetry::metrics::serve(
+                    listener,
+                    metrics,
+                    readiness,
+                    CancellationToken::new(),
+                ));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    }
     match session::run(config, shutdown).await {
         Ok(()) => 0,
         Err(e) => {

@@ -24,6 +24,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "PORTFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this OpenTelemetry receiver (a
+    /// Collector, Jaeger; port 4317), e.g. http://127.0.0.1:4317. Off
+    /// unless given: then nothing is sent anywhere.
+    #[arg(long = "otlp-endpoint", env = "PORTFLEET_OTLP_ENDPOINT", global = true,
+          value_parser = portfleet_telemetry::otel::parse_endpoint)]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -57,7 +63,34 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCommand,
     },
+    /// Config files (`--config FILE`, docs/operations.md).
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
 }
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print a config file with every setting of `serve` commented out at
+    /// its default, with its help and environment variable.
+    PrintDefault,
+    /// Validate the settings `serve` would run with (the same flags, the
+    /// environment and --config FILE) and print them with their sources,
+    /// secrets hidden, without connecting to anything; exits 2 when they
+    /// are invalid.
+    Check(ServeArgs),
+}
+
+/// The controller's config file: the settings of `serve`; `--config` is
+/// in [`DatabaseArgs`], so `serve`, `migrate`, `agents`, `tokens` and
+/// `config check` read it.
+pub const CONFIG_FILE: portfleet_telemetry::config_file::Spec = portfleet_telemetry::config_file::Spec {
+    schema: &["serve"],
+    config_arg: "config_file",
+    note: "`migrate`, `agents` and `tokens` read the database settings and log-format from the same file.",
+};
 
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
@@ -118,6 +151,12 @@ pub use portfleet_telemetry::LogFormat;
 /// a global flag, so [`DatabaseArgs::config`] checks the URL is there.
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
+    /// A TOML file of settings: the long flag names of `serve` as keys
+    /// (`config print-default` writes one); flags and environment
+    /// variables override it. `migrate`, `agents` and `tokens` read its
+    /// database settings and log format (docs/operations.md).
+    #[arg(long = "config", env = "PORTFLEET_CONFIG", value_name = "FILE", global = true)]
+    pub config_file: Option<PathBuf>,
     /// Postgres URL, e.g. postgres://postgres@127.0.0.1:5432/portfleet
     /// (required).
     #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true, global = true)]
@@ -286,6 +325,11 @@ pub struct ServeArgs {
     /// and probes; it tells whether the database is reachable).
     #[arg(long = "no-health", env = "PORTFLEET_NO_HEALTH", action = ArgAction::SetTrue, value_parser = boolish())]
     pub no_health: bool,
+    /// Serve Prometheus metrics (`/metrics`) and HTTP health checks
+    /// (`/healthz`, `/readyz`; docs/operations.md) on this address, e.g.
+    /// 0.0.0.0:9464. Off unless given.
+    #[arg(long = "metrics-listen", env = "PORTFLEET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub amqp: AmqpArgs,
 }
@@ -543,6 +587,8 @@ pub struct ControllerConfig {
     pub shutdown_timeout: Duration,
     /// Connection counts and timeouts (`conn`).
     pub connections: ConnectionLimits,
+    /// Where metrics and HTTP health are served, when they are.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ControllerConfig {
@@ -563,6 +609,7 @@ impl ControllerConfig {
             tls: None,
             shutdown_timeout: Duration::from_secs(10),
             connections: ConnectionLimits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -677,6 +724,7 @@ impl TryFrom<&ServeArgs> for ControllerConfig {
                 handshake_timeout: a.handshake_timeout,
                 idle_timeout: a.idle_timeout,
             },
+            metrics_listen: a.metrics_listen,
         })
     }
 }
@@ -710,6 +758,17 @@ mod tests {
             panic!()
         };
         assert_eq!(database.db_pool_size, 3);
+    }
+
+    #[test]
+    fn the_command_line_and_its_default_config_file_are_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let text = portfleet_telemetry::config_file::default_file(Cli::command(), CONFIG_FILE);
+        for key in ["database-url", "listen", "max-scan-probes", "insecure", "amqp-url", "log-format"] {
+            assert!(text.contains(&format!("\n# {key} = ")), "{key} missing from:\n{text}");
+        }
+        assert!(!text.contains("\n# config = "), "{text}");
     }
 
     #[test]

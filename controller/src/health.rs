@@ -34,6 +34,7 @@ const MIN_HINT_SPACING: Duration = Duration::from_millis(100);
 pub async fn watch_database(
     options: PgConnectOptions,
     health: HealthReporter,
+    readiness: portfleet_telemetry::metrics::Health,
     services: Vec<&'static str>,
     cancel: CancellationToken,
 ) {
@@ -62,11 +63,13 @@ pub async fn watch_database(
         match (serving, result) {
             (true, Err(error)) => {
                 serving = false;
+                readiness.set("postgres", false);
                 tracing::warn!(%error, "database unreachable: health NOT_SERVING");
                 report(&health, &names, ServingStatus::NotServing).await;
             }
             (false, Ok(())) => {
                 serving = true;
+                readiness.set("postgres", true);
                 tracing::info!("database reachable again: health SERVING");
                 report(&health, &names, ServingStatus::Serving).await;
             }

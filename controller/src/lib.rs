@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod health;
 pub mod ingress;
 pub mod inventory;
+pub mod metrics;
 pub mod naabum8;
 pub mod notify;
 pub mod plans;
@@ -51,6 +52,8 @@ pub enum ControllerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Metrics(#[from] portfleet_telemetry::metrics::MetricsError),
 }
 
 /// The CA that signs enrolling agents, when its key is configured.
@@ -99,6 +102,30 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
+    // The metrics and health port first: `/healthz` answers and `/readyz`
+    // says why not while migrations run or the database is away.
+    let readiness = {
+        let mut checks = vec!["postgres", "migrations"];
+        if config.ingress.is_some() {
+            checks.push("amqp");
+        }
+        portfleet_telemetry::metrics::Health::new(&checks)
+    };
+    let metrics_stop = CancellationToken::new();
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let metrics = portfleet_telemetry::metrics::Metrics::install(env!("CARGO_PKG_VERSION"))?;
+            let listener = portfleet_telemetry::metrics::bind(addr).await?;
+            Some(tokio::spawn(portfleet_telemetry::metrics::serve(
+                listener,
+                metrics,
+                readiness.clone(),
+                metrics_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let _stop_metrics = metrics_stop.clone().drop_guard();
     // Two pools: the fleet's (agent sessions, scheduler, upkeep,
     // notifications) and the API clients' (ScanService, WatchScan, the
     // AMQP ingress), so no client load can take the agent protocol's
@@ -115,6 +142,8 @@ pub async fn run(
         Err(StoreError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
+    readiness.set("postgres", true);
+    readiness.set("migrations", true);
     api_store.warm_up(2).await;
     store.add_scope_rules(store::ScopeAction::Allow, &config.policy.allow).await?;
     store.add_scope_rules(store::ScopeAction::Deny, &config.policy.deny).await?;
@@ -147,6 +176,7 @@ pub async fn run(
     tasks.spawn(health::watch_database(
         config.database.options.clone(),
         health.clone(),
+        readiness.clone(),
         vec![ScanServiceServer::<api::ScanApi>::NAME, AgentServiceServer::<api::AgentApi>::NAME],
         background.clone(),
     ));
@@ -171,6 +201,10 @@ pub async fn run(
     }
     tasks.spawn(webhooks::run(upkeep.clone(), background.clone()));
     tasks.spawn(prune::run(upkeep.clone(), background.clone()));
+    if config.metrics_listen.is_some() {
+        let pools = vec![("fleet", store.clone()), ("api", api_store.clone()), ("upkeep", upkeep.clone())];
+        tasks.spawn(metrics::sample(upkeep.clone(), pools, background.clone()));
+    }
     tracing::info!(controller_id = %config.fleet.controller_id, "fleet scheduler started");
 
     // Both reflection versions: grpcurl 1.8 and many tools speak only v1alpha.
@@ -193,7 +227,16 @@ pub async fn run(
     if let Some(mut ingress) = config.ingress.clone() {
         ingress.connection_name = format!("{} {}", ingress.connection_name, config.fleet.controller_id);
         let (store, notifier) = (api_store.clone(), notifier.clone());
-        tasks.spawn(ingress::run(ingress, scans.clone(), store, notifier, naabum8_db.clone(), background.clone()));
+        let ready = readiness.clone();
+        tasks.spawn(ingress::run(
+            ingress,
+            scans.clone(),
+            store,
+            notifier,
+            naabum8_db.clone(),
+            ready,
+            background.clone(),
+        ));
     }
     let watches = api::WatchHub::new(api_store.clone(), notifier, background.clone(), tasks.clone(), &config.api);
     let scan_api = api::ScanApi::new(scans, api_store.clone(), watches);
@@ -221,6 +264,7 @@ pub async fn run(
         // Counts each connection's open calls, for its idle deadline.
         .layer(connections.stream_layer())
         .layer(telemetry::grpc_trace_layer())
+        .layer(metrics::GrpcMetricsLayer)
         .add_optional_service(config.health.then_some(health_service))
         .add_optional_service(config.reflection.then_some(reflection_v1))
         .add_optional_service(config.reflection.then_some(reflection_v1alpha))
@@ -247,6 +291,10 @@ pub async fn run(
     let closed = async { tokio::join!(store.close(), api_store.close(), upkeep.close()) };
     if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
         tracing::warn!("database pools did not close in time");
+    }
+    metrics_stop.cancel();
+    if let Some(server) = metrics_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     tracing::info!("controller stopped");
     Ok(())

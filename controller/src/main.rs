@@ -3,21 +3,28 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::CommandFactory;
 use portfleet_controller::{
     ControllerConfig,
     auth::{self, Scope},
-    config::{AgentCommand, CaCommand, Cli, Command, DatabaseArgs, TokenCommand},
+    config::{
+        AgentCommand, CONFIG_FILE, CaCommand, Cli, Command, ConfigCommand, DatabaseArgs, ServeArgs, TokenCommand,
+    },
     enroll,
     store::{DatabaseConfig, Store},
     telemetry,
 };
 use portfleet_core::labels::Labels;
+use portfleet_telemetry::config_file::{self, Loaded, Settings};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // Flags over environment over `--config FILE`; a bad setting exits 2.
+    let Loaded { cli, settings } =
+        config_file::parse::<Cli, _>(CONFIG_FILE, std::env::args_os()).unwrap_or_else(|e| e.exit());
+    if let Command::Config { action } = &cli.command {
+        return config_command(action, &settings);
+    }
     // One TLS stack across the tree: rustls with ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -27,13 +34,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(async_main(cli)) {
+    // Inside the runtime: the trace exporter's channel lives on it.
+    let traces = {
+        let _in_runtime = runtime.enter();
+        telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref())
+    };
+    let traces = traces.unwrap_or_else(|e| usage_error(&e.to_string()));
+    let code = match runtime.block_on(async_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans go out while the runtime still runs.
+    traces.shutdown();
+    code
 }
 
 async fn async_main(cli: Cli) -> anyhow::Result<()> {
@@ -60,17 +76,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agents { database, action } => agents(&database, action, &shutdown).await,
+        // Handled in main, before logging and the runtime.
+        Command::Config { .. } => Ok(()),
         Command::Serve(args) => {
-            let config = match ControllerConfig::try_from(&args).and_then(|c| c.validate().map(|()| c)) {
-                Ok(config) => config,
-                Err(e) => usage_error(&e),
-            };
-            if args.tls_cert.is_none() && !args.insecure {
-                usage_error(
-                    "no TLS: give --tls-cert and --tls-key (docs/security.md), or --insecure to serve plaintext \
-                     on a network nobody else reaches",
-                );
-            }
+            let config = serve_config(&args).unwrap_or_else(|e| usage_error(&e));
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
@@ -78,6 +87,48 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The settings `serve` runs with, validated once; the message names the
+/// flag.
+fn serve_config(args: &ServeArgs) -> Result<ControllerConfig, String> {
+    let config = ControllerConfig::try_from(args)?;
+    config.validate()?;
+    if args.tls_cert.is_none() && !args.insecure {
+        return Err("no TLS: give --tls-cert and --tls-key (docs/security.md), or --insecure to serve plaintext \
+                    on a network nobody else reaches"
+            .into());
+    }
+    Ok(config)
+}
+
+/// `config print-default` and `config check`: nothing is served or
+/// connected to.
+fn config_command(action: &ConfigCommand, settings: &Settings) -> ExitCode {
+    match action {
+        ConfigCommand::PrintDefault => print!("{}", config_file::default_file(Cli::command(), CONFIG_FILE)),
+        ConfigCommand::Check(args) => {
+            if let Err(e) = serve_config(args) {
+                usage_error(&e);
+            }
+            let files = [
+                ("--tls-cert", &args.tls_cert),
+                ("--tls-key", &args.tls_key),
+                ("--tls-client-ca", &args.tls_client_ca),
+                ("--tls-client-ca-key", &args.tls_client_ca_key),
+            ];
+            for (flag, path) in files {
+                if let Some(p) = path
+                    && let Err(e) = std::fs::File::open(p)
+                {
+                    usage_error(&format!("{flag} {}: {e}", p.display()));
+                }
+            }
+            print!("{}", settings.effective());
+            eprintln!("the settings are valid");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `agents enroll-token|revoke`, straight against the database.

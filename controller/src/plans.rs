@@ -12,6 +12,7 @@ use std::{
 };
 
 use portfleet_core::{AddressSet, PortSet, ScanSpace, ScanType, permutation::Permutation};
+use portfleet_telemetry::otel::TraceParent;
 use uuid::Uuid;
 
 use crate::store::{ScanParams, Store, StoreError};
@@ -40,6 +41,9 @@ pub struct ScanPlan {
     /// Named addresses, each with its names joined by ',': agents use them
     /// as SNI and HTTP Host when identifying.
     pub hostnames: Vec<(IpAddr, String)>,
+    /// The trace context each Assign's span continues (the span that
+    /// created the scan), when the scan is traced.
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl ScanPlan {
@@ -64,6 +68,8 @@ impl ScanPlan {
             identify: p.identify,
             port_threshold: u32::try_from(p.port_threshold).map_err(|e| corrupt("port_threshold", &e))?,
             hostnames,
+            // Only ever written checked; anything else is no context at all.
+            trace_parent: p.trace_parent.as_deref().and_then(TraceParent::parse),
         })
     }
 

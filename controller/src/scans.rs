@@ -8,7 +8,9 @@ use futures::{StreamExt, TryStreamExt, stream};
 use portfleet_core::{
     AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, labels, plan, text,
 };
+use portfleet_telemetry::{otel, otel::TraceParent, trace_span};
 use tokio::sync::Semaphore;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 pub use crate::naabum8::HostnameSelection;
@@ -87,6 +89,24 @@ pub struct ScanRequestInput {
     pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// The trace the request belongs to.
+    pub trace: RequestTrace,
+}
+
+/// The trace a request belongs to: the span its adapter opened for it
+/// (`amqp.consume`, CreateScan; `Span::none()` when traces are off) and
+/// the trace context the caller sent, which is passed on unchanged when
+/// this controller does not export traces.
+#[derive(Clone, Debug)]
+pub struct RequestTrace {
+    pub span: Span,
+    pub parent: Option<TraceParent>,
+}
+
+impl Default for RequestTrace {
+    fn default() -> Self {
+        Self { span: Span::none(), parent: None }
+    }
 }
 
 /// A validated scan request with defaults filled in.
@@ -108,6 +128,8 @@ pub struct ScanRequest {
     pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// What the scan's later spans (each Assign's) continue: stored with it.
+    pub trace_parent: Option<TraceParent>,
 }
 
 /// Open ports on one address above which a scan reports the address as
@@ -209,6 +231,7 @@ impl ScanRequestInput {
             origin: self.origin,
             reply_to: self.reply_to.filter(|r| !r.is_empty()),
             correlation_id: self.correlation_id.filter(|c| !c.is_empty()),
+            trace_parent: self.trace.parent,
         })
     }
 }
@@ -367,8 +390,18 @@ impl ScanManager {
         &self,
         inputs: Vec<ScanRequestInput>,
     ) -> Result<Vec<Result<(ScanRecord, bool), ScanError>>, StoreError> {
-        let requests: Vec<Result<ScanRequest, ScanError>> =
-            inputs.into_iter().map(|i| i.validate(&self.limits)).collect();
+        // One span per request, in its adapter's trace (only when traces
+        // are exported); the scan keeps its context for the Assigns.
+        let spans: Vec<Span> = inputs.iter().map(create_span).collect();
+        let requests: Vec<Result<ScanRequest, ScanError>> = inputs
+            .into_iter()
+            .zip(&spans)
+            .map(|(i, span)| {
+                let mut req = i.validate(&self.limits)?;
+                req.trace_parent = otel::propagate(span, req.trace_parent.as_ref());
+                Ok(req)
+            })
+            .collect();
         // Known keys come back as they are, without planning anything.
         let keys: Vec<String> = requests.iter().filter_map(|r| r.as_ref().ok()?.request_id.clone()).collect();
         let known: std::collections::HashMap<String, ScanRecord> = self
@@ -387,8 +420,11 @@ impl ScanManager {
             // Owned copies: a stream of borrowed requests trips the compiler's
             // higher-ranked lifetime inference in Send futures.
             let owned: Vec<Option<ScanRequest>> = requests.iter().map(|r| r.as_ref().ok().cloned()).collect();
-            let prepared: Vec<Option<Result<Prepared, ScanError>>> =
-                stream::iter(owned).map(|req| self.prepare_known(req, &known, &policy)).buffered(32).collect().await;
+            let prepared: Vec<Option<Result<Prepared, ScanError>>> = stream::iter(owned.into_iter().zip(spans.clone()))
+                .map(|(req, span)| self.prepare_known(req, &known, &policy).instrument(span))
+                .buffered(32)
+                .collect()
+                .await;
             let new: Vec<NewScan> = prepared
                 .iter()
                 .filter_map(|p| match p {
@@ -396,7 +432,21 @@ impl ScanManager {
                     _ => None,
                 })
                 .collect();
-            match self.store.insert_scans(&new, policy.version).await {
+            // The one statement stores them all: each new scan's trace gets
+            // a span of it, the statement's own under it when it is one scan.
+            let store_spans: Vec<Span> = prepared
+                .iter()
+                .zip(&spans)
+                .filter(|(p, _)| matches!(p, Some(Ok(Prepared::New(_)))))
+                .map(|(_, span)| span.in_scope(|| trace_span!("scan.store", scans = new.len())))
+                .collect();
+            let insert = self.store.insert_scans(&new, policy.version);
+            let inserted = match store_spans.as_slice() {
+                [one] => insert.instrument(one.clone()).await,
+                _ => insert.await,
+            };
+            drop(store_spans);
+            match inserted {
                 Err(StoreError::PolicyChanged) if attempts < 3 => {
                     tracing::info!("the scope policy changed while scans were checked; checking them again");
                     self.policy.invalidate();
@@ -408,27 +458,62 @@ impl ScanManager {
         let outcomes = requests
             .into_iter()
             .zip(prepared)
-            .map(|(req, p)| match (req, p) {
-                (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
-                (Ok(_), None) => Err(StoreError::Corrupt("a checked scan went missing".into()).into()),
-                (Ok(_), Some(Ok(Prepared::Existing(r)))) => Ok((*r, false)),
-                (Ok(_), Some(Ok(Prepared::New(n)))) => {
-                    let (record, created) =
-                        stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))??;
-                    // Another request took the key first (a race, or the
-                    // same key twice in one batch).
-                    let record = if created { record } else { same_request(record, n.request_fingerprint.as_deref())? };
-                    if created {
-                        tracing::info!(scan_id = %record.id, probes = record.probes_planned,
-                            shards = record.shard_count, origin = %n.origin, "scan created");
+            .zip(&spans)
+            .map(|((req, p), span)| {
+                let outcome = stored_outcome(req, p, &mut stored);
+                match &outcome {
+                    Ok((record, created)) => {
+                        span.record("scan_id", tracing::field::display(record.id));
+                        if *created {
+                            span.in_scope(|| {
+                                tracing::info!(scan_id = %record.id, probes = record.probes_planned,
+                                    shards = record.shard_count, origin = %record.origin, "scan created")
+                            });
+                        }
                     }
-                    Ok((record, created))
+                    Err(e) => {
+                        span.record("otel.status_code", "error");
+                        span.record("otel.status_description", tracing::field::display(e));
+                    }
                 }
+                outcome
             })
             .collect();
         Ok(outcomes)
     }
+}
 
+/// The span of one request's creation (`scan.create`), a child of its
+/// adapter's span, or a trace of its own when it came without one.
+fn create_span(input: &ScanRequestInput) -> Span {
+    trace_span!(parent: &input.trace.span, "scan.create", otel.kind = "internal",
+        request_id = %input.request_id, origin = %input.origin, scan_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty)
+}
+
+/// What became of one request of a batch: its error, the scan its key
+/// already named, or the next of the stored scans.
+fn stored_outcome(
+    req: Result<ScanRequest, ScanError>,
+    prepared: Option<Result<Prepared, ScanError>>,
+    stored: &mut impl Iterator<Item = Result<(ScanRecord, bool), StoreError>>,
+) -> Result<(ScanRecord, bool), ScanError> {
+    match (req, prepared) {
+        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+        (Ok(_), None) => Err(StoreError::Corrupt("a checked scan went missing".into()).into()),
+        (Ok(_), Some(Ok(Prepared::Existing(r)))) => Ok((*r, false)),
+        (Ok(_), Some(Ok(Prepared::New(n)))) => {
+            let (record, created) =
+                stored.next().ok_or_else(|| StoreError::Corrupt("a stored scan went missing".into()))??;
+            // Another request took the key first (a race, or the same key
+            // twice in one batch).
+            let record = if created { record } else { same_request(record, n.request_fingerprint.as_deref())? };
+            Ok((record, created))
+        }
+    }
+}
+
+impl ScanManager {
     /// A scan its request id already names, or `prepare`d; `None` for a
     /// request that did not validate.
     async fn prepare_known(
@@ -442,7 +527,10 @@ impl ScanManager {
             Some(existing) => {
                 same_request(existing.clone(), Some(&req.fingerprint())).map(|r| Prepared::Existing(Box::new(r)))
             }
-            None => self.prepare(&req, policy).await.map(|new| Prepared::New(Box::new(new))),
+            None => {
+                let span = trace_span!("scan.prepare", targets = req.targets.len());
+                self.prepare(&req, policy).instrument(span).await.map(|new| Prepared::New(Box::new(new)))
+            }
         })
     }
 
@@ -496,25 +584,29 @@ impl ScanManager {
         // gone: those are skipped (as naabu did), not fatal.
         let unresolved = if req.naabum8.is_some() { Unresolved::Skip } else { Unresolved::Refuse };
         let lookups = resolve(&specs, self.limits.resolve_timeout, &self.lookups, unresolved);
-        let resolved = tokio::time::timeout(deadline, lookups).await.map_err(|_| {
+        let span = if names > 0 { trace_span!("scan.resolve", hostnames = names) } else { Span::none() };
+        let resolved = tokio::time::timeout(deadline, lookups).instrument(span).await.map_err(|_| {
             invalid("targets", format!("{names} hostnames were not all resolved within {deadline:?}"))
         })??;
         if resolved.is_empty() {
             return Err(invalid("naabum8", format!("none of the {names} hostnames resolves")));
         }
         let seed: u64 = rand::random();
-        let plan = plan(PlanInput {
+        let input = PlanInput {
             targets: resolved,
             ports: req.ports.clone(),
             exclude: AddressSet::default(),
             seed,
             max_probes: self.limits.max_probes,
             shards: self.limits.shards,
-        })
-        .map_err(|e| invalid("targets", e))?;
+        };
+        let plan = trace_span!("scan.plan", ranges = input.targets.len(), ports = req.ports.len())
+            .in_scope(|| plan(input))
+            .map_err(|e| invalid("targets", e))?;
         let space = &plan.space;
         if let Some(range) = policy.first_offending(space.addresses()) {
             let why = crate::policy::refusal(policy, range);
+            metrics::counter!("portfleet_scans_refused_by_policy_total").increment(1);
             return Err(ScanError::PermissionDenied(format!("targets: {range} may not be scanned: {why}")));
         }
         Ok(NewScan {
@@ -544,6 +636,7 @@ impl ScanManager {
             identify: req.identify,
             // Validated: at most 65535.
             port_threshold: req.port_threshold as i32,
+            trace_parent: req.trace_parent.as_ref().map(|t| t.as_str().to_string()),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
         })

@@ -1,6 +1,6 @@
 //! Tracing setup for the binary: `RUST_LOG` filters (default `info`), plain
-//! or JSON lines on stderr, caller input escaped (portfleet-telemetry); and
-//! how gRPC calls are logged.
+//! or JSON lines on stderr, caller input escaped (portfleet-telemetry),
+//! traces over OTLP with `--otlp-endpoint`; and how gRPC calls are logged.
 
 use std::time::Duration;
 
@@ -13,8 +13,14 @@ use tracing::Span;
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
-    portfleet_telemetry::init(format, "info");
+/// Logging, and trace export when `otlp_endpoint` is given (call inside
+/// the runtime; keep the guard until the end, then shut it down).
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<portfleet_telemetry::TelemetryGuard, portfleet_telemetry::otel::OtelError> {
+    let traces = portfleet_telemetry::Traces { otlp_endpoint, service_name: "portfleet-controller" };
+    portfleet_telemetry::init(format, "info", &traces)
 }
 
 /// The controller's gRPC trace layer (see [`grpc_trace_layer`]).

@@ -10,8 +10,18 @@
 //!   characters (JSON escapes control characters by itself);
 //! - errors logged with their causes ([`ErrorChain`]), never as a bare
 //!   "transport error".
+//!
+//! Config files ([`config_file`]): a TOML file of settings read through
+//! the binaries' own clap definitions, flags and environment over it.
+//!
+//! Traces ([`otel`]): opt-in OpenTelemetry export over OTLP, bridged from
+//! the same `tracing` spans; without an endpoint nothing is exported.
 
 #![forbid(unsafe_code)]
+
+pub mod config_file;
+pub mod metrics;
+pub mod otel;
 
 use std::{fmt, io::IsTerminal};
 
@@ -37,15 +47,42 @@ pub fn colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// Where a binary's traces go: `otlp_endpoint` (`--otlp-endpoint`), or
+/// nowhere; `service_name` is OpenTelemetry's `service.name`.
+#[derive(Clone, Debug)]
+pub struct Traces<'a> {
+    pub otlp_endpoint: Option<&'a str>,
+    pub service_name: &'static str,
+}
+
+pub use otel::TelemetryGuard;
+
 /// Installs the global subscriber: `RUST_LOG` filters (else
-/// `default_filter`), lines on stderr.
-pub fn init(format: LogFormat, default_filter: &str) {
+/// `default_filter`), lines on stderr; with an OTLP endpoint, also the
+/// trace exporter (its own filter: [`otel::ExportFilter`]). Call inside a
+/// Tokio runtime (`Runtime::enter`) and keep the guard until the end.
+pub fn init(format: LogFormat, default_filter: &str, traces: &Traces<'_>) -> Result<TelemetryGuard, otel::OtelError> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.with_ansi(colour()).fmt_fields(SafeFields).init(),
-        LogFormat::Json => builder.with_ansi(false).json().flatten_event(true).init(),
-    }
+    let Some(endpoint) = traces.otlp_endpoint else {
+        // No exporter: the subscriber is only the log lines, as it always was.
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        match format {
+            LogFormat::Plain => builder.with_ansi(colour()).fmt_fields(SafeFields).init(),
+            LogFormat::Json => builder.with_ansi(false).json().flatten_event(true).init(),
+        }
+        return Ok(TelemetryGuard::default());
+    };
+    let pipeline = otel::pipeline(endpoint, traces.service_name)?;
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Plain => lines.with_ansi(colour()).fmt_fields(SafeFields).boxed(),
+        LogFormat::Json => lines.with_ansi(false).json().flatten_event(true).boxed(),
+    };
+    let spans = tracing_opentelemetry::layer().with_tracer(pipeline.tracer).with_filter(otel::ExportFilter);
+    tracing_subscriber::registry().with(lines.with_filter(filter)).with(spans).init();
+    Ok(TelemetryGuard::exporting(pipeline.provider))
 }
 
 /// Formats fields as `name=value`, escaped and truncated (see the module
@@ -69,7 +106,8 @@ pub struct SafeVisitor<'w> {
 
 impl SafeVisitor<'_> {
     fn record(&mut self, field: &Field, value: &str) {
-        if self.result.is_err() || field.name().starts_with("log.") {
+        // `otel.*` fields steer the trace exporter; they are not news.
+        if self.result.is_err() || field.name().starts_with("log.") || field.name().starts_with("otel.") {
             return;
         }
         let sep = if self.first { "" } else { " " };
@@ -215,6 +253,24 @@ mod tests {
             with_causes("h2 protocol error: error reading a body from connection", Some(&status_source)),
             "h2 protocol error: error reading a body from connection: broken pipe"
         );
+    }
+
+    /// `otel.*` fields (span kinds, statuses for the exporter) are not
+    /// printed in plain lines.
+    #[test]
+    fn exporter_fields_stay_out_of_plain_lines() {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).fmt_fields(SafeFields).with_writer(move || out.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("shard", otel.kind = "consumer", shard_id = 3);
+            let _in = span.enter();
+            tracing::info!(otel.status_code = "error", "inside");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("shard{shard_id=3}") && text.contains("inside"), "{text}");
+        assert!(!text.contains("otel"), "{text}");
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl FakeAgent {
     /// Opens a session as a new agent named `name` (raw sockets, IPv6, one
     /// shard at a time) and waits for the Welcome.
     pub async fn connect(c: &TestController, name: &str) -> Self {
+        Self::connect_channel(c.channel().await, name).await
+    }
+
+    /// [`FakeAgent::connect`] over `channel` (a controller binary's).
+    pub async fn connect_channel(channel: tonic::transport::Channel, name: &str) -> Self {
         let id = uuid::Uuid::new_v4().to_string();
         let hello = pb::Hello {
             agent_id: id.clone(),
@@ -44,7 +49,7 @@ impl FakeAgent {
         };
         let (tx, rx) = mpsc::channel(64);
         tx.send(pb::AgentMessage { frame: Some(Out::Hello(hello)) }).await.expect("queue Hello");
-        let mut client = AgentServiceClient::new(c.channel().await);
+        let mut client = AgentServiceClient::new(channel);
         let mut rx = client.session(ReceiverStream::new(rx)).await.expect("session").into_inner();
         match rx.message().await.expect("Welcome").and_then(|m| m.frame) {
             Some(In::Welcome(_)) => {}
@@ -118,7 +123,7 @@ impl FakeAgent {
             })
             .collect();
         let (shard_id, lease_epoch) = (a.shard_id, a.lease_epoch);
-        self.send(Out::Results(pb::ResultBatch { shard_id, lease_epoch, seq: 1, results })).await;
+        self.send(Out::Results(pb::ResultBatch { shard_id, lease_epoch, seq: 1, results, trace_parent: None })).await;
         self.send(Out::Complete(pb::ShardComplete { shard_id, lease_epoch, seq: 2, counts: None })).await;
     }
 }

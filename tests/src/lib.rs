@@ -12,6 +12,7 @@ pub mod db;
 pub mod dns;
 pub mod fake_agent;
 pub mod netns;
+pub mod otlp;
 pub mod pgcluster;
 pub mod procs;
 pub mod proxy;
@@ -51,6 +52,34 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `GET path` from an HTTP server (the metrics and health port,
+/// Prometheus's API): status and body, or `None` when it cannot be reached
+/// within a few seconds. HTTP/1.0, so no chunked body to undo.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut s = tokio::time::timeout(Duration::from_secs(2), connect).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Waits until the controller at `url` says SERVING on grpc.health.v1
+/// (its migrations are applied and it takes calls).
+pub async fn wait_serving(url: &str, what: &str) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    eventually(what, Duration::from_secs(30), || async move {
+        let ch = tonic::transport::Channel::from_shared(url.to_string()).ok()?.connect().await.ok()?;
+        let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        (r.into_inner().status == 1).then_some(())
+    })
+    .await
 }
 
 /// Whether this process runs as root.

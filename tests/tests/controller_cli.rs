@@ -7,8 +7,6 @@ use std::{
 };
 
 use portfleet_tests::{TestDb, binary, eventually};
-use tonic::transport::Channel;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 fn controller() -> Command {
     let mut cmd = Command::new(binary("portfleet-controller"));
@@ -85,15 +83,7 @@ async fn migrate_then_serve_then_stop_on_sigterm() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    eventually("controller binary serving", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            let ch = Channel::from_shared(url).ok()?.connect().await.ok()?;
-            let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.ok()?;
-            (r.into_inner().status == 1).then_some(())
-        }
-    })
-    .await;
+    portfleet_tests::wait_serving(&url, "controller binary serving").await;
     let started = Instant::now();
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(killed.success());

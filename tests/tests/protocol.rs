@@ -90,7 +90,7 @@ fn result(ip: [u8; 4], port: u32) -> pb::PortResult {
 }
 
 fn batch(shard: u64, epoch: u64, seq: u64, results: Vec<pb::PortResult>) -> Out {
-    Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results })
+    Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results, trace_parent: None })
 }
 
 #[track_caller]
@@ -418,7 +418,9 @@ async fn random_frames_never_break_the_controller() {
         });
         let text: String = (0..rng.random_range(0..300)).map(|_| rng.random::<char>()).collect();
         let frame = match rng.random_range(0..8) {
-            0 => Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results }),
+            0 => {
+                Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results, trace_parent: None })
+            }
             1 => Out::Progress(pb::Progress {
                 shard_id: shard,
                 lease_epoch: epoch,

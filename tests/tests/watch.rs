@@ -168,7 +168,13 @@ impl Lease {
     async fn report(&mut self, agent: &mut FakeAgent) -> bool {
         let Some(results) = self.batches.next() else { return false };
         self.seq += 1;
-        let f = Out::Results(pb::ResultBatch { shard_id: self.shard, lease_epoch: self.epoch, seq: self.seq, results });
+        let f = Out::Results(pb::ResultBatch {
+            shard_id: self.shard,
+            lease_epoch: self.epoch,
+            seq: self.seq,
+            results,
+            trace_parent: None,
+        });
         agent.acked(f, self.shard, self.seq).await;
         true
     }

@@ -57,10 +57,14 @@ impl Reach<'_> {
         let timeout = self.identifier.options.connect_timeout;
         match tokio::time::timeout(timeout, TcpStream::connect(self.addr())).await {
             Ok(Ok(s)) => {
+                metrics::counter!("portfleet_agent_identify_connections_total", "outcome" => "connected").increment(1);
                 let _ = s.set_nodelay(true);
                 Some(s)
             }
-            _ => None,
+            _ => {
+                metrics::counter!("portfleet_agent_identify_connections_total", "outcome" => "failed").increment(1);
+                None
+            }
         }
     }
 

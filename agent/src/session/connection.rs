@@ -174,9 +174,11 @@ pub async fn run(agent: &std::sync::Arc<Agent>, endpoint: Endpoint, give_up: &Ca
     tracing::Span::current().record("generation", welcome.generation);
     tracing::info!(controller_id = %welcome.controller_id, protocol_version = welcome.protocol_version,
         "session established");
+    crate::metrics::session(true);
     let mut reader = agent.tasks.spawn(reader::run(agent.clone(), source).in_current_span());
     let end = write(agent, &sink, welcome.heartbeat, &mut reader, give_up).await;
     reader.abort();
+    crate::metrics::session(false);
     end
 }
 

@@ -101,6 +101,7 @@ impl Contact {
     /// The controller echoed a heartbeat sent at `sent_at`.
     pub fn echoed(&self, sent_at: SystemTime) {
         if let Some(at) = self.clock.unstamp(sent_at) {
+            crate::metrics::heartbeat_echoed(at);
             let mut c = self.state();
             c.fresh = c.fresh.max(at);
         }

@@ -92,6 +92,11 @@ impl Lease {
     }
 
     /// The running engine's counters, for the heartbeat's rate.
+    /// Frames queued or sent and not yet acked.
+    pub fn unacked(&self) -> usize {
+        self.state().outbox.len()
+    }
+
     pub fn set_counts(&self, counts: Arc<LiveCounts>) {
         let _ = self.counts.set(counts);
     }
@@ -269,6 +274,16 @@ impl Leases {
 
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()
+    }
+
+    /// The leases' gauges for the metrics sampler.
+    pub fn gauges(&self) -> crate::metrics::LeaseGauges {
+        let map = self.map();
+        crate::metrics::LeaseGauges {
+            held: map.len(),
+            assigned_rate: map.values().map(|l| u64::from(l.control.rate())).sum(),
+            unacked: map.values().map(|l| l.unacked()).sum(),
+        }
     }
 }
 

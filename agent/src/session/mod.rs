@@ -242,6 +242,10 @@ async fn serve(
         async move { contact::watchdog(&agent.contact, &agent.leases, done).await }.in_current_span()
     });
     agent.tasks.spawn(hand_back_on(shutdown, agent.clone(), give_up.clone(), done.clone()).in_current_span());
+    agent.tasks.spawn({
+        let (agent, done) = (agent.clone(), done.clone());
+        async move { crate::metrics::sample(|| agent.leases.gauges(), done).await }
+    });
     tracing::info!(name = %agent.config.name, raw_socket = agent.capabilities.raw_socket, "agent starting");
     let result = reconnect(&agent, &endpoint, &tls, &give_up).await;
     done.cancel();

@@ -76,7 +76,7 @@ impl Outbox {
         self.sent = 0;
     }
 
-    #[cfg(test)]
+    /// Frames queued, sent or not, that are not acked yet.
     pub fn len(&self) -> usize {
         self.frames.len()
     }

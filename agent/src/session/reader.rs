@@ -68,11 +68,11 @@ fn apply(agent: &Agent, frame: Inbound) {
 /// straight back; or fails it when its work is unusable or not this
 /// agent's to do.
 fn assign(agent: &Agent, assigned: Result<Assignment, RejectedAssign>) {
-    let (id, scan_id) = match &assigned {
-        Ok(a) => (a.lease, a.scan_id.as_str()),
-        Err(r) => (r.lease, ""),
+    let (id, scan_id, trace_parent) = match &assigned {
+        Ok(a) => (a.lease, a.scan_id.as_str(), a.trace_parent.as_ref()),
+        Err(r) => (r.lease, "", None),
     };
-    let span = shard::span(&agent.span, id, scan_id);
+    let span = shard::span(&agent.span, id, scan_id, trace_parent);
     let _in_shard = span.enter();
     let rate = assigned.as_ref().map_or(0, |a| a.rate);
     let limits = agent.limits();

@@ -10,6 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use portfleet_core::{AddrRange, AddressSet, ScanType, ScopePolicy};
+use portfleet_telemetry::otel::{self, TraceParent};
 use tokio::sync::mpsc;
 
 use super::{
@@ -88,9 +89,21 @@ impl ShardSettings {
 }
 
 /// The span a shard's work runs in: outside any one connection, since a
-/// shard keeps scanning across reconnects.
-pub fn span(parent: &tracing::Span, lease: LeaseId, scan_id: &str) -> tracing::Span {
-    tracing::info_span!(parent: parent, "shard", scan_id, shard_id = lease.shard.get(), epoch = lease.epoch.get())
+/// shard keeps scanning across reconnects. When traces are exported it is
+/// the shard's trace span too, continuing the Assign's (`trace_parent`).
+pub fn span(
+    parent: &tracing::Span,
+    lease: LeaseId,
+    scan_id: &str,
+    trace_parent: Option<&TraceParent>,
+) -> tracing::Span {
+    let (shard_id, epoch) = (lease.shard.get(), lease.epoch.get());
+    if !otel::enabled() {
+        return tracing::info_span!(parent: parent, "shard", scan_id, shard_id, epoch);
+    }
+    let span = tracing::info_span!(parent: parent, "shard", otel.kind = "consumer", scan_id, shard_id, epoch);
+    otel::continue_trace(&span, trace_parent);
+    span
 }
 
 /// Reports that the lease cannot be run; its last frame.
@@ -118,16 +131,20 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
         _ => Pipeline::plain(),
     };
     let mut batch: Vec<Identified> = Vec::new();
+    // Each batch names the shard's span (or passes the Assign's context on,
+    // untraced), computed once: the controller's ingest spans continue it.
+    let trace_parent = otel::propagate(&tracing::Span::current(), a.trace_parent.as_ref());
     let flush = |results: Vec<Identified>| {
-        let lease = lease.clone();
+        let (lease, trace_parent) = (lease.clone(), trace_parent.clone());
         async move {
             if results.is_empty() {
                 return true;
             }
-            lease.push(|seq| ShardFrame::Results { lease: id, seq, results }).await
+            lease.push(|seq| ShardFrame::Results { lease: id, seq, results, trace_parent }).await
         }
     };
     let mut deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+    let mut meter = crate::metrics::ShardMeter::default();
     let mut engine_done = false;
     let identifying = pipeline.identifies();
     loop {
@@ -141,7 +158,10 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
             ev = rx.recv(), if !engine_done => {
                 match ev {
                     Some(Event::Open(f)) => pipeline.push_open(f),
-                    Some(Event::Checkpoint { position, counts }) => pipeline.push_checkpoint(position, counts),
+                    Some(Event::Checkpoint { position, counts }) => {
+                        meter.observe(&counts);
+                        pipeline.push_checkpoint(position, counts)
+                    }
                     None => engine_done = true,
                 }
                 continue;
@@ -211,6 +231,7 @@ pub async fn run(lease: Arc<Lease>, a: Assignment, settings: Arc<ShardSettings>,
         Err(e) => return fail(&lease, e.to_string()),
     };
     let (counts, checkpoint) = (summary.counts, summary.checkpoint);
+    meter.observe(&counts);
     tracing::info!(sent = counts.sent, open = counts.open, checkpoint, "shard engine finished");
     if checkpoint >= a.range.end && reported_all {
         if lease.push(|seq| ShardFrame::Complete { lease: id, seq, counts }).await {
@@ -265,6 +286,7 @@ mod tests {
             identify: false,
             names: Arc::default(),
             port_threshold: 0,
+            trace_parent: None,
         }
     }
 

@@ -34,6 +34,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use portfleet_telemetry::otel::TraceParent;
+
 use crate::{engine::Counts, identify::Identified};
 
 /// The largest id, epoch or sequence number the controller can store.
@@ -171,6 +173,8 @@ pub struct Assignment {
     /// Open ports on one address above which it answers everything; 0 for
     /// no limit.
     pub port_threshold: u32,
+    /// The controller's span that sent the Assign: the shard span's parent.
+    pub trace_parent: Option<TraceParent>,
 }
 
 /// Why an Assign's work is unusable. The messages are what the agent
@@ -258,6 +262,9 @@ impl TryFrom<pb::Assign> for Assignment {
             identify: p.identify,
             names: Arc::new(names),
             port_threshold: p.port_threshold,
+            // An invalid context is no context (W3C trace context), never a
+            // reason to refuse the work.
+            trace_parent: a.trace_parent.as_deref().and_then(TraceParent::parse),
         })
     }
 }
@@ -572,6 +579,8 @@ pub enum ShardFrame {
         lease: LeaseId,
         seq: Seq,
         results: Vec<Identified>,
+        /// The shard's span, for the controller's ingest span to continue.
+        trace_parent: Option<TraceParent>,
     },
     /// Every position below `checkpoint` is final and its results are in
     /// earlier frames.
@@ -628,11 +637,12 @@ fn port_result(r: &Identified) -> pb::PortResult {
 impl From<ShardFrame> for Out {
     fn from(f: ShardFrame) -> Self {
         match f {
-            ShardFrame::Results { lease, seq, results } => Out::Results(pb::ResultBatch {
+            ShardFrame::Results { lease, seq, results, trace_parent } => Out::Results(pb::ResultBatch {
                 shard_id: lease.shard.get(),
                 lease_epoch: lease.epoch.get(),
                 seq: seq.get(),
                 results: results.iter().map(port_result).collect(),
+                trace_parent: trace_parent.map(TraceParent::into_string),
             }),
             ShardFrame::Progress { lease, seq, checkpoint, counts: c } => Out::Progress(pb::Progress {
                 shard_id: lease.shard.get(),
@@ -763,7 +773,15 @@ mod tests {
     }
 
     fn assign() -> pb::Assign {
-        pb::Assign { shard_id: 3, lease_epoch: 2, scan: Some(scan()), start_index: 4, end_index: 10, rate: 500 }
+        pb::Assign {
+            shard_id: 3,
+            lease_epoch: 2,
+            scan: Some(scan()),
+            start_index: 4,
+            end_index: 10,
+            rate: 500,
+            trace_parent: None,
+        }
     }
 
     fn rejected(a: pb::Assign) -> String {
@@ -789,6 +807,13 @@ mod tests {
         let mut syn = assign();
         syn.scan.as_mut().unwrap().scan_type = pb::ScanType::Syn.into();
         assert_eq!(Assignment::try_from(syn).unwrap().scan_type, ScanType::Syn);
+        // Trace context: optional, and an invalid one is dropped, the work kept.
+        assert_eq!(a.trace_parent, None);
+        let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let a = Assignment::try_from(pb::Assign { trace_parent: Some(traced.into()), ..assign() }).unwrap();
+        assert_eq!(a.trace_parent.as_ref().map(TraceParent::as_str), Some(traced));
+        let a = Assignment::try_from(pb::Assign { trace_parent: Some("00-zz".into()), ..assign() }).unwrap();
+        assert_eq!(a.trace_parent, None);
     }
 
     /// The reasons the shard task used to report, word for word.
@@ -904,10 +929,13 @@ mod tests {
             crate::engine::Finding { ip: "2001:db8::1".parse().unwrap(), port: 443, position: 9, observed_at: at };
         let service = portfleet_core::Service { name: "https".into(), verified: true, ..Default::default() };
         let found = Identified { finding, service: Some(service), answers_everything: false };
+        let trace_parent = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let results = vec![found];
         let msg =
-            pb::AgentMessage::from(Outbound::Shard(ShardFrame::Results { lease, seq: Seq(4), results: vec![found] }));
+            pb::AgentMessage::from(Outbound::Shard(ShardFrame::Results { lease, seq: Seq(4), results, trace_parent }));
         let Some(Out::Results(b)) = msg.frame else { panic!("{msg:?}") };
         assert_eq!((b.shard_id, b.lease_epoch, b.seq), (5, 2, 4));
+        assert_eq!(b.trace_parent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert_eq!(
             (b.results[0].ip.len(), b.results[0].port, b.results[0].state),
             (16, 443, pb::PortState::Open as i32)
@@ -971,6 +999,7 @@ mod tests {
                 start_index: start,
                 end_index: end,
                 rate: 1,
+                trace_parent: None,
             };
             if let Ok(a) = Assignment::try_from(a) {
                 prop_assert_eq!(a.space.len(), total);

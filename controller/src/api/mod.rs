@@ -13,7 +13,9 @@ use std::{collections::HashMap, pin::Pin};
 use futures::Stream;
 use portfleet_core::TargetSpec;
 use portfleet_proto::v1::{self as pb, scan_service_server::ScanService};
+use portfleet_telemetry::{otel, otel::TraceParent, trace_span};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub use self::{
     agent::AgentApi,
@@ -23,7 +25,7 @@ pub use self::{
 
 use crate::{
     auth::{Authorizer, Scope},
-    scans::{ScanManager, ScanRequestInput},
+    scans::{RequestTrace, ScanManager, ScanRequestInput},
     store::{AgentState, CapsUpdate, NewTarget, Page, ScopeRules, Store, TargetFilter},
 };
 
@@ -129,10 +131,34 @@ impl ScanService for ScanApi {
     }
 
     async fn create_scan(&self, request: Request<pb::CreateScanRequest>) -> Result<Response<pb::Scan>, Status> {
-        self.auth.authorize(request.metadata(), Scope::Scan, "CreateScan").await?;
-        let input = ScanRequestInput::try_from(request.into_inner())?;
-        let (scan, _) = self.scans.create(input).await.map_err(to_status)?;
-        Ok(Response::new(scan.into()))
+        // The caller's trace context (W3C `traceparent`/`tracestate`
+        // metadata): the call's span continues it.
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+        let span = trace_span!(
+            "portfleet.v1.ScanService/CreateScan",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "portfleet.v1.ScanService",
+            rpc.method = "CreateScan",
+            otel.status_code = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty
+        );
+        otel::continue_remote(&span, traceparent, tracestate);
+        let trace = RequestTrace { span: span.clone(), parent: traceparent.and_then(TraceParent::parse) };
+        let created: Result<Response<pb::Scan>, Status> = async {
+            self.auth.authorize(request.metadata(), Scope::Scan, "CreateScan").await?;
+            let input = ScanRequestInput { trace, ..ScanRequestInput::try_from(request.into_inner())? };
+            let (scan, _) = self.scans.create(input).await.map_err(to_status)?;
+            Ok(Response::new(scan.into()))
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(status) = &created {
+            span.record("otel.status_code", "error");
+            span.record("rpc.grpc.status_code", status.code() as i32);
+        }
+        created
     }
 
     async fn get_scan(&self, request: Request<pb::GetScanRequest>) -> Result<Response<pb::Scan>, Status> {

@@ -32,6 +32,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use portfleet_core::backoff::Backoff;
+use portfleet_telemetry::{otel, otel::TraceParent, trace_span};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -42,7 +43,7 @@ use super::{
     topology::{QueueKind, RequestQueue},
 };
 use crate::{
-    scans::{ScanError, ScanRequestInput},
+    scans::{RequestTrace, ScanError, ScanRequestInput},
     store::StoreError,
 };
 
@@ -334,7 +335,13 @@ async fn handle(
 ) -> Result<(), IngressError> {
     let mut valid = Vec::with_capacity(batch.len());
     for d in batch {
-        match parse(ingress, queue, &d) {
+        metrics::counter!("portfleet_amqp_deliveries_total").increment(1);
+        if d.redelivered {
+            metrics::counter!("portfleet_amqp_redelivered_total").increment(1);
+        }
+        let trace = delivery_trace(queue, &d);
+        let parsed = parse(ingress, queue, &d).map(|input| ScanRequestInput { trace: trace.clone(), ..input });
+        match parsed {
             Ok(input) if input.needs_lookup() => {
                 lane.tags.insert(d.delivery_tag);
                 let (ingress, dead, queue, cancel) = (ingress.clone(), dead.clone(), queue.clone(), cancel.clone());
@@ -352,7 +359,9 @@ async fn handle(
                 );
             }
             Ok(input) => valid.push((d, input)),
-            Err(BadMessage(reason)) => reject(dead, queue, &d, &reason, 1).await?,
+            Err(BadMessage(reason)) => {
+                reject(dead, queue, &d, &reason, 1, "invalid").instrument(trace.span).await?;
+            }
         }
     }
     if valid.is_empty() {
@@ -367,6 +376,7 @@ async fn handle(
         match outcome {
             Outcome::Stored => {
                 ingress.attempts.forget(&input.request_id);
+                committed(&d);
                 stored.push(d);
             }
             other => settle(ingress, dead, queue, d, &input.request_id, other, cancel).await?,
@@ -386,6 +396,25 @@ async fn handle(
     Ok(())
 }
 
+/// The trace a delivery belongs to: its `amqp.consume` span, continuing
+/// the publisher's W3C `traceparent` and `tracestate` headers (a trace of
+/// its own without them), and the `traceparent` as it came.
+fn delivery_trace(queue: &RequestQueue, d: &Delivery) -> RequestTrace {
+    let headers = d.properties.headers().as_ref();
+    let header = |name: &str| match headers.and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+    let span = trace_span!("amqp.consume", otel.kind = "consumer", messaging.system = "rabbitmq",
+        messaging.operation.type = "process", messaging.destination.name = %queue.name,
+        messaging.message.id = text(d.properties.message_id()).unwrap_or_default(),
+        messaging.rabbitmq.destination.routing_key = %d.routing_key);
+    otel::continue_remote(&span, traceparent, tracestate);
+    RequestTrace { span, parent: traceparent.and_then(TraceParent::parse) }
+}
+
 /// Settles one delivery by its outcome: ack, dead-letter, or nack with
 /// requeue after a backoff until the delivery limit.
 async fn settle(
@@ -400,17 +429,18 @@ async fn settle(
     match outcome {
         Outcome::Stored => {
             ingress.attempts.forget(key);
+            committed(&d);
             d.acker.ack(BasicAckOptions::default()).await?;
         }
         Outcome::Refused(reason) => {
             ingress.attempts.forget(key);
-            reject(dead, queue, &d, &reason, 1).await?;
+            reject(dead, queue, &d, &reason, 1, "refused").await?;
         }
         Outcome::Transient(e) => {
             let n = attempt(&d, key, &ingress.attempts);
             if n >= ingress.config.delivery_limit {
                 ingress.attempts.forget(key);
-                reject(dead, queue, &d, &format!("gave up after {n} attempts: {e}"), n).await?;
+                reject(dead, queue, &d, &format!("gave up after {n} attempts: {e}"), n, "delivery_limit").await?;
             } else {
                 // Back off before handing it back, so a failing request is
                 // not a hot loop.
@@ -426,12 +456,27 @@ async fn settle(
     Ok(())
 }
 
+/// A delivery's request is committed (it is acked next): counted, and
+/// timed from its publisher's `timestamp` property when it has one (whole
+/// seconds, as AMQP timestamps are).
+fn committed(d: &Delivery) {
+    metrics::counter!("portfleet_amqp_acks_total").increment(1);
+    if let Some(sent) = d.properties.timestamp() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let waited = now.as_secs_f64() - *sent as f64;
+        metrics::histogram!("portfleet_amqp_publish_to_commit_seconds").record(waited.max(0.0));
+    }
+}
+
+/// Dead-letters a delivery; `kind` is the bounded label of why
+/// (`invalid`, `refused`, `delivery_limit`), `reason` the text it carries.
 async fn reject(
     dead: &DeadLetters,
     queue: &RequestQueue,
     d: &Delivery,
     reason: &str,
     attempts: u32,
+    kind: &'static str,
 ) -> Result<(), IngressError> {
     let id = text(d.properties.message_id()).unwrap_or("(no message id)");
     tracing::warn!(queue = %queue.name, message_id = id, %reason, "request dead-lettered");
@@ -441,6 +486,7 @@ async fn reject(
         return Err(e);
     }
     d.acker.ack(BasicAckOptions::default()).await?;
+    metrics::counter!("portfleet_amqp_dead_lettered_total", "reason" => kind).increment(1);
     Ok(())
 }
 

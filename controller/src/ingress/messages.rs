@@ -184,6 +184,8 @@ pub fn parse_native(
         // The AMQP properties win over the body.
         reply_to: props.reply_to.map(str::to_string).or(msg.reply_to),
         correlation_id: props.correlation_id.map(str::to_string).or(msg.correlation_id),
+        // The consumer reads the trace context from the headers.
+        trace: Default::default(),
     })
 }
 

@@ -133,13 +133,14 @@ pub async fn run(
     store: Store,
     notifier: Notifier,
     naabum8_db: Option<NaabuM8Db>,
+    readiness: portfleet_telemetry::metrics::Health,
     cancel: CancellationToken,
 ) {
     let ingress = Arc::new(Ingress { config, scans, store, notifier, naabum8_db, attempts: Default::default() });
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let started = tokio::time::Instant::now();
-        let failed = match session(&ingress, &cancel).await {
+        let failed = match session(&ingress, &readiness, &cancel).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -157,20 +158,31 @@ pub async fn run(
 }
 
 /// One connection's life: Ok only when cancelled.
-async fn session(ingress: &Arc<Ingress>, cancel: &CancellationToken) -> Result<(), IngressError> {
+async fn session(
+    ingress: &Arc<Ingress>,
+    readiness: &portfleet_telemetry::metrics::Health,
+    cancel: &CancellationToken,
+) -> Result<(), IngressError> {
     let props = ConnectionProperties::default().with_connection_name(ingress.config.connection_name.as_str().into());
     let conn = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
         c = Connection::connect(&ingress.config.url, props) => Arc::new(c?),
     };
-    let result = serve(&conn, ingress, cancel).await;
+    let result = serve(&conn, ingress, readiness, cancel).await;
+    readiness.set("amqp", false);
+    metrics::gauge!("portfleet_amqp_connected").set(0.0);
     // Whatever was not acked goes back to the queue with the connection.
     let _ =
         tokio::time::timeout(Duration::from_secs(5), conn.close(200, ShortString::from("portfleet stopping"))).await;
     result
 }
 
-async fn serve(conn: &Arc<Connection>, ingress: &Arc<Ingress>, cancel: &CancellationToken) -> Result<(), IngressError> {
+async fn serve(
+    conn: &Arc<Connection>,
+    ingress: &Arc<Ingress>,
+    readiness: &portfleet_telemetry::metrics::Health,
+    cancel: &CancellationToken,
+) -> Result<(), IngressError> {
     let queues = topology::declare(conn, &ingress.config).await?;
     let dead = Arc::new(consumer::DeadLetters::open(conn, &ingress.config).await?);
     // A failing task stops its siblings: the session restarts as a whole.
@@ -189,6 +201,8 @@ async fn serve(conn: &Arc<Connection>, ingress: &Arc<Ingress>, cancel: &Cancella
         tasks.spawn(async move { publisher::run(&conn, ingress, stop).await });
     }
     tracing::info!(url = %redact(&ingress.config.url), "AMQP ingress connected");
+    readiness.set("amqp", true);
+    metrics::gauge!("portfleet_amqp_connected").set(1.0);
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let outcome = joined.unwrap_or_else(|e| Err(IngressError::ConsumerEnded(format!("task panicked: {e}"))));

@@ -13,6 +13,7 @@ use std::{
 };
 
 use portfleet_core::ScanType;
+use portfleet_telemetry::{otel, trace_span};
 use tokio::{
     sync::{Notify, broadcast::error::RecvError},
     time::Instant,
@@ -165,6 +166,12 @@ async fn deliver(fleet: &Fleet, agent: &Candidate, g: Grant, rates: &ScanRates) 
     // next pass sets its share; until then the least.
     let (scan_rate, leases) = rates.get(&g.scan_id).copied().unwrap_or((1, 1));
     let rate = lease_rate(scan_rate, leases, agent.max_rate, agent.max_shards);
+    // A span per Assign in the scan's trace (stored with the scan, so any
+    // controller continues it); the agent's shard span is its child.
+    let span = trace_span!("shard.assign", otel.kind = "producer", scan_id = %g.scan_id, shard_id = %g.shard_id,
+        epoch = %g.lease_epoch, agent_id = %agent.agent_id, start = g.checkpoint, end = g.end_index, rate);
+    otel::continue_trace(&span, plan.trace_parent.as_ref());
+    let trace_parent = otel::propagate(&span, plan.trace_parent.as_ref());
     let assignment = Assignment {
         shard_id: g.shard_id,
         lease_epoch: g.lease_epoch,
@@ -173,6 +180,7 @@ async fn deliver(fleet: &Fleet, agent: &Candidate, g: Grant, rates: &ScanRates) 
         start: g.checkpoint,
         end: g.end_index,
         rate,
+        trace_parent,
     };
     fleet.registry.add_lease(
         agent.agent_id,
@@ -185,8 +193,10 @@ async fn deliver(fleet: &Fleet, agent: &Candidate, g: Grant, rates: &ScanRates) 
         fleet.store.return_undelivered(g.shard_id, g.lease_epoch).await?;
         return Ok(());
     }
-    tracing::info!(agent_id = %agent.agent_id, shard_id = %g.shard_id, scan_id = %g.scan_id,
-        start = g.checkpoint, end = g.end_index, rate, "shard assigned");
+    span.in_scope(|| {
+        tracing::info!(agent_id = %agent.agent_id, shard_id = %g.shard_id, scan_id = %g.scan_id,
+            start = g.checkpoint, end = g.end_index, rate, "shard assigned")
+    });
     Ok(())
 }
 
@@ -266,7 +276,9 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
     let (beats, agents) = fleet.registry.take_beats();
     store.record_heartbeats(&beats).await?;
     store.extend_leases(&cfg.controller_id, &agents, cfg.lease_ttl).await?;
-    if store.expire_leases().await? > 0 {
+    let expired = store.expire_leases().await?;
+    if expired > 0 {
+        metrics::counter!("portfleet_lease_expiries_total").increment(expired);
         fleet.wake.notify_one();
     }
     store.expire_agents(cfg.lease_ttl * 3).await?;
@@ -314,9 +326,11 @@ async fn housekeeping(fleet: &Fleet) -> Result<(), StoreError> {
 async fn explain_waiting(fleet: &Fleet) -> Result<(), StoreError> {
     let waiting = fleet.store.waiting_scans(100).await?;
     if waiting.is_empty() {
+        metrics::gauge!("portfleet_scans_without_capable_agent").set(0.0);
         return Ok(());
     }
     let groups = fleet.store.fleet_groups().await?;
+    let mut incapable = 0;
     let reasons: Vec<(Uuid, Option<String>)> = waiting
         .iter()
         .map(|s| {
@@ -327,9 +341,11 @@ async fn explain_waiting(fleet: &Fleet) -> Result<(), StoreError> {
                 ipv6: s.has_ipv6,
                 selector: &s.agent_selector.0,
             };
+            incapable += usize::from(!groups.iter().any(|g| g.agents > 0 && can_run(&needs, g)));
             (s.id, waiting_reason(&needs, &groups))
         })
         .collect();
+    metrics::gauge!("portfleet_scans_without_capable_agent").set(incapable as f64);
     fleet.store.set_waiting_reasons(&reasons).await
 }
 
@@ -338,6 +354,15 @@ struct Needs<'a> {
     raw_socket: bool,
     ipv6: bool,
     selector: &'a BTreeMap<String, String>,
+}
+
+/// Agents of group `g` could run a scan that needs `needs`, once they have
+/// room (the claim's rules; draining agents take nothing).
+fn can_run(needs: &Needs, g: &FleetGroup) -> bool {
+    !g.draining
+        && needs.selector.iter().all(|(k, v)| g.labels.get(k) == Some(v))
+        && (!needs.ipv6 || g.ipv6)
+        && (!needs.raw_socket || g.raw_socket)
 }
 
 /// Why a pending scan cannot start now, with the counts behind it, or

@@ -32,6 +32,7 @@ pub(super) type ScanRates = HashMap<Uuid, (u32, i64)>;
 pub(super) async fn scan_rates(fleet: &Fleet, memo: &mut RatesMemo) -> Result<ScanRates, StoreError> {
     let (leased, caps) = fleet.store.leased_scans().await?;
     if caps.is_off() {
+        metrics::gauge!("portfleet_scans_slowed_by_caps").set(0.0);
         return Ok(leased.iter().map(|s| (s.id, (s.rate, s.leases))).collect());
     }
     let ids: Vec<Uuid> = leased.iter().map(|s| s.id).collect();
@@ -69,6 +70,8 @@ pub(super) async fn scan_rates(fleet: &Fleet, memo: &mut RatesMemo) -> Result<Sc
             })
             .await
             .map_err(|e| StoreError::Corrupt(format!("rate computation failed: {e}")))?;
+            let slowed = key.1.iter().zip(&capped).filter(|((_, asked, _), got)| *got < asked).count();
+            metrics::gauge!("portfleet_scans_slowed_by_caps").set(slowed as f64);
             memo.last = Some((key, capped.clone()));
             capped
         }

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use portfleet_core::ScanSpace;
 use portfleet_proto::v1 as pb;
+use portfleet_telemetry::{otel, trace_span};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use super::{
     Fleet,
@@ -202,26 +204,38 @@ impl Session {
                 self.fleet.registry.record_beat(beat, sent_at);
                 Ok(())
             }
-            FromAgent::Results { id, results, count } => {
-                let max = self.fleet.config.max_batch_results as usize;
-                if count > max {
-                    let msg = format!("{count} results exceed the maximum of {max} per batch");
-                    return self.refuse_frame(id, Refusal::BatchTooLarge, msg).await;
+            FromAgent::Results { id, results, count, trace_parent } => {
+                // A span per batch (none per result), continuing the agent's
+                // shard span: only when traces are exported.
+                let span = trace_span!("ingest.result_batch", otel.kind = "consumer", agent_id = %agent_id,
+                    shard_id = %id.shard_id, epoch = %id.lease_epoch, seq = %id.seq, results = count);
+                otel::continue_trace(&span, trace_parent.as_ref());
+                async {
+                    let received = std::time::Instant::now();
+                    let max = self.fleet.config.max_batch_results as usize;
+                    if count > max {
+                        let msg = format!("{count} results exceed the maximum of {max} per batch");
+                        return self.refuse_frame(id, Refusal::BatchTooLarge, msg).await;
+                    }
+                    let Some(plan) = self.space_of(id).await.map_err(SessionEnd::Store)? else {
+                        return self.answer(id, Applied::NotHeld).await;
+                    };
+                    let rows: Result<Vec<PortRecord>, String> =
+                        results.and_then(|r| r.into_iter().map(|r| port_record(r, &plan.space)).collect());
+                    let mut rows = match rows {
+                        Ok(rows) => rows,
+                        Err(msg) => return self.refuse_frame(id, Refusal::Invalid, msg).await,
+                    };
+                    // One statement may not touch a row twice.
+                    rows.sort_unstable_by_key(|r| r.position);
+                    rows.dedup_by_key(|r| r.position);
+                    let outcome = store.apply_results(&self.fence(id), &rows).await.map_err(SessionEnd::Store)?;
+                    metrics::histogram!("portfleet_ingest_batch_duration_seconds")
+                        .record(received.elapsed().as_secs_f64());
+                    self.answer(id, outcome).await
                 }
-                let Some(plan) = self.space_of(id).await.map_err(SessionEnd::Store)? else {
-                    return self.answer(id, Applied::NotHeld).await;
-                };
-                let rows: Result<Vec<PortRecord>, String> =
-                    results.and_then(|r| r.into_iter().map(|r| port_record(r, &plan.space)).collect());
-                let mut rows = match rows {
-                    Ok(rows) => rows,
-                    Err(msg) => return self.refuse_frame(id, Refusal::Invalid, msg).await,
-                };
-                // One statement may not touch a row twice.
-                rows.sort_unstable_by_key(|r| r.position);
-                rows.dedup_by_key(|r| r.position);
-                let outcome = store.apply_results(&self.fence(id), &rows).await.map_err(SessionEnd::Store)?;
-                self.answer(id, outcome).await
+                .instrument(span)
+                .await
             }
             FromAgent::Progress { id, progress } => {
                 let outcome = store.apply_progress(&self.fence(id), &progress).await.map_err(SessionEnd::Store)?;

@@ -111,6 +111,7 @@ impl Registry {
                 closer: s.closer,
             },
         );
+        metrics::gauge!("portfleet_agents_connected").set(self.lock().len() as f64);
         if let Some(old) = old {
             old.closer.cancel();
         }
@@ -122,6 +123,7 @@ impl Registry {
         if map.get(&agent_id).is_some_and(|e| e.generation == generation) {
             map.remove(&agent_id);
         }
+        metrics::gauge!("portfleet_agents_connected").set(map.len() as f64);
     }
 
     pub fn len(&self) -> usize {

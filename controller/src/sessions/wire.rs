@@ -13,6 +13,7 @@ use portfleet_proto::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
     v1::{self as pb, agent_message::Frame as In, controller_message::Frame as Out},
 };
+use portfleet_telemetry::otel::TraceParent;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -77,6 +78,8 @@ pub enum FromAgent {
         id: FrameId,
         results: Result<Vec<Reported>, String>,
         count: usize,
+        /// The agent's shard span, which the batch's ingest span continues.
+        trace_parent: Option<TraceParent>,
     },
     Progress {
         id: FrameId,
@@ -156,6 +159,8 @@ pub struct Assignment {
     pub start: i64,
     pub end: i64,
     pub rate: u32,
+    /// The span that sent it, for the agent's shard span to continue.
+    pub trace_parent: Option<TraceParent>,
 }
 
 /// The session's parameters, sent once in Welcome.
@@ -314,7 +319,9 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             In::Results(b) => {
                 let id = frame_id(b.shard_id, b.lease_epoch, b.seq)?;
                 let count = b.results.len();
-                Self::Results { id, results: b.results.into_iter().map(reported).collect(), count }
+                // An invalid context is no context (W3C trace context).
+                let trace_parent = b.trace_parent.as_deref().and_then(TraceParent::parse);
+                Self::Results { id, results: b.results.into_iter().map(reported).collect(), count, trace_parent }
             }
             In::Progress(p) => Self::Progress {
                 id: frame_id(p.shard_id, p.lease_epoch, p.seq)?,
@@ -391,6 +398,7 @@ impl From<Assignment> for pb::Assign {
             start_index: u64::try_from(a.start).unwrap_or(0),
             end_index: u64::try_from(a.end).unwrap_or(0),
             rate: a.rate,
+            trace_parent: a.trace_parent.map(TraceParent::into_string),
         }
     }
 }
@@ -511,7 +519,8 @@ mod tests {
     #[test]
     fn frames_with_ids_past_the_database_are_invalid_not_wrapped() {
         let batch = |shard: u64, seq: u64| {
-            msg(In::Results(pb::ResultBatch { shard_id: shard, lease_epoch: 1, seq, results: vec![] }))
+            let b = pb::ResultBatch { shard_id: shard, lease_epoch: 1, seq, results: vec![], trace_parent: None };
+            msg(In::Results(b))
         };
         let bad = FromAgent::try_from(batch(u64::MAX, 1)).unwrap_err();
         assert_eq!((bad.reason, bad.shard_id), (Refusal::Invalid, u64::MAX));
@@ -530,14 +539,32 @@ mod tests {
             lease_epoch: 2,
             seq: 3,
             results: vec![result(vec![198, 51, 100, 1], 80), result(vec![1, 2, 3, 4, 5], 80)],
+            trace_parent: Some(TRACE.into()),
         }));
-        let FromAgent::Results { id, results, count } = FromAgent::try_from(m).unwrap() else { panic!() };
+        let FromAgent::Results { id, results, count, trace_parent } = FromAgent::try_from(m).unwrap() else { panic!() };
         assert_eq!((id.shard_id, id.lease_epoch, id.seq, count), (ShardId(1), LeaseEpoch(2), Seq(3), 2));
+        assert_eq!(trace_parent.as_ref().map(TraceParent::as_str), Some(TRACE));
         assert_eq!(results.unwrap_err(), "ip of 5 bytes (want 4 or 16)");
         assert!(reported(result(vec![1, 2, 3, 4], 70000)).unwrap_err().contains("outside 1-65535"));
         assert!(reported(result(vec![1, 2, 3, 4], 0)).is_err());
         let closed = pb::PortResult { state: pb::PortState::Closed as i32, ..result(vec![1, 2, 3, 4], 1) };
         assert!(reported(closed).is_err());
+    }
+
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// Trace context is optional both ways (older peers send none) and an
+    /// invalid one is dropped, never refused.
+    #[test]
+    fn trace_context_is_optional_and_checked() {
+        let batch = |trace_parent: Option<&str>| {
+            let b = pb::ResultBatch { shard_id: 1, lease_epoch: 1, seq: 1, results: vec![], trace_parent: None };
+            msg(In::Results(pb::ResultBatch { trace_parent: trace_parent.map(Into::into), ..b }))
+        };
+        for (sent, kept) in [(None, None), (Some("00-garbage"), None), (Some(TRACE), Some(TRACE))] {
+            let FromAgent::Results { trace_parent, .. } = FromAgent::try_from(batch(sent)).unwrap() else { panic!() };
+            assert_eq!(trace_parent.as_ref().map(TraceParent::as_str), kept, "{sent:?}");
+        }
     }
 
     #[test]

@@ -173,10 +173,11 @@ impl Store {
         peer: Option<&str>,
         live_for: Duration,
     ) -> Result<SessionOpening, StoreError> {
-        // The outer SELECT sees the row as it was before the upsert: the
-        // live session, when the upsert's condition kept it.
-        let row = sqlx::query_as::<_, OpeningRow>(
-            "WITH up AS (
+        crate::metrics::timed("open_agent_session", async move {
+            // The outer SELECT sees the row as it was before the upsert: the
+            // live session, when the upsert's condition kept it.
+            let row = sqlx::query_as::<_, OpeningRow>(
+                "WITH up AS (
                 INSERT INTO agents (id, name, version, labels, raw_socket, ipv6, max_rate, max_shards, state,
                                     controller_id, session_generation, connected_at, last_heartbeat_at, session_peer)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'connected', $9, 1, now(), now(), $10)
@@ -192,53 +193,58 @@ impl Store {
              SELECT (SELECT session_generation FROM up) AS generation, a.controller_id, a.session_peer AS peer,
                     (extract(epoch FROM now() - a.last_heartbeat_at) * 1000)::bigint AS silent_ms
              FROM (SELECT 1) AS one LEFT JOIN agents a ON a.id = $1",
-        )
-        .bind(a.id)
-        .bind(&a.name)
-        .bind(&a.version)
-        .bind(Json(&a.labels))
-        .bind(a.raw_socket)
-        .bind(a.ipv6)
-        .bind(a.max_rate)
-        .bind(a.max_shards)
-        .bind(controller_id)
-        .bind(peer)
-        .bind(live_for.as_millis().min(i64::MAX as u128) as i64)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(match row.generation {
-            Some(generation) => SessionOpening::Opened(generation),
-            None => SessionOpening::Live(LiveSession {
-                controller_id: row.controller_id,
-                peer: row.peer,
-                silent_ms: row.silent_ms.unwrap_or_default(),
-            }),
+            )
+            .bind(a.id)
+            .bind(&a.name)
+            .bind(&a.version)
+            .bind(Json(&a.labels))
+            .bind(a.raw_socket)
+            .bind(a.ipv6)
+            .bind(a.max_rate)
+            .bind(a.max_shards)
+            .bind(controller_id)
+            .bind(peer)
+            .bind(live_for.as_millis().min(i64::MAX as u128) as i64)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(match row.generation {
+                Some(generation) => SessionOpening::Opened(generation),
+                None => SessionOpening::Live(LiveSession {
+                    controller_id: row.controller_id,
+                    peer: row.peer,
+                    silent_ms: row.silent_ms.unwrap_or_default(),
+                }),
+            })
         })
+        .await
     }
 
     /// Writes many heartbeats in one statement; an older session's beat
     /// changes nothing.
     #[tracing::instrument(name = "store.record_heartbeats", skip_all, fields(beats = beats.len()))]
     pub async fn record_heartbeats(&self, beats: &[Beat]) -> Result<(), StoreError> {
-        if beats.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<Uuid> = beats.iter().map(|b| b.agent_id).collect();
-        let gens: Vec<i64> = beats.iter().map(|b| b.generation).collect();
-        let rates: Vec<i32> = beats.iter().map(|b| b.current_rate).collect();
-        let active: Vec<i32> = beats.iter().map(|b| b.active_shards).collect();
-        sqlx::query(
-            "UPDATE agents a SET last_heartbeat_at = now(), current_rate = b.rate, active_shards = b.active
+        crate::metrics::timed("record_heartbeats", async move {
+            if beats.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<Uuid> = beats.iter().map(|b| b.agent_id).collect();
+            let gens: Vec<i64> = beats.iter().map(|b| b.generation).collect();
+            let rates: Vec<i32> = beats.iter().map(|b| b.current_rate).collect();
+            let active: Vec<i32> = beats.iter().map(|b| b.active_shards).collect();
+            sqlx::query(
+                "UPDATE agents a SET last_heartbeat_at = now(), current_rate = b.rate, active_shards = b.active
              FROM UNNEST($1::uuid[], $2::int8[], $3::int4[], $4::int4[]) AS b(id, generation, rate, active)
              WHERE a.id = b.id AND a.session_generation = b.generation",
-        )
-        .bind(&ids)
-        .bind(&gens)
-        .bind(&rates)
-        .bind(&active)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+            )
+            .bind(&ids)
+            .bind(&gens)
+            .bind(&rates)
+            .bind(&active)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn set_agent_state(&self, agent_id: Uuid, generation: i64, state: AgentState) -> Result<(), StoreError> {

@@ -40,12 +40,19 @@ pub(super) async fn record(
         .bind(event.as_str())
         .execute(&mut **tx)
         .await?;
+    // Counted here, where every scan's end is recorded; a transaction that
+    // then fails to commit overcounts by one (rare: the scan's end is
+    // retried and counted again).
+    if event.is_final() {
+        metrics::counter!("portfleet_scans_finished_total", "state" => event.as_str()).increment(1);
+    }
     Ok(())
 }
 
 impl Store {
     /// Claims up to `limit` events, oldest first, with their scans.
     pub async fn pending_events(&self, limit: i64) -> Result<PendingEvents, StoreError> {
+        crate::metrics::timed("pending_events", async move {
         let mut tx = self.pool.begin().await?;
         let events = sqlx::query_as::<_, PendingEvent>(
             "SELECT e.id AS event_id, e.event, e.payload, s.id, s.request_id, s.state, s.targets, s.target_group, s.ports,
@@ -63,6 +70,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         Ok(PendingEvents { tx, events })
+    }).await
     }
 
     /// Drops events nobody published within a day (no ingress running).

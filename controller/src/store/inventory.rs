@@ -198,9 +198,10 @@ impl Store {
         f: &HostFilter,
         page: Page<HostKey>,
     ) -> Result<Paged<HostRecord, HostKey>, StoreError> {
-        let (lo, hi) = bounds(f.cidr);
-        let rows = sqlx::query_as::<_, HostRecord>(
-            "SELECT h.ip, h.hostnames, h.target_groups, h.open_ports, h.first_seen_at, h.last_seen_at
+        crate::metrics::timed("list_hosts", async move {
+            let (lo, hi) = bounds(f.cidr);
+            let rows = sqlx::query_as::<_, HostRecord>(
+                "SELECT h.ip, h.hostnames, h.target_groups, h.open_ports, h.first_seen_at, h.last_seen_at
              FROM inventory_hosts h
              WHERE ($1::inet IS NULL OR h.ip > $1)
                AND ($2::inet IS NULL OR h.ip BETWEEN $2 AND $3)
@@ -211,38 +212,43 @@ impl Store {
                     WHERE p.ip = h.ip AND p.port = $6 AND p.protocol = 'tcp' AND p.state = 'open'))
                AND ($7::timestamptz IS NULL OR h.last_seen_at >= $7)
              ORDER BY h.ip LIMIT $8",
-        )
-        .bind(page.after.map(|k| k.ip))
-        .bind(lo)
-        .bind(hi)
-        .bind(f.hostname.as_deref())
-        .bind(f.target_group.as_deref())
-        .bind(f.open_port)
-        .bind(f.seen_since)
-        .bind(i64::from(page.limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Paged::from_rows(rows, page.limit, |h| HostKey { ip: h.ip }))
+            )
+            .bind(page.after.map(|k| k.ip))
+            .bind(lo)
+            .bind(hi)
+            .bind(f.hostname.as_deref())
+            .bind(f.target_group.as_deref())
+            .bind(f.open_port)
+            .bind(f.seen_since)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(Paged::from_rows(rows, page.limit, |h| HostKey { ip: h.ip }))
+        })
+        .await
     }
 
     pub async fn get_host(&self, ip: IpAddr) -> Result<Option<(HostRecord, Vec<PortRow>)>, StoreError> {
-        let host = sqlx::query_as::<_, HostRecord>(
-            "SELECT ip, hostnames, target_groups, open_ports, first_seen_at, last_seen_at
+        crate::metrics::timed("get_host", async move {
+            let host = sqlx::query_as::<_, HostRecord>(
+                "SELECT ip, hostnames, target_groups, open_ports, first_seen_at, last_seen_at
              FROM inventory_hosts WHERE ip = $1",
-        )
-        .bind(ip)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(host) = host else { return Ok(None) };
-        let ports = sqlx::query_as::<_, PortRow>(
-            "SELECT ip, port, protocol, state, first_open_at, last_open_at, open_scan_id, last_probed_at,
+            )
+            .bind(ip)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(host) = host else { return Ok(None) };
+            let ports = sqlx::query_as::<_, PortRow>(
+                "SELECT ip, port, protocol, state, first_open_at, last_open_at, open_scan_id, last_probed_at,
                     last_scan_id, changed_at, service
              FROM inventory_ports WHERE ip = $1 ORDER BY port, protocol LIMIT 65536",
-        )
-        .bind(ip)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Some((host, ports)))
+            )
+            .bind(ip)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(Some((host, ports)))
+        })
+        .await
     }
 
     /// Newest first. Only the filters given are in the statement: with
@@ -254,42 +260,45 @@ impl Store {
         f: &ChangeFilter,
         page: Page<ChangeKey>,
     ) -> Result<Paged<ChangeRecord, ChangeKey>, StoreError> {
-        let mut q = sqlx::QueryBuilder::<Postgres>::new(
-            "SELECT id, kind, ip, protocol, port, at, scan_id, previous_scan_id, hostname, service_before,
+        crate::metrics::timed("list_changes", async move {
+            let mut q = sqlx::QueryBuilder::<Postgres>::new(
+                "SELECT id, kind, ip, protocol, port, at, scan_id, previous_scan_id, hostname, service_before,
                     service_after
              FROM inventory_changes WHERE id < ",
-        );
-        q.push_bind(page.after.map_or(i64::MAX, |k| k.id));
-        if let Some(since) = f.since {
-            q.push(" AND at >= ").push_bind(since);
-        }
-        if let Some(after) = f.after_scan {
-            q.push(" AND scan_id > ").push_bind(after);
-        }
-        if let Some(scan) = f.scan {
-            q.push(" AND scan_id = ").push_bind(scan);
-        }
-        if let (Some(lo), Some(hi)) = bounds(f.cidr) {
-            q.push(" AND ip BETWEEN ").push_bind(lo).push(" AND ").push_bind(hi);
-        }
-        if let Some(port) = f.port {
-            q.push(" AND port = ").push_bind(port);
-        }
-        if let Some(group) = &f.target_group {
-            q.push(" AND target_group = ").push_bind(group.clone());
-        }
-        if let Some(kind) = f.kind {
-            q.push(" AND kind = ").push_bind(kind.as_str());
-        }
-        // For a small block, `id + 0` keeps the planner off the primary
-        // key's order, which it would walk backwards filtering (it assumes
-        // a block's changes are spread over all ids): the (ip, id) index
-        // and a sort of the block's few thousand rows are far cheaper.
-        let small_block = f.cidr.is_some_and(|n| n.max_prefix_len() - n.prefix_len() <= 12);
-        q.push(if small_block { " ORDER BY id + 0 DESC LIMIT " } else { " ORDER BY id DESC LIMIT " });
-        q.push_bind(i64::from(page.limit) + 1);
-        let rows = q.build_query_as::<ChangeRecord>().fetch_all(&self.pool).await?;
-        Ok(Paged::from_rows(rows, page.limit, |c| ChangeKey { id: c.id }))
+            );
+            q.push_bind(page.after.map_or(i64::MAX, |k| k.id));
+            if let Some(since) = f.since {
+                q.push(" AND at >= ").push_bind(since);
+            }
+            if let Some(after) = f.after_scan {
+                q.push(" AND scan_id > ").push_bind(after);
+            }
+            if let Some(scan) = f.scan {
+                q.push(" AND scan_id = ").push_bind(scan);
+            }
+            if let (Some(lo), Some(hi)) = bounds(f.cidr) {
+                q.push(" AND ip BETWEEN ").push_bind(lo).push(" AND ").push_bind(hi);
+            }
+            if let Some(port) = f.port {
+                q.push(" AND port = ").push_bind(port);
+            }
+            if let Some(group) = &f.target_group {
+                q.push(" AND target_group = ").push_bind(group.clone());
+            }
+            if let Some(kind) = f.kind {
+                q.push(" AND kind = ").push_bind(kind.as_str());
+            }
+            // For a small block, `id + 0` keeps the planner off the primary
+            // key's order, which it would walk backwards filtering (it assumes
+            // a block's changes are spread over all ids): the (ip, id) index
+            // and a sort of the block's few thousand rows are far cheaper.
+            let small_block = f.cidr.is_some_and(|n| n.max_prefix_len() - n.prefix_len() <= 12);
+            q.push(if small_block { " ORDER BY id + 0 DESC LIMIT " } else { " ORDER BY id DESC LIMIT " });
+            q.push_bind(i64::from(page.limit) + 1);
+            let rows = q.build_query_as::<ChangeRecord>().fetch_all(&self.pool).await?;
+            Ok(Paged::from_rows(rows, page.limit, |c| ChangeKey { id: c.id }))
+        })
+        .await
     }
 
     /// A scan's shards by start position (what it finished probing).

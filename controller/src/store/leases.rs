@@ -53,6 +53,8 @@ pub struct ScanParams {
     pub rate: i32,
     pub identify: bool,
     pub port_threshold: i32,
+    /// The W3C `traceparent` of the span that created the scan, when traced.
+    pub trace_parent: Option<String>,
 }
 
 /// A name an address of a scan was resolved from (several joined by ',').
@@ -229,11 +231,12 @@ impl Store {
         n: u32,
         ttl: Duration,
     ) -> Result<Vec<Grant>, StoreError> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let grants = sqlx::query_as::<_, Grant>(
-            "WITH picked AS (
+        crate::metrics::timed("claim_shards", async move {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            let grants = sqlx::query_as::<_, Grant>(
+                "WITH picked AS (
                 SELECT sh.id FROM shards sh JOIN scans s ON s.id = sh.scan_id
                 WHERE sh.state = 'pending'
                   AND s.state IN ('pending', 'running')
@@ -254,25 +257,25 @@ impl Store {
                 SELECT id, lease_epoch, $1, $2, checkpoint FROM leased
              )
              SELECT id AS shard_id, scan_id, lease_epoch, checkpoint, end_index FROM leased",
-        )
-        .bind(agent_id)
-        .bind(controller_id)
-        .bind(class.raw_socket)
-        .bind(class.ipv6)
-        .bind(Json(&class.labels))
-        .bind(i64::from(n))
-        .bind(millis(ttl))
-        .fetch_all(&self.pool)
-        .await?;
-        if !grants.is_empty() {
-            let mut scans: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
-            scans.sort_unstable();
-            scans.dedup();
-            // A separate statement: claims lock shards, cancels lock the scan
-            // first; holding both in one statement could deadlock. Started
-            // scans notify `s:`, running ones `l:` (their shares change).
-            sqlx::query(
-                "WITH started AS (
+            )
+            .bind(agent_id)
+            .bind(controller_id)
+            .bind(class.raw_socket)
+            .bind(class.ipv6)
+            .bind(Json(&class.labels))
+            .bind(i64::from(n))
+            .bind(millis(ttl))
+            .fetch_all(&self.pool)
+            .await?;
+            if !grants.is_empty() {
+                let mut scans: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
+                scans.sort_unstable();
+                scans.dedup();
+                // A separate statement: claims lock shards, cancels lock the scan
+                // first; holding both in one statement could deadlock. Started
+                // scans notify `s:`, running ones `l:` (their shares change).
+                sqlx::query(
+                    "WITH started AS (
                     UPDATE scans SET state = 'running', started_at = coalesce(started_at, now()),
                         waiting_reason = NULL, updated_at = now()
                     WHERE id = ANY($1) AND state = 'pending'
@@ -282,15 +285,21 @@ impl Store {
                  UNION ALL
                  SELECT pg_notify($2, $4 || id) FROM unnest($1::uuid[]) AS id
                  WHERE id NOT IN (SELECT id FROM started)",
-            )
-            .bind(&scans)
-            .bind(notify::CHANNEL)
-            .bind(NoticeKind::ScanChanged.prefix())
-            .bind(NoticeKind::Leases.prefix())
-            .execute(&self.pool)
-            .await?;
-        }
-        Ok(grants)
+                )
+                .bind(&scans)
+                .bind(notify::CHANNEL)
+                .bind(NoticeKind::ScanChanged.prefix())
+                .bind(NoticeKind::Leases.prefix())
+                .execute(&self.pool)
+                .await?;
+            }
+            // A shard leased before (lease_epoch counts its leases) was
+            // lost by an agent (expired, released, failed) and goes on.
+            let again = grants.iter().filter(|g| g.lease_epoch.get() > 1).count();
+            metrics::counter!("portfleet_lease_reassignments_total").increment(again as u64);
+            Ok(grants)
+        })
+        .await
     }
 
     /// A scan's state now.
@@ -339,7 +348,7 @@ impl Store {
     pub async fn scan_params_many(&self, ids: &[Uuid]) -> Result<Vec<ScanParams>, StoreError> {
         let rows = sqlx::query_as::<_, ScanParams>(
             "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, identify,
-                    port_threshold
+                    port_threshold, trace_parent
              FROM scans WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -412,35 +421,38 @@ impl Store {
     /// moves the lease's sequence on: both or neither.
     #[tracing::instrument(name = "store.apply_results", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq, results = results.len()))]
     pub async fn apply_results(&self, f: &Fence, results: &[PortRecord]) -> Result<Applied, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Passed { scan_id, batch, named, start, end } = match Self::fence(&mut tx, f, !results.is_empty()).await? {
-            Ok(passed) => passed,
-            Err(outcome) => {
+        crate::metrics::timed("apply_results", async move {
+            let mut tx = self.pool.begin().await?;
+            let Passed { scan_id, batch, named, start, end } =
+                match Self::fence(&mut tx, f, !results.is_empty()).await? {
+                    Ok(passed) => passed,
+                    Err(outcome) => {
+                        tx.rollback().await?;
+                        return Ok(outcome);
+                    }
+                };
+            // A lease covers its shard's positions only: results elsewhere in
+            // the scan would be written under another lease's name (and, being
+            // first, would shadow the real ones).
+            if let Some(r) = results.iter().find(|r| !(start..end).contains(&r.position)) {
                 tx.rollback().await?;
-                return Ok(outcome);
+                return Ok(Applied::OutsideLease { position: r.position, start, end });
             }
-        };
-        // A lease covers its shard's positions only: results elsewhere in
-        // the scan would be written under another lease's name (and, being
-        // first, would shadow the real ones).
-        if let Some(r) = results.iter().find(|r| !(start..end).contains(&r.position)) {
-            tx.rollback().await?;
-            return Ok(Applied::OutsideLease { position: r.position, start, end });
-        }
-        if !results.is_empty() {
-            let positions: Vec<i64> = results.iter().map(|r| r.position).collect();
-            let ips: Vec<IpAddr> = results.iter().map(|r| r.ip).collect();
-            let ports: Vec<i32> = results.iter().map(|r| r.port).collect();
-            let seen: Vec<DateTime<Utc>> = results.iter().map(|r| r.observed_at).collect();
-            let services: Vec<Option<&str>> = results.iter().map(|r| r.service.as_deref()).collect();
-            let everything: Vec<bool> = results.iter().map(|r| r.host_answers_everything).collect();
-            // DO NOTHING: an upsert's speculative path costs ~20% more per
-            // row on this, the hottest statement; conflicts are rare
-            // (resends, re-scans after failover) and handled below.
-            // The hostname join only for scans that have names (most
-            // have none, and the join is a hash over every batch).
-            let sql = if named {
-                "WITH ins AS (
+            let mut ingested = 0;
+            if !results.is_empty() {
+                let positions: Vec<i64> = results.iter().map(|r| r.position).collect();
+                let ips: Vec<IpAddr> = results.iter().map(|r| r.ip).collect();
+                let ports: Vec<i32> = results.iter().map(|r| r.port).collect();
+                let seen: Vec<DateTime<Utc>> = results.iter().map(|r| r.observed_at).collect();
+                let services: Vec<Option<&str>> = results.iter().map(|r| r.service.as_deref()).collect();
+                let everything: Vec<bool> = results.iter().map(|r| r.host_answers_everything).collect();
+                // DO NOTHING: an upsert's speculative path costs ~20% more per
+                // row on this, the hottest statement; conflicts are rare
+                // (resends, re-scans after failover) and handled below.
+                // The hostname join only for scans that have names (most
+                // have none, and the join is a hash over every batch).
+                let sql = if named {
+                    "WITH ins AS (
                     INSERT INTO results (scan_id, position, ip, port, protocol, state, hostname, first_seen_at,
                                          last_seen_at, shard_id, shard_batch, service, host_answers_everything)
                     SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', h.hostname, u.seen, u.seen, $5, $6,
@@ -456,8 +468,8 @@ impl Store {
                     RETURNING (SELECT count(*) FROM ins) AS fresh
                  )
                  SELECT fresh FROM counted"
-            } else {
-                "WITH ins AS (
+                } else {
+                    "WITH ins AS (
                     INSERT INTO results (scan_id, position, ip, port, protocol, state, first_seen_at, last_seen_at,
                                          shard_id, shard_batch, service, host_answers_everything)
                     SELECT $1, u.pos, u.ip, u.port, 'tcp', 'open', u.seen, u.seen, $5, $6, u.svc::jsonb, u.every
@@ -471,87 +483,96 @@ impl Store {
                     RETURNING (SELECT count(*) FROM ins) AS fresh
                  )
                  SELECT fresh FROM counted"
-            };
-            let fresh: i64 = sqlx::query_scalar(sql)
-                .bind(scan_id)
-                .bind(&ips)
-                .bind(&ports)
-                .bind(&seen)
-                .bind(f.shard_id)
-                .bind(batch)
-                .bind(&positions)
-                .bind(&services)
-                .bind(&everything)
-                .fetch_one(&mut *tx)
-                .await?;
-            if fresh > 0 {
-                super::notify(&mut tx, Notice::Results(scan_id)).await?;
-            }
-            if (fresh as usize) < results.len() {
-                // Seen before: only move the last observation on.
-                sqlx::query(
-                    "UPDATE results r SET last_seen_at = u.seen
+                };
+                let fresh: i64 = sqlx::query_scalar(sql)
+                    .bind(scan_id)
+                    .bind(&ips)
+                    .bind(&ports)
+                    .bind(&seen)
+                    .bind(f.shard_id)
+                    .bind(batch)
+                    .bind(&positions)
+                    .bind(&services)
+                    .bind(&everything)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                ingested = fresh.max(0) as u64;
+                if fresh > 0 {
+                    super::notify(&mut tx, Notice::Results(scan_id)).await?;
+                }
+                if (fresh as usize) < results.len() {
+                    // Seen before: only move the last observation on.
+                    sqlx::query(
+                        "UPDATE results r SET last_seen_at = u.seen
                      FROM UNNEST($2::int8[], $3::timestamptz[]) AS u(pos, seen)
                      WHERE r.scan_id = $1 AND r.position = u.pos AND r.last_seen_at < u.seen",
-                )
-                .bind(scan_id)
-                .bind(&positions)
-                .bind(&seen)
-                .execute(&mut *tx)
-                .await?;
+                    )
+                    .bind(scan_id)
+                    .bind(&positions)
+                    .bind(&seen)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(Applied::Done)
+            tx.commit().await?;
+            // Rows new to the scan only: a resent batch counts nothing.
+            metrics::counter!("portfleet_results_ingested_total").increment(ingested);
+            Ok(Applied::Done)
+        })
+        .await
     }
 
     /// Records a checkpoint: every position below it is final and its
     /// results are in earlier, committed frames.
     #[tracing::instrument(name = "store.apply_progress", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq))]
     pub async fn apply_progress(&self, f: &Fence, p: &ShardProgress) -> Result<Applied, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
-            tx.rollback().await?;
-            return Ok(outcome);
-        }
-        sqlx::query(
-            "UPDATE shards SET checkpoint = greatest(checkpoint, least($2, end_index)),
+        crate::metrics::timed("apply_progress", async move {
+            let mut tx = self.pool.begin().await?;
+            if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
+            sqlx::query(
+                "UPDATE shards SET checkpoint = greatest(checkpoint, least($2, end_index)),
                 probes_sent = $3, closed_count = $4, filtered_count = $5
              WHERE id = $1",
-        )
-        .bind(f.shard_id)
-        .bind(p.checkpoint)
-        .bind(p.sent)
-        .bind(p.closed)
-        .bind(p.filtered)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Applied::Done)
+            )
+            .bind(f.shard_id)
+            .bind(p.checkpoint)
+            .bind(p.sent)
+            .bind(p.closed)
+            .bind(p.filtered)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Applied::Done)
+        })
+        .await
     }
 
     /// Finishes a shard, and its scan when it was the last one.
     #[tracing::instrument(name = "store.apply_complete", skip_all, fields(shard_id = %f.shard_id, seq = %f.seq))]
     pub async fn apply_complete(&self, f: &Fence, p: &ShardProgress) -> Result<(Applied, Option<Uuid>), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // The scan row first: two last shards finishing at once must not
-        // each see the other still running.
-        let scan_id = sqlx::query_scalar::<_, Uuid>(
-            "SELECT s.id FROM scans s JOIN shards sh ON sh.scan_id = s.id WHERE sh.id = $1 FOR UPDATE OF s",
-        )
-        .bind(f.shard_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if scan_id.is_none() {
-            tx.rollback().await?;
-            return Ok((Applied::NotHeld, None));
-        }
-        if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
-            tx.rollback().await?;
-            return Ok((outcome, None));
-        }
-        sqlx::query(
-            "WITH done AS (
+        crate::metrics::timed("apply_complete", async move {
+            let mut tx = self.pool.begin().await?;
+            // The scan row first: two last shards finishing at once must not
+            // each see the other still running.
+            let scan_id = sqlx::query_scalar::<_, Uuid>(
+                "SELECT s.id FROM scans s JOIN shards sh ON sh.scan_id = s.id WHERE sh.id = $1 FOR UPDATE OF s",
+            )
+            .bind(f.shard_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if scan_id.is_none() {
+                tx.rollback().await?;
+                return Ok((Applied::NotHeld, None));
+            }
+            if let Err(outcome) = Self::fence(&mut tx, f, false).await? {
+                tx.rollback().await?;
+                return Ok((outcome, None));
+            }
+            sqlx::query(
+                "WITH done AS (
                 UPDATE shards SET state = 'done', checkpoint = end_index, probes_sent = $3, closed_count = $4,
                     filtered_count = $5, lease_expires_at = NULL
                 WHERE id = $1
@@ -559,32 +580,34 @@ impl Store {
              )
              UPDATE shard_leases SET ended_at = now(), outcome = 'done'
              WHERE shard_id = $1 AND lease_epoch = $2",
-        )
-        .bind(f.shard_id)
-        .bind(f.lease_epoch)
-        .bind(p.sent)
-        .bind(p.closed)
-        .bind(p.filtered)
-        .execute(&mut *tx)
-        .await?;
-        let completed = sqlx::query_scalar::<_, Uuid>(
-            "UPDATE scans s SET state = 'completed', finished_at = now(), updated_at = now(),
+            )
+            .bind(f.shard_id)
+            .bind(f.lease_epoch)
+            .bind(p.sent)
+            .bind(p.closed)
+            .bind(p.filtered)
+            .execute(&mut *tx)
+            .await?;
+            let completed = sqlx::query_scalar::<_, Uuid>(
+                "UPDATE scans s SET state = 'completed', finished_at = now(), updated_at = now(),
                 probes_done = s.probes_planned,
                 open_ports = (SELECT coalesce(sum(open_count), 0) FROM shards WHERE scan_id = s.id)
              WHERE s.id = (SELECT scan_id FROM shards WHERE id = $1) AND s.state = 'running'
                AND NOT EXISTS (SELECT 1 FROM shards WHERE scan_id = s.id AND state <> 'done')
              RETURNING s.id",
-        )
-        .bind(f.shard_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(id) = completed {
-            Self::mark_answering_hosts(&mut tx, &[id]).await?;
-            super::events::record(&mut tx, id, ScanEvent::Completed).await?;
-            notify_scan(&mut tx, id).await?;
-        }
-        tx.commit().await?;
-        Ok((Applied::Done, completed))
+            )
+            .bind(f.shard_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(id) = completed {
+                Self::mark_answering_hosts(&mut tx, &[id]).await?;
+                super::events::record(&mut tx, id, ScanEvent::Completed).await?;
+                notify_scan(&mut tx, id).await?;
+            }
+            tx.commit().await?;
+            Ok((Applied::Done, completed))
+        })
+        .await
     }
 
     /// Marks every open port of an address that answered on more than its
@@ -614,7 +637,10 @@ impl Store {
         lease_epoch: LeaseEpoch,
         agent_id: Uuid,
     ) -> Result<bool, StoreError> {
-        self.end_lease(shard_id, lease_epoch, Some(agent_id), LeaseOutcome::Released).await
+        crate::metrics::timed("release_lease", async move {
+            self.end_lease(shard_id, lease_epoch, Some(agent_id), LeaseOutcome::Released).await
+        })
+        .await
     }
 
     async fn end_lease(
@@ -660,73 +686,77 @@ impl Store {
         reason: &str,
         retry: Retry,
     ) -> Result<FailOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Scan before shard, as everywhere: no lock-order deadlocks.
-        sqlx::query("SELECT 1 FROM scans WHERE id = (SELECT scan_id FROM shards WHERE id = $1) FOR UPDATE")
-            .bind(shard_id)
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query_as::<_, FailedShard>(
-            "UPDATE shards SET failures = failures + 1, last_error = $4, state = 'pending', agent_id = NULL,
+        crate::metrics::timed("fail_shard", async move {
+            let mut tx = self.pool.begin().await?;
+            // Scan before shard, as everywhere: no lock-order deadlocks.
+            sqlx::query("SELECT 1 FROM scans WHERE id = (SELECT scan_id FROM shards WHERE id = $1) FOR UPDATE")
+                .bind(shard_id)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query_as::<_, FailedShard>(
+                "UPDATE shards SET failures = failures + 1, last_error = $4, state = 'pending', agent_id = NULL,
                 controller_id = NULL, lease_expires_at = NULL, updated_at = now()
              WHERE id = $1 AND lease_epoch = $2 AND agent_id = $3 AND state = 'leased'
              RETURNING scan_id, failures",
-        )
-        .bind(shard_id)
-        .bind(lease_epoch)
-        .bind(agent_id)
-        .bind(reason)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(FailedShard { scan_id, failures }) = row else {
-            tx.rollback().await?;
-            return Ok(FailOutcome::Stale);
-        };
-        sqlx::query(
-            "UPDATE shard_leases SET ended_at = now(), outcome = 'failed' WHERE shard_id = $1 AND lease_epoch = $2",
-        )
-        .bind(shard_id)
-        .bind(lease_epoch)
-        .execute(&mut *tx)
-        .await?;
-        let message = match retry {
-            Retry::UpTo(max_failures) if failures <= max_failures => {
-                tx.commit().await?;
-                return Ok(FailOutcome::Requeued);
-            }
-            Retry::UpTo(_) => format!("shard {shard_id} failed {failures} times; last: {reason}"),
-            Retry::Never => reason.to_string(),
-        };
-        let failed = sqlx::query_scalar::<_, Uuid>(
-            "UPDATE scans SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
-             WHERE id = $1 AND state IN ('pending', 'running') RETURNING id",
-        )
-        .bind(scan_id)
-        .bind(&message)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if failed.is_some() {
-            sqlx::query(
-                "UPDATE shards SET state = CASE WHEN id = $2 THEN 'failed' ELSE 'cancelled' END, updated_at = now()
-                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
             )
-            .bind(scan_id)
             .bind(shard_id)
+            .bind(lease_epoch)
+            .bind(agent_id)
+            .bind(reason)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(FailedShard { scan_id, failures }) = row else {
+                tx.rollback().await?;
+                return Ok(FailOutcome::Stale);
+            };
+            sqlx::query(
+                "UPDATE shard_leases SET ended_at = now(), outcome = 'failed' WHERE shard_id = $1 AND lease_epoch = $2",
+            )
+            .bind(shard_id)
+            .bind(lease_epoch)
             .execute(&mut *tx)
             .await?;
-            super::events::record(&mut tx, scan_id, ScanEvent::Failed).await?;
-            notify_scan(&mut tx, scan_id).await?;
-        }
-        tx.commit().await?;
-        Ok(FailOutcome::ScanFailed(scan_id))
+            let message = match retry {
+                Retry::UpTo(max_failures) if failures <= max_failures => {
+                    tx.commit().await?;
+                    return Ok(FailOutcome::Requeued);
+                }
+                Retry::UpTo(_) => format!("shard {shard_id} failed {failures} times; last: {reason}"),
+                Retry::Never => reason.to_string(),
+            };
+            let failed = sqlx::query_scalar::<_, Uuid>(
+                "UPDATE scans SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND state IN ('pending', 'running') RETURNING id",
+            )
+            .bind(scan_id)
+            .bind(&message)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if failed.is_some() {
+                sqlx::query(
+                    "UPDATE shards SET state = CASE WHEN id = $2 THEN 'failed' ELSE 'cancelled' END, updated_at = now()
+                 WHERE scan_id = $1 AND state IN ('pending', 'leased')",
+                )
+                .bind(scan_id)
+                .bind(shard_id)
+                .execute(&mut *tx)
+                .await?;
+                super::events::record(&mut tx, scan_id, ScanEvent::Failed).await?;
+                notify_scan(&mut tx, scan_id).await?;
+            }
+            tx.commit().await?;
+            Ok(FailOutcome::ScanFailed(scan_id))
+        })
+        .await
     }
 
     /// Returns every lease past its expiry to the queue (from its
     /// checkpoint). Safe to run on every controller at once.
     #[tracing::instrument(name = "store.expire_leases", skip_all)]
     pub async fn expire_leases(&self) -> Result<u64, StoreError> {
-        let n = sqlx::query(
-            "WITH expired AS (
+        crate::metrics::timed("expire_leases", async move {
+            let n = sqlx::query(
+                "WITH expired AS (
                 UPDATE shards SET state = 'pending', agent_id = NULL, controller_id = NULL,
                     lease_expires_at = NULL, updated_at = now()
                 WHERE state = 'leased' AND lease_expires_at < now()
@@ -734,28 +764,33 @@ impl Store {
              )
              UPDATE shard_leases l SET ended_at = now(), outcome = 'expired'
              FROM expired e WHERE l.shard_id = e.id AND l.lease_epoch = e.lease_epoch",
-        )
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n)
+            )
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(n)
+        })
+        .await
     }
 
     /// Keeps the leases of agents whose sessions live on this controller.
     pub async fn extend_leases(&self, controller_id: &str, agents: &[Uuid], ttl: Duration) -> Result<(), StoreError> {
-        if agents.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond'
+        crate::metrics::timed("extend_leases", async move {
+            if agents.is_empty() {
+                return Ok(());
+            }
+            sqlx::query(
+                "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond'
              WHERE state = 'leased' AND controller_id = $1 AND agent_id = ANY($2)",
-        )
-        .bind(controller_id)
-        .bind(agents)
-        .bind(millis(ttl))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+            )
+            .bind(controller_id)
+            .bind(agents)
+            .bind(millis(ttl))
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Takes over the leases an agent still holds after reconnecting (to
@@ -835,6 +870,7 @@ impl Store {
             Self::mark_answering_hosts(&mut tx, &completed).await?;
         }
         tx.commit().await?;
+        metrics::counter!("portfleet_scans_finished_total", "state" => "completed").increment(completed.len() as u64);
         Ok(completed.len() as u64)
     }
 

@@ -6,6 +6,7 @@ mod agents;
 mod enroll;
 mod error;
 mod events;
+mod gauges;
 mod ids;
 mod inventory;
 mod leases;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use agents::{AgentIntro, AgentRecord, AgentStanding, Beat, FleetGroup, LiveSession, SessionOpening};
 pub use error::{StoreError, unavailable_hint};
 pub use events::{PendingEvent, PendingEvents};
+pub use gauges::FleetGauges;
 pub use ids::{LeaseEpoch, OutOfRange, Seq, ShardId};
 pub use inventory::{
     ChangeFilter, ChangeKey, ChangeRecord, Covered, Finished, HostDelta, HostFilter, HostKey, HostRecord, InventoryTx,

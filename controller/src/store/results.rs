@@ -105,6 +105,7 @@ impl Store {
         filter: &ResultFilter,
         page: Page<ResultKey>,
     ) -> Result<Paged<ResultRecord, ResultKey>, StoreError> {
+        crate::metrics::timed("list_results", async move {
         let (lo, hi) = super::inventory::bounds(filter.cidr);
         // hostname holds an address's names joined by ','.
         let rows = sqlx::query_as::<_, PositionedResult>(
@@ -130,5 +131,6 @@ impl Store {
         .await?;
         let paged = Paged::from_rows(rows, page.limit, |r| ResultKey { position: r.position });
         Ok(Paged { items: paged.items.into_iter().map(|r| r.record).collect(), next: paged.next })
+    }).await
     }
 }

@@ -101,6 +101,9 @@ pub struct NewScan {
     pub request_fingerprint: Option<String>,
     pub identify: bool,
     pub port_threshold: i32,
+    /// The W3C `traceparent` the scan's later spans (each Assign's) are
+    /// children of; `None` when the scan is not traced.
+    pub trace_parent: Option<String>,
     pub shards: Vec<NewShard>,
     pub hostnames: Vec<(IpAddr, String)>,
 }
@@ -127,6 +130,7 @@ impl Store {
     /// its place in the list. An `Err` of the whole call stored nothing.
     #[tracing::instrument(name = "store.insert_scans", skip_all, fields(scans = scans.len()))]
     pub async fn insert_scans(&self, scans: &[NewScan], policy_version: i64) -> Result<Vec<Stored>, StoreError> {
+        crate::metrics::timed("insert_scans", async move {
         match self.insert_scan_batch(scans, policy_version).await {
             Ok(stored) => Ok(stored.into_iter().map(Ok).collect()),
             Err(e) if scans.len() > 1 && !e.is_transient() => {
@@ -145,6 +149,7 @@ impl Store {
             }
             Err(e) => Err(e),
         }
+    }).await
     }
 
     async fn insert_scan_batch(
@@ -169,6 +174,7 @@ impl Store {
                     "reply_to": s.reply_to, "correlation_id": s.correlation_id,
                     "request_fingerprint": s.request_fingerprint,
                     "identify": s.identify, "port_threshold": s.port_threshold,
+                    "trace_parent": s.trace_parent,
                 })
             })
             .collect();
@@ -197,18 +203,18 @@ impl Store {
                 INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
                     labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
                     port_count, probes_planned, shard_count, has_ipv6, origin, reply_to, correlation_id,
-                    request_fingerprint, identify, port_threshold)
+                    request_fingerprint, identify, port_threshold, trace_parent)
                 SELECT r.id, r.request_id, ARRAY(SELECT jsonb_array_elements_text(r.targets)), r.target_group,
                     r.ports, r.scan_type, r.rate, r.retries, r.labels, r.agent_selector, r.allow_connect_fallback,
                     r.seed, ARRAY(SELECT jsonb_array_elements_text(r.address_ranges)), r.address_count,
                     r.port_count, r.probes_planned, r.shard_count, r.has_ipv6, r.origin, r.reply_to,
-                    r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold
+                    r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold, r.trace_parent
                 FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, request_id text, targets jsonb,
                     target_group text, ports text, scan_type text, rate int, retries int, labels jsonb,
                     agent_selector jsonb, allow_connect_fallback bool, seed bigint, address_ranges jsonb,
                     address_count bigint, port_count int, probes_planned bigint, shard_count int,
                     has_ipv6 bool, origin text, reply_to text, correlation_id text, request_fingerprint text,
-                    identify bool, port_threshold int)
+                    identify bool, port_threshold int, trace_parent text)
                 ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
                 RETURNING *
              ), sh AS (
@@ -292,14 +298,17 @@ impl Store {
     }
 
     pub async fn get_scan(&self, id: Uuid) -> Result<Option<ScanRecord>, StoreError> {
-        let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
-            "SELECT",
-            "FROM scans WHERE id = $1 AND deleted_at IS NULL"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row)
+        crate::metrics::timed("get_scan", async move {
+            let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
+                "SELECT",
+                "FROM scans WHERE id = $1 AND deleted_at IS NULL"
+            ))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row)
+        })
+        .await
     }
 
     /// Newest first.
@@ -308,40 +317,46 @@ impl Store {
         state: Option<ScanState>,
         page: Page<Uuid>,
     ) -> Result<Paged<ScanRecord, Uuid>, StoreError> {
-        let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
-            "SELECT",
-            "FROM scans
+        crate::metrics::timed("list_scans", async move {
+            let rows = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
+                "SELECT",
+                "FROM scans
              WHERE ($1::text IS NULL OR state = $1) AND id < $2 AND deleted_at IS NULL
              ORDER BY id DESC
              LIMIT $3"
-        ))
-        .bind(state.map(ScanState::as_str))
-        .bind(page.after.unwrap_or(Uuid::max()))
-        .bind(i64::from(page.limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Paged::from_rows(rows, page.limit, |s| s.id))
+            ))
+            .bind(state.map(ScanState::as_str))
+            .bind(page.after.unwrap_or(Uuid::max()))
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(Paged::from_rows(rows, page.limit, |s| s.id))
+        })
+        .await
     }
 
     /// Moves a pending or running scan and its unfinished shards to
     /// cancelled. Returns the updated scan, or `None` when the scan was not
     /// cancellable (unknown, or already over).
     pub async fn cancel_scan(&self, id: Uuid) -> Result<Option<ScanRecord>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
-            "UPDATE scans SET state = 'cancelled', finished_at = now(), updated_at = now()
+        crate::metrics::timed("cancel_scan", async move {
+            let mut tx = self.pool.begin().await?;
+            let row = sqlx::query_as::<_, ScanRecord>(with_scan_columns!(
+                "UPDATE scans SET state = 'cancelled', finished_at = now(), updated_at = now()
              WHERE id = $1 AND state IN ('pending', 'running')
              RETURNING",
-            ""
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if row.is_some() {
-            stop_unfinished_shards(&mut tx, id, ScanEvent::Cancelled).await?;
-        }
-        tx.commit().await?;
-        Ok(row)
+                ""
+            ))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if row.is_some() {
+                stop_unfinished_shards(&mut tx, id, ScanEvent::Cancelled).await?;
+            }
+            tx.commit().await?;
+            Ok(row)
+        })
+        .await
     }
 
     /// Fails a pending or running scan with `error` and stops its shards

@@ -163,6 +163,13 @@ text_enum! {
     }
 }
 
+impl ScanEvent {
+    /// The event ends its scan.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
 text_enum! {
     /// How a lease ended (`shard_leases.outcome`).
     pub enum LeaseOutcome in "shard_leases"."outcome" {

@@ -182,12 +182,47 @@ async fn ingest(args: &[String]) {
     let agents = arg(args, "--agents", 16) as usize;
     let db = TestDb::create().await;
     let ctl = start_controller(&db).await;
-    let pid = ctl.child.id();
-    let token = db.token(portfleet_controller::auth::Scope::Admin).await;
-    let mut api = portfleet_proto::auth::client(
-        Channel::from_shared(ctl.url.clone()).unwrap().connect().await.unwrap(),
-        portfleet_proto::auth::Bearer::new(&token).unwrap(),
+    let r = run_ingest(&db, &ctl, target, agents, true).await;
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results").fetch_one(&mut db.connect().await).await.unwrap();
+    println!("ingest: {agents} agents, batches of {BATCH}, up to {WINDOW} unacked per lease");
+    println!("  results committed (acked): {}, rows in Postgres: {rows}", r.committed);
+    println!("  elapsed: {:.1} s, {:.0} results/s", r.elapsed, r.rate());
+    println!(
+        "  controller RSS: {:.1} MB before, {:.1} MB peak, change {:.1} MB",
+        r.rss_before,
+        r.rss_peak,
+        r.rss_peak - r.rss_before
     );
+    println!("  controller CPU: {:.1} s ({:.0}% of one core)", r.cpu, r.cpu / r.elapsed * 100.0);
+    println!(
+        "  vs goal >= 100000 results/s: {:.2}x; RSS change vs goal < 50 MB: {:.2}x of the budget",
+        r.rate() / 100_000.0,
+        (r.rss_peak - r.rss_before) / 50.0
+    );
+}
+
+/// What one ingest run measured.
+struct IngestRun {
+    committed: u64,
+    elapsed: f64,
+    rss_before: f64,
+    rss_peak: f64,
+    /// Controller CPU seconds spent.
+    cpu: f64,
+}
+
+impl IngestRun {
+    fn rate(&self) -> f64 {
+        self.committed as f64 / self.elapsed
+    }
+}
+
+/// `agents` simulated agents report `target` open ports to `ctl` as fast
+/// as it commits them.
+async fn run_ingest(db: &TestDb, ctl: &Controller, target: u64, agents: usize, progress: bool) -> IngestRun {
+    let pid = ctl.child.id();
+    let mut api = admin_client(db, ctl).await;
     // 2^17 addresses x 32767 ports: 4096 shards of ~1M positions, more than
     // enough distinct (ip, port) pairs. Nothing is probed: the agents are
     // simulated and only report.
@@ -215,7 +250,7 @@ async fn ingest(args: &[String]) {
     while committed.load(Ordering::Relaxed) < target {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(rss_mb(pid));
-        if last_report.elapsed() > Duration::from_secs(5) {
+        if progress && last_report.elapsed() > Duration::from_secs(5) {
             let n = committed.load(Ordering::Relaxed);
             eprintln!(
                 "  {n} results committed, {:.0}/s, controller RSS {:.1} MB",
@@ -226,27 +261,142 @@ async fn ingest(args: &[String]) {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let n = committed.load(Ordering::Relaxed);
     for t in tasks {
         t.abort();
     }
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM results").fetch_one(&mut db.connect().await).await.unwrap();
-    println!("ingest: {agents} agents, batches of {BATCH}, up to {WINDOW} unacked per lease");
-    println!("  results committed (acked): {n}, rows in Postgres: {rows}");
-    println!("  elapsed: {elapsed:.1} s, {:.0} results/s", n as f64 / elapsed);
-    println!("  controller RSS: {rss_before:.1} MB before, {peak:.1} MB peak, change {:.1} MB", peak - rss_before);
+    IngestRun {
+        committed: committed.load(Ordering::Relaxed),
+        elapsed,
+        rss_before,
+        rss_peak: peak,
+        cpu: cpu_secs(pid) - cpu_before,
+    }
+}
+
+/// The `observability` mode: what metrics (and traces, when the binary
+/// exports them) cost, measured in one run against the same controller
+/// with them off: result ingest rate and CreateScan latency, alternating
+/// off/on runs, medians; then `/metrics` scrapes with `--fleet` simulated
+/// agents connected.
+async fn observability(args: &[String]) {
+    let runs = arg(args, "--runs", 3) as usize;
+    let target = arg(args, "--results", 2_000_000);
+    let agents = arg(args, "--agents", 8) as usize;
+    let creates = arg(args, "--creates", 200) as usize;
+    let fleet = arg(args, "--fleet", 1000) as usize;
+    // Traces go to a real OTLP receiver in this process.
+    let receiver = portfleet_tests::otlp::Receiver::default();
+    let otlp = receiver.start(std::net::Ipv4Addr::LOCALHOST.into()).await;
+    // `--only metrics` or `--only traces` turns on one of the two.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let on_flags = |metrics: &str| {
+        let mut flags = Vec::new();
+        if only.as_deref() != Some("traces") {
+            flags.extend(["--metrics-listen", metrics].map(String::from));
+        }
+        if only.as_deref() != Some("metrics") {
+            flags.extend(["--otlp-endpoint", &otlp].map(String::from));
+        }
+        flags
+    };
+    let (mut ingest, mut create) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for run in 0..runs {
+        // Alternate which goes first, so drift on a shared machine falls on
+        // both alike.
+        let order = if run % 2 == 0 { [false, true] } else { [true, false] };
+        for on in order {
+            let db = TestDb::create().await;
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let extra = if on { on_flags(&metrics) } else { Vec::new() };
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let ctl = start_controller_with(&db, None, &extra).await;
+            // On a quiet database, before the ingest (whose inventory fold
+            // keeps Postgres busy for a while after it).
+            let latency = create_latency(&db, &ctl, creates).await;
+            let r = run_ingest(&db, &ctl, target, agents, false).await;
+            eprintln!(
+                "  run {run} metrics and traces {}: ingest {:.0} results/s, CreateScan p50 {latency:.2} ms",
+                if on { "on " } else { "off" },
+                r.rate()
+            );
+            ingest[usize::from(on)].push(r.rate());
+            create[usize::from(on)].push(latency);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        pct(v, 0.5)
+    };
+    let (ingest_off, ingest_on) = (median(&mut ingest[0]), median(&mut ingest[1]));
+    let (create_off, create_on) = (median(&mut create[0]), median(&mut create[1]));
+    println!("observability: metrics and traces on vs off, {runs} runs each way, medians");
+    println!("  spans received: {}", receiver.spans().len());
     println!(
-        "  controller CPU: {:.1} s ({:.0}% of one core)",
-        cpu_secs(pid) - cpu_before,
-        (cpu_secs(pid) - cpu_before) / elapsed * 100.0
+        "  result ingest: off {ingest_off:.0}/s, on {ingest_on:.0}/s: {:.2}x (goal >= 0.95x)",
+        ingest_on / ingest_off
     );
-    let rate = n as f64 / elapsed;
     println!(
-        "  vs goal >= 100000 results/s: {:.2}x; RSS change vs goal < 50 MB: {:.2}x of the budget",
-        rate / 100_000.0,
-        (peak - rss_before) / 50.0
+        "  CreateScan p50: off {create_off:.2} ms, on {create_on:.2} ms: {:.2}x of the speed (goal >= 0.95x)",
+        create_off / create_on
     );
+
+    // Scrapes with a large fleet connected.
+    let db = TestDb::create().await;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let flags = on_flags(&metrics.to_string());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let ctl = start_controller_with(&db, None, &flags).await;
+    let (assigned_tx, _assigned_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    for i in 0..fleet {
+        let sim = connect(&ctl.url, &format!("scrape-{i}"), 1).await;
+        run_sim(sim, assigned_tx.clone(), |_| false);
+    }
+    let _ = create_latency(&db, &ctl, 20).await;
+    // Heartbeats recorded, the sampler's first pass done.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..50 {
+        let t = Instant::now();
+        let (status, body) = portfleet_tests::http_get(metrics, "/metrics").await.expect("scrape");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200);
+        size = body.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "  /metrics with {fleet} agents connected: p50 {:.2} ms, p99 {:.2} ms, {size} bytes (goal < 20 ms: {:.2}x)",
+        pct(&times, 0.5),
+        pct(&times, 0.99),
+        pct(&times, 0.99) / 20.0
+    );
+}
+
+fn free_port() -> u16 {
+    portfleet_tests::procs::free_port(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// Median latency of `n` sequential CreateScan calls for one host and port,
+/// in milliseconds. The scans select agents none has (they stay pending:
+/// the simulated agents never take them).
+async fn create_latency(db: &TestDb, ctl: &Controller, n: usize) -> f64 {
+    let mut api = admin_client(db, ctl).await;
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        api.create_scan(pb::CreateScanRequest {
+            targets: vec![format!("198.51.100.{}", i % 250 + 1)],
+            ports: "443".into(),
+            agent_selector: [("bench".to_string(), "latency-only".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    pct(&ms, 0.5)
 }
 
 /// Reports every position of each leased shard as an open port, in scan
@@ -323,7 +473,8 @@ async fn ingest_agent(mut sim: Sim, committed: Arc<AtomicU64>, target: u64) {
                 })
                 .collect();
             pos += BATCH as u64;
-            let frame = Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results });
+            let frame =
+                Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results, trace_parent: None });
             if sim.tx.send(pb::AgentMessage { frame: Some(frame) }).await.is_err() {
                 return;
             }
@@ -538,6 +689,7 @@ async fn bench(args: &[String]) {
         Some("caps") => caps(args).await,
         Some("watch") => watch::bench(args).await,
         Some("inventory") => inventory::bench(args).await,
+        Some("observability") => observability(args).await,
         _ => {
             eprintln!("usage: session-bench ingest|fleet|caps|watch|inventory [options] (see the file's header)");
             std::process::exit(2);
@@ -989,7 +1141,14 @@ mod watch {
             if !results.is_empty() {
                 seq += 1;
                 if acked.wait_for(|&done| seq <= done + WINDOW).await.is_err()
-                    || !send(Out::Results(pb::ResultBatch { shard_id: shard, lease_epoch: epoch, seq, results })).await
+                    || !send(Out::Results(pb::ResultBatch {
+                        shard_id: shard,
+                        lease_epoch: epoch,
+                        seq,
+                        results,
+                        trace_parent: None,
+                    }))
+                    .await
                 {
                     return;
                 }
