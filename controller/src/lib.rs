@@ -126,6 +126,17 @@ pub async fn run(
         None => None,
     };
     let _stop_metrics = metrics_stop.clone().drop_guard();
+    {
+        // Not ready from the first moment of shutdown: new work goes
+        // elsewhere while in-flight calls drain.
+        let (readiness, shutdown, stop) = (readiness.clone(), shutdown.clone(), metrics_stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => readiness.drain(),
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
     // Two pools: the fleet's (agent sessions, scheduler, upkeep,
     // notifications) and the API clients' (ScanService, WatchScan, the
     // AMQP ingress), so no client load can take the agent protocol's

@@ -10,7 +10,7 @@
 //! closed sets in the code; never scan ids, addresses or tokens.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     pin::Pin,
     sync::{Arc, LazyLock},
     task::{Context, Poll},
@@ -44,7 +44,7 @@ pub async fn timed<T>(op: &'static str, f: impl Future<Output = Result<T, StoreE
 pub type Pools = Vec<(&'static str, Store)>;
 
 /// Reads the fleet-wide gauges (agents, scans and shards by state, the
-/// outbox) and the pools' connections every [`SAMPLE_INTERVAL`] until
+/// outbox) and the pools' connections every `SAMPLE_INTERVAL` (10 s) until
 /// `cancel`. Every controller samples: the values are the database's, so
 /// dashboards take `max` across controllers.
 pub async fn sample(store: Store, pools: Pools, cancel: CancellationToken) {
@@ -82,32 +82,34 @@ pub async fn sample(store: Store, pools: Pools, cancel: CancellationToken) {
 }
 
 /// The `/package.Service/Method` paths this server answers, for bounded
-/// labels: read from the descriptor sets it serves.
-static METHODS: LazyLock<HashSet<String>> = LazyLock::new(|| {
-    let mut paths = HashSet::new();
+/// labels, and whether each streams: read from the descriptor sets it
+/// serves.
+static METHODS: LazyLock<HashMap<String, bool>> = LazyLock::new(|| {
+    let mut paths = HashMap::new();
     for set in [portfleet_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
         let Ok(fds) = prost_types::FileDescriptorSet::decode(set) else { continue };
         for file in fds.file {
             for service in &file.service {
                 for method in &service.method {
-                    paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                    let streams = method.client_streaming() || method.server_streaming();
+                    paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()), streams);
                 }
             }
         }
     }
     for version in ["v1", "v1alpha"] {
-        paths.insert(format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"));
+        paths.insert(format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"), true);
     }
     paths
 });
 
-/// `(service, method)` of a request path, or `unknown` for a path this
-/// server does not have (a caller cannot create label values).
-fn labels(path: &str) -> (Arc<str>, Arc<str>) {
-    let known = METHODS.contains(path);
-    match path.trim_start_matches('/').split_once('/') {
-        Some((service, method)) if known => (service.into(), method.into()),
-        _ => ("unknown".into(), "unknown".into()),
+/// `(service, method, streams)` of a request path, or `unknown` for a path
+/// this server does not have (a caller cannot create label values).
+fn labels(path: &str) -> (Arc<str>, Arc<str>, bool) {
+    let streams = METHODS.get(path).copied();
+    match (path.trim_start_matches('/').split_once('/'), streams) {
+        (Some((service, method)), Some(streams)) => (service.into(), method.into(), streams),
+        _ => ("unknown".into(), "unknown".into(), false),
     }
 }
 
@@ -135,8 +137,9 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// Counts and times every gRPC call: `portfleet_grpc_requests_total{service,
-/// method, code}` and `portfleet_grpc_request_duration_seconds{service,
-/// method}` (a stream's whole lifetime), recorded once when the call ends.
+/// method, code}` when it ends, and for unary calls
+/// `portfleet_grpc_request_duration_seconds{service, method}` (a stream's
+/// lifetime, hours for an agent session, would only blur the latencies).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GrpcMetricsLayer;
 
@@ -169,8 +172,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = labels(request.uri().path());
-        let call = Call { service, method, start: Instant::now(), done: false };
+        let (service, method, streams) = labels(request.uri().path());
+        let call = Call { service, method, streams, start: Instant::now(), done: false };
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -195,6 +198,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
 struct Call {
     service: Arc<str>,
     method: Arc<str>,
+    streams: bool,
     start: Instant,
     done: bool,
 }
@@ -205,9 +209,11 @@ impl Call {
             return;
         }
         let (service, method) = (self.service.to_string(), self.method.to_string());
-        metrics::histogram!("portfleet_grpc_request_duration_seconds", "service" => service.clone(),
-            "method" => method.clone())
-        .record(self.start.elapsed().as_secs_f64());
+        if !self.streams {
+            metrics::histogram!("portfleet_grpc_request_duration_seconds", "service" => service.clone(),
+                "method" => method.clone())
+            .record(self.start.elapsed().as_secs_f64());
+        }
         metrics::counter!("portfleet_grpc_requests_total", "service" => service, "method" => method,
             "code" => code_name(code))
         .increment(1);
@@ -263,14 +269,16 @@ mod tests {
 
     #[test]
     fn only_known_methods_become_labels() {
-        let (s, m) = labels("/portfleet.v1.ScanService/CreateScan");
-        assert_eq!((&*s, &*m), ("portfleet.v1.ScanService", "CreateScan"));
-        let (s, m) = labels("/portfleet.v1.AgentService/Session");
-        assert_eq!((&*s, &*m), ("portfleet.v1.AgentService", "Session"));
-        let (s, m) = labels("/grpc.health.v1.Health/Check");
-        assert_eq!((&*s, &*m), ("grpc.health.v1.Health", "Check"));
+        let (s, m, streams) = labels("/portfleet.v1.ScanService/CreateScan");
+        assert_eq!((&*s, &*m, streams), ("portfleet.v1.ScanService", "CreateScan", false));
+        let (s, m, streams) = labels("/portfleet.v1.AgentService/Session");
+        assert_eq!((&*s, &*m, streams), ("portfleet.v1.AgentService", "Session", true));
+        let (s, m, streams) = labels("/portfleet.v1.ScanService/WatchScan");
+        assert_eq!((&*s, &*m, streams), ("portfleet.v1.ScanService", "WatchScan", true));
+        let (s, m, streams) = labels("/grpc.health.v1.Health/Check");
+        assert_eq!((&*s, &*m, streams), ("grpc.health.v1.Health", "Check", false));
         for junk in ["/portfleet.v1.ScanService/Made-Up", "/x/y", "/", "", "/a/b/c"] {
-            let (s, m) = labels(junk);
+            let (s, m, _) = labels(junk);
             assert_eq!((&*s, &*m), ("unknown", "unknown"), "{junk}");
         }
     }

@@ -54,12 +54,16 @@ impl std::fmt::Debug for Metrics {
 }
 
 static INSTALLED: OnceLock<Metrics> = OnceLock::new();
+/// Held while installing: two controllers starting at once in one process
+/// (tests) must not both try.
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Metrics {
     /// Installs the process-wide recorder once (later calls return the same
     /// one: a test process may start several controllers) and sets
     /// `portfleet_build_info{version}`.
     pub fn install(version: &'static str) -> Result<Metrics, MetricsError> {
+        let _installing = INSTALLING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(m) = INSTALLED.get() {
             return Ok(m.clone());
         }
@@ -81,16 +85,28 @@ impl Metrics {
     }
 }
 
-/// Named readiness checks; `/readyz` is 200 only while all are true.
+/// Named readiness checks; `/readyz` is 200 only while all are true (but
+/// those a probe excludes, `/readyz?exclude=amqp`) and the process is not
+/// shutting down.
 #[derive(Clone, Debug, Default)]
 pub struct Health {
     checks: Arc<Vec<(&'static str, AtomicBool)>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Health {
     /// Checks by name, all failing until set.
     pub fn new(names: &[&'static str]) -> Health {
-        Health { checks: Arc::new(names.iter().map(|n| (*n, AtomicBool::new(false))).collect()) }
+        Health {
+            checks: Arc::new(names.iter().map(|n| (*n, AtomicBool::new(false))).collect()),
+            draining: Arc::default(),
+        }
+    }
+
+    /// Shutdown began: not ready from now on, whatever the checks say, so
+    /// load balancers stop sending new work while calls drain.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Sets a check; names not given to [`Health::new`] are ignored (a
@@ -102,15 +118,31 @@ impl Health {
     }
 
     pub fn ready(&self) -> bool {
-        self.checks.iter().all(|(_, v)| v.load(Ordering::Relaxed))
+        self.ready_without(&[])
     }
 
-    /// One `name: ok|failing` line per check.
-    fn report(&self) -> String {
-        self.checks
+    /// Ready when every check but those named in `excluded` passes.
+    fn ready_without(&self, excluded: &[&str]) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+            && self.checks.iter().all(|(n, v)| excluded.contains(n) || v.load(Ordering::Relaxed))
+    }
+
+    /// One `name: ok|failing` line per check (`(excluded)` after those the
+    /// probe left out), and `shutting down` while draining.
+    fn report(&self, excluded: &[&str]) -> String {
+        let mut out: String = self
+            .checks
             .iter()
-            .map(|(n, v)| format!("{n}: {}\n", if v.load(Ordering::Relaxed) { "ok" } else { "failing" }))
-            .collect()
+            .map(|(n, v)| {
+                let state = if v.load(Ordering::Relaxed) { "ok" } else { "failing" };
+                let note = if excluded.contains(n) { " (excluded)" } else { "" };
+                format!("{n}: {state}{note}\n")
+            })
+            .collect();
+        if self.draining.load(Ordering::Relaxed) {
+            out.push_str("shutting down\n");
+        }
+        out
     }
 }
 
@@ -169,9 +201,12 @@ async fn alive() -> &'static str {
     "ok\n"
 }
 
-async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
-    let code = if s.health.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, s.health.report())
+async fn ready(State(s): State<AppState>, uri: axum::http::Uri) -> (StatusCode, String) {
+    // `?exclude=NAME` (may repeat), as Kubernetes' own /readyz takes it.
+    let excluded: Vec<&str> =
+        uri.query().unwrap_or("").split('&').filter_map(|kv| kv.strip_prefix("exclude=")).collect();
+    let code = if s.health.ready_without(&excluded) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, s.health.report(&excluded))
 }
 
 #[cfg(test)]
@@ -187,10 +222,15 @@ mod tests {
         assert!(!h.ready());
         h.set("migrations", true);
         assert!(h.ready());
-        assert_eq!(h.report(), "postgres: ok\nmigrations: ok\n");
+        assert_eq!(h.report(&[]), "postgres: ok\nmigrations: ok\n");
         h.set("postgres", false);
         assert!(!h.ready());
+        assert!(h.ready_without(&["postgres"]));
+        assert_eq!(h.report(&["postgres"]), "postgres: failing (excluded)\nmigrations: ok\n");
         assert!(Health::new(&[]).ready());
+        h.drain();
+        assert!(!h.ready_without(&["postgres"]), "never ready while shutting down");
+        assert!(h.report(&[]).ends_with("shutting down\n"));
     }
 
     #[tokio::test]
@@ -226,8 +266,12 @@ mod tests {
             let r = get(path).await;
             assert!(r.starts_with("HTTP/1.1 503") && r.contains("postgres: failing"), "{r}");
         }
+        let r = get("/readyz?exclude=postgres").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("postgres: failing (excluded)"), "{r}");
         health.set("postgres", true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        health.drain();
+        assert!(get("/ready").await.starts_with("HTTP/1.1 503"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         shutdown.cancel();
         server.await.unwrap();

@@ -266,7 +266,7 @@ fn check_manifest_contents(objects: &BTreeMap<(String, String), Value>) {
     let pod = &controller["spec"]["template"]["spec"];
     let c = container(pod, "controller");
     assert_eq!(c["args"], json!(["serve"]));
-    assert_probe(c, "readinessProbe", "/readyz");
+    assert_probe(c, "readinessProbe", "/readyz?exclude=amqp");
     assert_probe(c, "livenessProbe", "/healthz");
     assert!(c["resources"]["requests"].is_object() && c["resources"]["limits"].is_object(), "controller resources");
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));

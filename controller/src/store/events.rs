@@ -40,13 +40,15 @@ pub(super) async fn record(
         .bind(event.as_str())
         .execute(&mut **tx)
         .await?;
-    // Counted here, where every scan's end is recorded; a transaction that
-    // then fails to commit overcounts by one (rare: the scan's end is
-    // retried and counted again).
-    if event.is_final() {
-        metrics::counter!("portfleet_scans_finished_total", "state" => event.as_str()).increment(1);
-    }
     Ok(())
+}
+
+/// Counts `n` scans that ended with `event`, once their transaction has
+/// committed (a rolled-back end is retried and would count twice).
+pub(super) fn count_finished(event: ScanEvent, n: u64) {
+    if event.is_final() && n > 0 {
+        metrics::counter!("portfleet_scans_finished_total", "state" => event.as_str()).increment(n);
+    }
 }
 
 impl Store {

@@ -23,7 +23,7 @@ impl Store {
              WHERE state IN ('pending', 'running') AND deleted_at IS NULL GROUP BY state
              UNION ALL
              SELECT 'shards', sh.state, count(*) FROM scans s JOIN shards sh ON sh.scan_id = s.id
-             WHERE s.state IN ('pending', 'running') GROUP BY sh.state
+             WHERE s.state IN ('pending', 'running') AND s.deleted_at IS NULL GROUP BY sh.state
              UNION ALL
              SELECT 'outbox', '', count(*) FROM scan_events",
         )

@@ -605,6 +605,7 @@ impl Store {
                 notify_scan(&mut tx, id).await?;
             }
             tx.commit().await?;
+            super::events::count_finished(ScanEvent::Completed, u64::from(completed.is_some()));
             Ok((Applied::Done, completed))
         })
         .await
@@ -745,6 +746,7 @@ impl Store {
                 notify_scan(&mut tx, scan_id).await?;
             }
             tx.commit().await?;
+            super::events::count_finished(ScanEvent::Failed, u64::from(failed.is_some()));
             Ok(FailOutcome::ScanFailed(scan_id))
         })
         .await
@@ -870,7 +872,7 @@ impl Store {
             Self::mark_answering_hosts(&mut tx, &completed).await?;
         }
         tx.commit().await?;
-        metrics::counter!("portfleet_scans_finished_total", "state" => "completed").increment(completed.len() as u64);
+        super::events::count_finished(ScanEvent::Completed, completed.len() as u64);
         Ok(completed.len() as u64)
     }
 

@@ -354,6 +354,7 @@ impl Store {
                 stop_unfinished_shards(&mut tx, id, ScanEvent::Cancelled).await?;
             }
             tx.commit().await?;
+            super::events::count_finished(ScanEvent::Cancelled, u64::from(row.is_some()));
             Ok(row)
         })
         .await
@@ -375,6 +376,7 @@ impl Store {
             stop_unfinished_shards(&mut tx, id, ScanEvent::Failed).await?;
         }
         tx.commit().await?;
+        super::events::count_finished(ScanEvent::Failed, u64::from(failed.is_some()));
         Ok(failed.is_some())
     }
 
