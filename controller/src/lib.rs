@@ -154,7 +154,6 @@ pub async fn run(
         Err(e) => return Err(e.into()),
     }
     readiness.set("postgres", true);
-    readiness.set("migrations", true);
     api_store.warm_up(2).await;
     store.add_scope_rules(store::ScopeAction::Allow, &config.policy.allow).await?;
     store.add_scope_rules(store::ScopeAction::Deny, &config.policy.deny).await?;
@@ -271,6 +270,10 @@ pub async fn run(
         }
         None => tracing::warn!("serving plaintext gRPC: tokens, results and agent sessions cross the network in clear"),
     }
+    // Ready once the start-up writes are done and calls are served (a
+    // database lost before then ends the start, and the process); from
+    // here the database watch owns `postgres`.
+    readiness.set("migrations", true);
     let server = builder
         // Counts each connection's open calls, for its idle deadline.
         .layer(connections.stream_layer())
