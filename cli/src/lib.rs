@@ -275,6 +275,16 @@ pub struct ScanArgs {
     /// proxy or tarpit). 0: no limit. Default: the controller's, 100.
     #[arg(long = "port-threshold", visible_alias = "pts")]
     pub port_threshold: Option<u32>,
+    /// Weight of the scan's share of the agents among running scans, 1
+    /// (least) to 10 (most). Default: 5.
+    #[arg(long)]
+    pub priority: Option<u32>,
+    /// At most this many agents work on the scan at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_agents: u32,
+    /// At most this many of its shards run at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_parallel_shards: u32,
     /// Idempotency key: the same key returns the same scan.
     #[arg(long)]
     pub request_id: Option<String>,
@@ -382,6 +392,9 @@ async fn scan(c: &mut ApiClient, a: ScanArgs) -> Result<i32, String> {
         allow_connect_fallback: a.allow_connect_fallback,
         identify: a.no_identify.then_some(false),
         port_threshold: a.port_threshold,
+        priority: a.priority,
+        max_agents: a.max_agents,
+        max_parallel_shards: a.max_parallel_shards,
     };
     let scan = c.create_scan(request).await.map_err(status)?.into_inner();
     if a.no_wait {

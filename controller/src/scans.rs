@@ -82,6 +82,12 @@ pub struct ScanRequestInput {
     pub identify: Option<bool>,
     /// `None` means the default ([`DEFAULT_PORT_THRESHOLD`]).
     pub port_threshold: Option<u32>,
+    /// `None` means the default ([`DEFAULT_PRIORITY`]).
+    pub priority: Option<u32>,
+    /// 0: no limit.
+    pub max_agents: u32,
+    /// 0: no limit.
+    pub max_parallel_shards: u32,
     /// Hostnames from NaabuM8's table (`--naabum8-database-url`), besides
     /// `targets`.
     pub naabum8: Option<HostnameSelection>,
@@ -124,6 +130,11 @@ pub struct ScanRequest {
     pub allow_connect_fallback: bool,
     pub identify: bool,
     pub port_threshold: u32,
+    /// Weight of the scan's share of the fleet's slots, 1 to 10.
+    pub priority: u32,
+    /// Most agents, and most leased shards, at once (0: no limit).
+    pub max_agents: u32,
+    pub max_parallel_shards: u32,
     pub naabum8: Option<HostnameSelection>,
     pub origin: Origin,
     pub reply_to: Option<String>,
@@ -135,6 +146,14 @@ pub struct ScanRequest {
 /// Open ports on one address above which a scan reports the address as
 /// answering everything (a SYN proxy or tarpit), like naabu's `-pts`.
 pub const DEFAULT_PORT_THRESHOLD: u32 = 100;
+
+/// The priorities a scan may have (its weight in the fair share of the
+/// agents' slots), and the default.
+pub const PRIORITIES: std::ops::RangeInclusive<u32> = 1..=10;
+pub const DEFAULT_PRIORITY: u32 = 5;
+
+/// The largest `max_agents` / `max_parallel_shards` (0 is no limit).
+pub const MAX_PARALLEL: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -214,6 +233,18 @@ impl ScanRequestInput {
         if port_threshold > u32::from(u16::MAX) {
             return Err(invalid("port_threshold", format!("{port_threshold} exceeds the number of ports, 65535")));
         }
+        let priority = self.priority.unwrap_or(DEFAULT_PRIORITY);
+        if !PRIORITIES.contains(&priority) {
+            return Err(invalid(
+                "priority",
+                format!("{priority} is out of range: {} (least) to {} (most)", PRIORITIES.start(), PRIORITIES.end()),
+            ));
+        }
+        for (field, n) in [("max_agents", self.max_agents), ("max_parallel_shards", self.max_parallel_shards)] {
+            if n > MAX_PARALLEL {
+                return Err(invalid(field, format!("{n} exceeds the maximum of {MAX_PARALLEL} (0: no limit)")));
+            }
+        }
         Ok(ScanRequest {
             targets,
             target_group,
@@ -227,6 +258,9 @@ impl ScanRequestInput {
             allow_connect_fallback: self.allow_connect_fallback,
             identify: self.identify.unwrap_or(true),
             port_threshold,
+            priority,
+            max_agents: self.max_agents,
+            max_parallel_shards: self.max_parallel_shards,
             naabum8: self.naabum8,
             origin: self.origin,
             reply_to: self.reply_to.filter(|r| !r.is_empty()),
@@ -264,6 +298,15 @@ impl ScanRequest {
         }
         if self.port_threshold != DEFAULT_PORT_THRESHOLD {
             canonical["port_threshold"] = self.port_threshold.into();
+        }
+        if self.priority != DEFAULT_PRIORITY {
+            canonical["priority"] = self.priority.into();
+        }
+        if self.max_agents != 0 {
+            canonical["max_agents"] = self.max_agents.into();
+        }
+        if self.max_parallel_shards != 0 {
+            canonical["max_parallel_shards"] = self.max_parallel_shards.into();
         }
         if let Some(selection) = &self.naabum8 {
             canonical["naabum8"] = selection.fingerprint();
@@ -636,6 +679,10 @@ impl ScanManager {
             identify: req.identify,
             // Validated: at most 65535.
             port_threshold: req.port_threshold as i32,
+            // Validated: 1 to 10, and at most MAX_PARALLEL.
+            priority: req.priority as i32,
+            max_agents: req.max_agents as i32,
+            max_parallel_shards: req.max_parallel_shards as i32,
             trace_parent: req.trace_parent.as_ref().map(|t| t.as_str().to_string()),
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,

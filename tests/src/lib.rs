@@ -82,6 +82,17 @@ pub async fn wait_serving(url: &str, what: &str) {
     .await
 }
 
+/// SIGTERM to `child`, then its exit status (within 15 s, else a panic).
+pub async fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {}", child.id());
+    eventually("exit after SIGTERM", Duration::from_secs(15), || {
+        let s = child.try_wait().expect("wait for the child");
+        async move { s }
+    })
+    .await
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -69,7 +69,7 @@ impl NetTopology {
         }))
     }
 
-    fn checked(made: Result<Self, String>) -> Option<Self> {
+    fn checked<T>(made: Result<T, String>) -> Option<T> {
         match made {
             Ok(t) => Some(t),
             Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
@@ -256,6 +256,63 @@ impl NetTopology {
             })
             .collect();
         Listeners { tasks }
+    }
+}
+
+/// A namespace with loopback and an IPv4 /30 link to the root namespace,
+/// nothing more: its only IPv6 addresses are `::1` and link-local, and it
+/// has no IPv6 route beyond them. For agents whose own view of the network
+/// is under test; there is nothing to scan from it.
+pub struct Ipv4OnlyNamespace {
+    pub name: String,
+    /// Root-namespace end of the link, once made.
+    root_if: Option<String>,
+    /// The root-namespace side of the link, where a controller can listen.
+    pub controller_ip: Ipv4Addr,
+}
+
+impl Ipv4OnlyNamespace {
+    /// Builds it, or explains why it cannot; panics under `CI=true` as
+    /// [`NetTopology::create`] does.
+    pub fn create() -> Option<Self> {
+        NetTopology::checked(Self::try_create())
+    }
+
+    fn try_create() -> Result<Self, String> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        // A /30 in 10.76.0.0/16 (NetTopology's links use 10.75.0.0/16).
+        let idx = (std::process::id().wrapping_mul(31).wrapping_add(n * 7919)) % 16_000;
+        let base = u32::from(Ipv4Addr::new(10, 76, 0, 0)) + idx * 4;
+        let (root_ip, ns_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let mut ns = Self { name: format!("pfv-{id}"), root_if: None, controller_ip: root_ip };
+        let (root_if, ns_if) = (format!("pfvr{id}"), format!("pfvn{id}"));
+        // From here on, Drop cleans up whatever was made.
+        ip(&["netns", "add", &ns.name])?;
+        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns.name])?;
+        ns.root_if = Some(root_if.clone());
+        ip(&["addr", "add", &format!("{root_ip}/30"), "dev", &root_if])?;
+        ip(&["link", "set", &root_if, "up"])?;
+        ip(&["-n", &ns.name, "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
+        ip(&["-n", &ns.name, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Ipv4OnlyNamespace {
+    fn drop(&mut self) {
+        if let Some(r) = &self.root_if {
+            let _ = ip(&["link", "del", r]);
+        }
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }
 

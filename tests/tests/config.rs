@@ -7,10 +7,9 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Duration,
 };
 
-use portfleet_tests::{TestDb, binary, eventually};
+use portfleet_tests::{TestDb, binary};
 
 /// A binary with an empty environment: only what a test sets applies.
 fn bin(name: &str) -> Command {
@@ -286,13 +285,7 @@ async fn serve_and_tokens_run_on_the_file_s_settings() {
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
     portfleet_tests::wait_serving(&url, "controller serving on the file's --listen").await;
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let status = eventually("controller exit after SIGTERM", Duration::from_secs(15), || {
-        let s = child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = portfleet_tests::terminate(&mut child).await;
     assert!(status.success(), "{status:?}");
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();

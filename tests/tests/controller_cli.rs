@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portfleet_tests::{TestDb, binary, eventually};
+use portfleet_tests::{TestDb, binary};
 
 fn controller() -> Command {
     let mut cmd = Command::new(binary("portfleet-controller"));
@@ -85,13 +85,7 @@ async fn migrate_then_serve_then_stop_on_sigterm() {
     let url = format!("http://127.0.0.1:{port}");
     portfleet_tests::wait_serving(&url, "controller binary serving").await;
     let started = Instant::now();
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let status = eventually("controller exit after SIGTERM", Duration::from_secs(15), || {
-        let s = child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = portfleet_tests::terminate(&mut child).await;
     assert!(status.success(), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(12));
     let mut stderr = String::new();

@@ -75,6 +75,27 @@ pub fn has_raw_privilege() -> bool {
     PacketSocket::open(Framing::Network, 0).is_ok()
 }
 
+/// Whether this host, in its network namespace, can send to global IPv6
+/// unicast space (2000::/3) within `opts`: what the agent reports as its
+/// IPv6 capability. Reads `/proc/net/ipv6_route` and `/proc/net/if_inet6`
+/// ([`route::ipv6_reach`] decides); blocking, but only file reads.
+pub fn ipv6_reach(opts: &NetOptions) -> route::Ipv6Reach {
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|e| route::Ipv6Reach::Unknown {
+            reason: if e.kind() == io::ErrorKind::NotFound {
+                format!("no {path}: IPv6 is disabled in this kernel")
+            } else {
+                format!("cannot read {path}: {e}")
+            },
+        })
+    };
+    let tables = read("/proc/net/ipv6_route").and_then(|routes| Ok((routes, read("/proc/net/if_inet6")?)));
+    match tables {
+        Ok((routes, addrs)) => route::ipv6_reach(&route::parse_routes6(&routes), &route::parse_addrs6(&addrs), opts),
+        Err(unknown) => unknown,
+    }
+}
+
 /// Operator overrides for the send path.
 #[derive(Clone, Debug, Default)]
 pub struct NetOptions {

@@ -179,8 +179,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     with_tls(&config.controller, endpoint.clone(), &tls)?;
     let raw_socket = crate::net::has_raw_privilege();
     let span = tracing::info_span!("agent", agent_id = %id);
+    let ipv6 = ipv6_capability(&config.net).instrument(span.clone()).await;
     let agent = Arc::new(Agent {
-        capabilities: Capabilities { raw_socket, ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok() },
+        capabilities: Capabilities { raw_socket, ipv6 },
         shards: Arc::new(ShardSettings {
             wait: config.wait,
             net: config.net.clone(),
@@ -201,6 +202,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config,
     });
     serve(agent, endpoint, tls, shutdown).instrument(span).await
+}
+
+/// Whether to offer IPv6: only with a route to global IPv6 space and an
+/// address to send from (binding `[::1]` proves nothing), logged once.
+/// The controller then places IPv6 shards on this agent.
+async fn ipv6_capability(net: &NetOptions) -> bool {
+    let net = net.clone();
+    let reach = match tokio::task::spawn_blocking(move || crate::net::ipv6_reach(&net)).await {
+        Ok(reach) => reach,
+        Err(e) => crate::net::route::Ipv6Reach::Unknown { reason: format!("route check failed: {e}") },
+    };
+    let ipv6 = reach.is_reachable();
+    tracing::info!(ipv6, detail = %reach, "ipv6 capability");
+    ipv6
 }
 
 /// The endpoint with the current TLS settings.

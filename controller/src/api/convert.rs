@@ -77,6 +77,9 @@ impl TryFrom<pb::CreateScanRequest> for ScanRequestInput {
             allow_connect_fallback: r.allow_connect_fallback,
             identify: r.identify,
             port_threshold: r.port_threshold,
+            priority: r.priority,
+            max_agents: r.max_agents,
+            max_parallel_shards: r.max_parallel_shards,
             ..Default::default()
         })
     }
@@ -101,6 +104,9 @@ impl From<ScanRecord> for pb::Scan {
                 allow_connect_fallback: s.allow_connect_fallback,
                 identify: Some(s.identify),
                 port_threshold: Some(s.port_threshold as u32),
+                priority: Some(s.priority as u32),
+                max_agents: s.max_agents as u32,
+                max_parallel_shards: s.max_parallel_shards as u32,
             }),
             address_count: s.address_count as u64,
             port_count: s.port_count as u32,

@@ -135,6 +135,13 @@ struct NativeV1 {
     identify: Option<bool>,
     #[serde(default)]
     port_threshold: Option<u32>,
+    /// Fair share weight, 1 to 10 (default 5).
+    #[serde(default)]
+    priority: Option<u32>,
+    #[serde(default)]
+    max_agents: u32,
+    #[serde(default)]
+    max_parallel_shards: u32,
     #[serde(default)]
     reply_to: Option<String>,
     #[serde(default)]
@@ -179,6 +186,9 @@ pub fn parse_native(
         allow_connect_fallback: msg.allow_connect_fallback,
         identify: msg.identify,
         port_threshold: msg.port_threshold,
+        priority: msg.priority,
+        max_agents: msg.max_agents,
+        max_parallel_shards: msg.max_parallel_shards,
         naabum8: None,
         origin: Origin::Amqp,
         // The AMQP properties win over the body.
@@ -454,8 +464,8 @@ mod tests {
         let samples = serde_json::json!({
             "version": 1, "targets": ["192.0.2.1"], "target_group": "g", "ports": "80", "scan_type": "connect",
             "rate": 5, "retries": 2, "request_id": "r", "labels": {"a": "b"}, "agent_selector": {"c": "d"},
-            "allow_connect_fallback": true, "identify": false, "port_threshold": 20, "reply_to": "q",
-            "correlation_id": "c"
+            "allow_connect_fallback": true, "identify": false, "port_threshold": 20, "priority": 9,
+            "max_agents": 2, "max_parallel_shards": 3, "reply_to": "q", "correlation_id": "c"
         });
         let properties = schema["properties"].as_object().unwrap();
         let sample_keys: Vec<&String> = samples.as_object().unwrap().keys().collect();

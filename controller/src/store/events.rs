@@ -62,7 +62,8 @@ impl Store {
                     s.address_ranges, s.address_count, s.port_count, s.probes_planned, s.shard_count,
                     s.probes_done, s.open_ports, s.error, s.created_at, s.started_at, s.finished_at,
                     s.updated_at, s.has_ipv6, s.waiting_reason, s.origin, s.reply_to, s.correlation_id,
-                    s.request_fingerprint, s.identify, s.port_threshold
+                    s.request_fingerprint, s.identify, s.port_threshold, s.priority, s.max_agents,
+                    s.max_parallel_shards
              FROM scan_events e JOIN scans s ON s.id = e.scan_id
              ORDER BY e.id
              LIMIT $1

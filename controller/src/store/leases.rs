@@ -235,16 +235,42 @@ impl Store {
             if n == 0 {
                 return Ok(Vec::new());
             }
+            // Weighted fair share by stride scheduling (docs/protocol.md,
+            // "Fair share"): the j-th next pending shard of a scan costs
+            // pass + (j - 1) / priority; the cheapest go first, ties to the
+            // scan served least recently. A new scan starts at the lowest
+            // pass of the unfinished ones, so its first shard goes before a
+            // running scan's next; scans of one priority take turns, and one
+            // of priority 10 gets twice the shards of one of 5.
+            // max_parallel_shards bounds j; max_agents keeps out agents
+            // beyond the scan's limit.
             let grants = sqlx::query_as::<_, Grant>(
-                "WITH picked AS (
-                SELECT sh.id FROM shards sh JOIN scans s ON s.id = sh.scan_id
-                WHERE sh.state = 'pending'
-                  AND s.state IN ('pending', 'running')
+                "WITH live AS (
+                SELECT scan_id, count(*) AS leased, count(DISTINCT agent_id) AS agents,
+                       bool_or(agent_id = $1) AS mine
+                FROM shards WHERE state = 'leased' GROUP BY scan_id
+             ), eligible AS (
+                SELECT s.id, s.priority, s.pass, s.last_leased_at,
+                       CASE WHEN s.max_parallel_shards > 0
+                            THEN greatest(s.max_parallel_shards - coalesce(l.leased, 0), 0) ELSE $6 END AS room
+                FROM scans s LEFT JOIN live l ON l.scan_id = s.id
+                WHERE s.state IN ('pending', 'running')
                   AND (s.scan_type = 'connect' OR $3 OR s.allow_connect_fallback)
                   AND (NOT s.has_ipv6 OR $4)
                   AND s.agent_selector <@ $5
-                ORDER BY s.id, sh.shard_no
-                LIMIT $6
+                  AND (s.max_agents = 0 OR coalesce(l.mine, false) OR coalesce(l.agents, 0) < s.max_agents)
+             ), ranked AS (
+                SELECT p.id, e.pass + (p.j - 1)::float8 / e.priority AS cost, e.last_leased_at, e.id AS scan_id, p.j
+                FROM eligible e, LATERAL (
+                    SELECT sh.id, row_number() OVER (ORDER BY sh.shard_no) AS j
+                    FROM shards sh WHERE sh.scan_id = e.id AND sh.state = 'pending'
+                    ORDER BY sh.shard_no LIMIT least(e.room, $6)
+                ) p
+             ), picked AS (
+                SELECT sh.id FROM shards sh
+                WHERE sh.id IN (
+                    SELECT id FROM ranked ORDER BY cost, last_leased_at NULLS FIRST, scan_id, j LIMIT $6
+                ) AND sh.state = 'pending'
                 FOR UPDATE OF sh SKIP LOCKED
              ), leased AS (
                 UPDATE shards sh
@@ -268,18 +294,26 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
             if !grants.is_empty() {
-                let mut scans: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
+                // One entry per grant: each moves its scan's pass on.
+                let granted: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
+                let mut scans = granted.clone();
                 scans.sort_unstable();
                 scans.dedup();
                 // A separate statement: claims lock shards, cancels lock the scan
                 // first; holding both in one statement could deadlock. Started
                 // scans notify `s:`, running ones `l:` (their shares change).
                 sqlx::query(
-                    "WITH started AS (
-                    UPDATE scans SET state = 'running', started_at = coalesce(started_at, now()),
-                        waiting_reason = NULL, updated_at = now()
-                    WHERE id = ANY($1) AND state = 'pending'
-                    RETURNING id
+                    "WITH served AS (
+                    UPDATE scans s SET pass = s.pass + g.k::float8 / s.priority, last_leased_at = now()
+                    FROM (SELECT id, count(*) AS k FROM unnest($5::uuid[]) AS id GROUP BY id) g
+                    WHERE s.id = g.id AND s.state = 'running'
+                 ), started AS (
+                    UPDATE scans s SET state = 'running', started_at = coalesce(started_at, now()),
+                        waiting_reason = NULL, updated_at = now(), last_leased_at = now(),
+                        pass = s.pass + g.k::float8 / s.priority
+                    FROM (SELECT id, count(*) AS k FROM unnest($5::uuid[]) AS id GROUP BY id) g
+                    WHERE s.id = g.id AND s.state = 'pending'
+                    RETURNING s.id
                  )
                  SELECT pg_notify($2, $3 || id) FROM started
                  UNION ALL
@@ -290,6 +324,7 @@ impl Store {
                 .bind(notify::CHANNEL)
                 .bind(NoticeKind::ScanChanged.prefix())
                 .bind(NoticeKind::Leases.prefix())
+                .bind(&granted)
                 .execute(&self.pool)
                 .await?;
             }

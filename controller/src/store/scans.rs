@@ -53,6 +53,11 @@ pub struct ScanRecord {
     /// More open ports than this on one address mark it as answering
     /// everything; 0 for no limit.
     pub port_threshold: i32,
+    /// Fair share weight, 1 to 10.
+    pub priority: i16,
+    /// 0: no limit.
+    pub max_agents: i32,
+    pub max_parallel_shards: i32,
 }
 
 /// `"<prefix> <every scans column> <suffix>"`, built at compile time because
@@ -65,7 +70,7 @@ macro_rules! with_scan_columns {
             retries, labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count, \
             port_count, probes_planned, shard_count, probes_done, open_ports, error, created_at, \
             started_at, finished_at, updated_at, has_ipv6, waiting_reason, origin, reply_to, correlation_id, \
-            request_fingerprint, identify, port_threshold ",
+            request_fingerprint, identify, port_threshold, priority, max_agents, max_parallel_shards ",
             $suffix
         )
     };
@@ -101,6 +106,9 @@ pub struct NewScan {
     pub request_fingerprint: Option<String>,
     pub identify: bool,
     pub port_threshold: i32,
+    pub priority: i32,
+    pub max_agents: i32,
+    pub max_parallel_shards: i32,
     /// The W3C `traceparent` the scan's later spans (each Assign's) are
     /// children of; `None` when the scan is not traced.
     pub trace_parent: Option<String>,
@@ -174,7 +182,8 @@ impl Store {
                     "reply_to": s.reply_to, "correlation_id": s.correlation_id,
                     "request_fingerprint": s.request_fingerprint,
                     "identify": s.identify, "port_threshold": s.port_threshold,
-                    "trace_parent": s.trace_parent,
+                    "priority": s.priority, "max_agents": s.max_agents,
+                    "max_parallel_shards": s.max_parallel_shards, "trace_parent": s.trace_parent,
                 })
             })
             .collect();
@@ -203,18 +212,24 @@ impl Store {
                 INSERT INTO scans (id, request_id, targets, target_group, ports, scan_type, rate, retries,
                     labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
                     port_count, probes_planned, shard_count, has_ipv6, origin, reply_to, correlation_id,
-                    request_fingerprint, identify, port_threshold, trace_parent)
+                    request_fingerprint, identify, port_threshold, trace_parent, priority, max_agents,
+                    max_parallel_shards, pass)
                 SELECT r.id, r.request_id, ARRAY(SELECT jsonb_array_elements_text(r.targets)), r.target_group,
                     r.ports, r.scan_type, r.rate, r.retries, r.labels, r.agent_selector, r.allow_connect_fallback,
                     r.seed, ARRAY(SELECT jsonb_array_elements_text(r.address_ranges)), r.address_count,
                     r.port_count, r.probes_planned, r.shard_count, r.has_ipv6, r.origin, r.reply_to,
-                    r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold, r.trace_parent
+                    r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold, r.trace_parent,
+                    r.priority, r.max_agents, r.max_parallel_shards,
+                    -- Fair share: a new scan starts level with the least served
+                    -- unfinished one (docs/protocol.md).
+                    (SELECT coalesce(min(pass), 0) FROM scans WHERE state IN ('pending', 'running'))
                 FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, request_id text, targets jsonb,
                     target_group text, ports text, scan_type text, rate int, retries int, labels jsonb,
                     agent_selector jsonb, allow_connect_fallback bool, seed bigint, address_ranges jsonb,
                     address_count bigint, port_count int, probes_planned bigint, shard_count int,
                     has_ipv6 bool, origin text, reply_to text, correlation_id text, request_fingerprint text,
-                    identify bool, port_threshold int, trace_parent text)
+                    identify bool, port_threshold int, trace_parent text, priority smallint, max_agents int,
+                    max_parallel_shards int)
                 ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
                 RETURNING *
              ), sh AS (

@@ -1,0 +1,15 @@
+-- Fair share between scans (docs/protocol.md, "Fair share"), stride
+-- scheduling: each lease moves its scan's `pass` on by 1/priority and the
+-- claim serves the lowest pass first; a new scan starts at the lowest pass
+-- of the unfinished ones. max_agents and max_parallel_shards keep a scan
+-- gentle (0: no limit); last_leased_at breaks ties in favour of the scan
+-- served least recently (a new one first).
+ALTER TABLE scans
+    ADD COLUMN priority            smallint NOT NULL DEFAULT 5 CHECK (priority BETWEEN 1 AND 10),
+    ADD COLUMN max_agents          integer NOT NULL DEFAULT 0 CHECK (max_agents >= 0),
+    ADD COLUMN max_parallel_shards integer NOT NULL DEFAULT 0 CHECK (max_parallel_shards >= 0),
+    ADD COLUMN last_leased_at      timestamptz,
+    ADD COLUMN pass                double precision NOT NULL DEFAULT 0;
+
+-- The claim counts each unfinished scan's live leases.
+CREATE INDEX shards_leased_scan_idx ON shards (scan_id) WHERE state = 'leased';
