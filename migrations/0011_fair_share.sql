@@ -1,7 +1,7 @@
--- Fair share between scans (docs/protocol.md, "Fair share"), stride
+-- Fair share between scans (docs/protocol.md, "Scheduling"), stride
 -- scheduling: each lease moves its scan's `pass` on by 1/priority and the
--- claim serves the lowest pass first; a new scan starts at the lowest pass
--- of the unfinished ones. max_agents and max_parallel_shards keep a scan
+-- claim serves the lowest pass first, never below the lowest pass of the
+-- scans being served; a new scan starts there. max_agents and max_parallel_shards keep a scan
 -- gentle (0: no limit); last_leased_at breaks ties in favour of the scan
 -- served least recently (a new one first).
 ALTER TABLE scans
@@ -11,5 +11,5 @@ ALTER TABLE scans
     ADD COLUMN last_leased_at      timestamptz,
     ADD COLUMN pass                double precision NOT NULL DEFAULT 0;
 
--- The claim counts each unfinished scan's live leases.
-CREATE INDEX shards_leased_scan_idx ON shards (scan_id) WHERE state = 'leased';
+-- The claim counts each scan's live leases and their agents (index only).
+CREATE INDEX shards_leased_scan_idx ON shards (scan_id, agent_id) WHERE state = 'leased';

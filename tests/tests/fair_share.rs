@@ -194,3 +194,36 @@ async fn max_parallel_shards_and_max_agents_bound_a_scan() {
     let got = state(&c, &gentle.id).await.request.unwrap();
     assert_eq!((got.priority, got.max_agents, got.max_parallel_shards), (Some(5), 0, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_scan_joins_level_and_does_not_take_every_slot() {
+    let db = TestDb::create().await;
+    let c = TestController::start(portfleet_tests::controller_config(db.options())).await;
+    let mut agent = FakeAgent::connect(&c, "solo").await;
+    // A scan no agent can run keeps the lowest pass of all.
+    let stuck = pb::CreateScanRequest {
+        targets: vec!["198.51.104.0/24".into()],
+        ports: LARGE.1.into(),
+        identify: Some(false),
+        agent_selector: [("site".to_string(), "nowhere".to_string())].into(),
+        ..Default::default()
+    };
+    create_with(&c, stuck).await;
+    let old = create(&c, LARGE.0, LARGE.1, None).await;
+    for _ in 0..6 {
+        let a = assigned(&mut agent).await;
+        assert_eq!(scan_of(&a), old.id);
+        agent.finish(&a, &[]).await;
+    }
+    // The seventh shard of `old` is out; a new scan starts level with the
+    // scans being served, not with the stuck one: they take turns.
+    let new = create(&c, "198.51.101.0/24", LARGE.1, None).await;
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let a = assigned(&mut agent).await;
+        order.push(if scan_of(&a) == new.id { "new" } else { "old" });
+        agent.finish(&a, &[]).await;
+    }
+    let new_turns = order.iter().filter(|s| **s == "new").count();
+    assert!((3..=5).contains(&new_turns), "the new scan took {new_turns} of 8: {order:?}");
+}

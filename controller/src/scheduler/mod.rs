@@ -119,18 +119,16 @@ async fn assign(fleet: &Fleet, memo: &mut RatesMemo) -> Result<(), StoreError> {
     let mut exhausted: HashSet<AgentClass> = HashSet::new();
     let mut granted: Vec<(Candidate, Grant)> = Vec::new();
     for agent in fleet.registry.candidates() {
-        // What one agent holding no lease could not get, no other such agent
-        // of its class can: skip them. An agent that holds leases still
-        // tries, since a scan's max_agents admits it where it already works.
-        let holds_none = agent.free == agent.max_shards;
-        if holds_none && exhausted.contains(&agent.class) {
+        // What one agent of a class could not get, no other can: skip them
+        // - unless a scan's max_agents admits agents by who they are.
+        if exhausted.contains(&agent.class) {
             continue;
         }
         let grants = fleet
             .store
             .claim_shards(agent.agent_id, &cfg.controller_id, &agent.class, agent.free, cfg.lease_ttl)
             .await?;
-        if holds_none && (grants.len() as u32) < agent.free {
+        if (grants.len() as u32) < agent.free && !fleet.store.has_agent_limited_work(&agent.class).await? {
             exhausted.insert(agent.class.clone());
         }
         granted.extend(grants.into_iter().map(|g| (agent.clone(), g)));

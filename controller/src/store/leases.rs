@@ -221,7 +221,8 @@ fn millis(d: Duration) -> i64 {
 
 impl Store {
     /// Leases up to `n` pending shards that an agent of `class` may run,
-    /// oldest scan first, and marks their scans running.
+    /// by fair share (docs/protocol.md, "Scheduling"), and marks their
+    /// scans running.
     #[tracing::instrument(name = "store.claim_shards", skip_all, fields(%agent_id, n))]
     pub async fn claim_shards(
         &self,
@@ -235,22 +236,25 @@ impl Store {
             if n == 0 {
                 return Ok(Vec::new());
             }
-            // Weighted fair share by stride scheduling (docs/protocol.md,
-            // "Fair share"): the j-th next pending shard of a scan costs
-            // pass + (j - 1) / priority; the cheapest go first, ties to the
-            // scan served least recently. A new scan starts at the lowest
-            // pass of the unfinished ones, so its first shard goes before a
-            // running scan's next; scans of one priority take turns, and one
-            // of priority 10 gets twice the shards of one of 5.
-            // max_parallel_shards bounds j; max_agents keeps out agents
-            // beyond the scan's limit.
+            // Weighted fair share by stride scheduling: the j-th next
+            // pending shard of a scan costs pass + (j - 1) / priority, where
+            // a scan's pass is never below the lowest pass of the scans
+            // being served (those with live leases): a scan that waited
+            // (new, or unable to run) joins level with them rather than
+            // bursting. The cheapest go first, ties to the scan served
+            // least recently. max_parallel_shards bounds j; max_agents keeps
+            // out agents beyond the scan's limit. LIMIT comes after the
+            // locks, so shards another claim holds are replaced, not lost.
             let grants = sqlx::query_as::<_, Grant>(
                 "WITH live AS (
                 SELECT scan_id, count(*) AS leased, count(DISTINCT agent_id) AS agents,
                        bool_or(agent_id = $1) AS mine
                 FROM shards WHERE state = 'leased' GROUP BY scan_id
+             ), floor AS (
+                SELECT min(s.pass) AS v FROM scans s WHERE s.id IN (SELECT scan_id FROM live)
              ), eligible AS (
-                SELECT s.id, s.priority, s.pass, s.last_leased_at,
+                SELECT s.id, s.priority, greatest(s.pass, coalesce((SELECT v FROM floor), s.pass)) AS pass,
+                       s.last_leased_at,
                        CASE WHEN s.max_parallel_shards > 0
                             THEN greatest(s.max_parallel_shards - coalesce(l.leased, 0), 0) ELSE $6 END AS room
                 FROM scans s LEFT JOIN live l ON l.scan_id = s.id
@@ -267,10 +271,10 @@ impl Store {
                     ORDER BY sh.shard_no LIMIT least(e.room, $6)
                 ) p
              ), picked AS (
-                SELECT sh.id FROM shards sh
-                WHERE sh.id IN (
-                    SELECT id FROM ranked ORDER BY cost, last_leased_at NULLS FIRST, scan_id, j LIMIT $6
-                ) AND sh.state = 'pending'
+                SELECT sh.id FROM ranked r JOIN shards sh ON sh.id = r.id
+                WHERE sh.state = 'pending'
+                ORDER BY r.cost, r.last_leased_at NULLS FIRST, r.scan_id, r.j
+                LIMIT $6
                 FOR UPDATE OF sh SKIP LOCKED
              ), leased AS (
                 UPDATE shards sh
@@ -294,39 +298,15 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
             if !grants.is_empty() {
-                // One entry per grant: each moves its scan's pass on.
-                let granted: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
-                let mut scans = granted.clone();
-                scans.sort_unstable();
-                scans.dedup();
-                // A separate statement: claims lock shards, cancels lock the scan
-                // first; holding both in one statement could deadlock. Started
-                // scans notify `s:`, running ones `l:` (their shares change).
-                sqlx::query(
-                    "WITH served AS (
-                    UPDATE scans s SET pass = s.pass + g.k::float8 / s.priority, last_leased_at = now()
-                    FROM (SELECT id, count(*) AS k FROM unnest($5::uuid[]) AS id GROUP BY id) g
-                    WHERE s.id = g.id AND s.state = 'running'
-                 ), started AS (
-                    UPDATE scans s SET state = 'running', started_at = coalesce(started_at, now()),
-                        waiting_reason = NULL, updated_at = now(), last_leased_at = now(),
-                        pass = s.pass + g.k::float8 / s.priority
-                    FROM (SELECT id, count(*) AS k FROM unnest($5::uuid[]) AS id GROUP BY id) g
-                    WHERE s.id = g.id AND s.state = 'pending'
-                    RETURNING s.id
-                 )
-                 SELECT pg_notify($2, $3 || id) FROM started
-                 UNION ALL
-                 SELECT pg_notify($2, $4 || id) FROM unnest($1::uuid[]) AS id
-                 WHERE id NOT IN (SELECT id FROM started)",
-                )
-                .bind(&scans)
-                .bind(notify::CHANNEL)
-                .bind(NoticeKind::ScanChanged.prefix())
-                .bind(NoticeKind::Leases.prefix())
-                .bind(&granted)
-                .execute(&self.pool)
-                .await?;
+                // The grants are committed: if their scans cannot be
+                // marked, they go back to the queue rather than stay leased
+                // to an agent that never hears of them.
+                if let Err(e) = self.mark_served(&grants).await {
+                    for g in &grants {
+                        let _ = self.return_undelivered(g.shard_id, g.lease_epoch).await;
+                    }
+                    return Err(e);
+                }
             }
             // A shard leased before (lease_epoch counts its leases) was
             // lost by an agent (expired, released, failed) and goes on.
@@ -335,6 +315,88 @@ impl Store {
             Ok(grants)
         })
         .await
+    }
+
+    /// Marks the scans of fresh grants running (started ones notify `s:`,
+    /// running ones `l:`: their shares change) and moves each one's pass on
+    /// by its grants / priority, from no lower than the lowest pass of the
+    /// other scans being served. A separate statement from the claim:
+    /// claims lock shards, cancels lock the scan first, and both in one
+    /// statement could deadlock; the scans are locked in id order, and a
+    /// deadlock with another controller's pass is retried.
+    async fn mark_served(&self, grants: &[Grant]) -> Result<(), StoreError> {
+        // One entry per grant: each moves its scan's pass on.
+        let granted: Vec<Uuid> = grants.iter().map(|g| g.scan_id).collect();
+        let mut scans = granted.clone();
+        scans.sort_unstable();
+        scans.dedup();
+        let mut attempt = 0;
+        loop {
+            let marked = sqlx::query(
+                "WITH locked AS (
+                    SELECT id FROM scans WHERE id = ANY($1) ORDER BY id FOR UPDATE
+                 ), floor AS (
+                    SELECT min(s.pass) AS v FROM scans s
+                    WHERE s.id IN (SELECT scan_id FROM shards WHERE state = 'leased') AND s.id <> ALL($1)
+                 ), g AS (
+                    SELECT id, count(*) AS k FROM unnest($5::uuid[]) AS id GROUP BY id
+                 ), served AS (
+                    UPDATE scans s SET pass = greatest(s.pass, coalesce(f.v, s.pass)) + g.k::float8 / s.priority,
+                        last_leased_at = now()
+                    FROM g, floor f
+                    WHERE s.id = g.id AND s.state = 'running' AND s.id IN (SELECT id FROM locked)
+                 ), started AS (
+                    UPDATE scans s SET state = 'running', started_at = coalesce(started_at, now()),
+                        waiting_reason = NULL, updated_at = now(), last_leased_at = now(),
+                        pass = greatest(s.pass, coalesce(f.v, s.pass)) + g.k::float8 / s.priority
+                    FROM g, floor f
+                    WHERE s.id = g.id AND s.state = 'pending' AND s.id IN (SELECT id FROM locked)
+                    RETURNING s.id
+                 )
+                 SELECT pg_notify($2, $3 || id) FROM started
+                 UNION ALL
+                 SELECT pg_notify($2, $4 || id) FROM unnest($1::uuid[]) AS id
+                 WHERE id NOT IN (SELECT id FROM started)",
+            )
+            .bind(&scans)
+            .bind(notify::CHANNEL)
+            .bind(NoticeKind::ScanChanged.prefix())
+            .bind(NoticeKind::Leases.prefix())
+            .bind(&granted)
+            .execute(&self.pool)
+            .await;
+            match marked {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "marking leased scans failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Whether some unfinished scan an agent of `class` could run has
+    /// pending shards and a `max_agents` limit: claims then depend on the
+    /// agent, not only on its class.
+    pub async fn has_agent_limited_work(&self, class: &AgentClass) -> Result<bool, StoreError> {
+        let limited = sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (
+                SELECT 1 FROM scans s
+                WHERE s.state IN ('pending', 'running') AND s.max_agents > 0
+                  AND (s.scan_type = 'connect' OR $1 OR s.allow_connect_fallback)
+                  AND (NOT s.has_ipv6 OR $2)
+                  AND s.agent_selector <@ $3
+                  AND EXISTS (SELECT 1 FROM shards sh WHERE sh.scan_id = s.id AND sh.state = 'pending')
+             )",
+        )
+        .bind(class.raw_socket)
+        .bind(class.ipv6)
+        .bind(Json(&class.labels))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(limited)
     }
 
     /// A scan's state now.

@@ -221,8 +221,12 @@ impl Store {
                     r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold, r.trace_parent,
                     r.priority, r.max_agents, r.max_parallel_shards,
                     -- Fair share: a new scan starts level with the least served
-                    -- unfinished one (docs/protocol.md).
-                    (SELECT coalesce(min(pass), 0) FROM scans WHERE state IN ('pending', 'running'))
+                    -- of the scans being served (docs/protocol.md).
+                    -- (else of the running ones: a stuck scan, never started,
+                    -- does not count).
+                    coalesce((SELECT min(pass) FROM scans WHERE state = 'running'
+                              AND id IN (SELECT scan_id FROM shards WHERE state = 'leased')),
+                             (SELECT min(pass) FROM scans WHERE state = 'running'), 0)
                 FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, request_id text, targets jsonb,
                     target_group text, ports text, scan_type text, rate int, retries int, labels jsonb,
                     agent_selector jsonb, allow_connect_fallback bool, seed bigint, address_ranges jsonb,
