@@ -180,6 +180,9 @@ async fn prometheus_scrapes_the_figures_of_a_scan() {
     )
     .await;
     check("the scan counted as completed", "portfleet_scans_finished_total{state=\"completed\"}", 1.0).await;
+    // The fleet-wide gauges are read from Postgres: one agent connected
+    // (only the sampler can say so), and no scan left running.
+    check("one agent connected, fleet-wide", "portfleet_agents{job=\"controller\",state=\"connected\"}", 1.0).await;
     check("no unfinished scans", "portfleet_scans{job=\"controller\",state=\"running\"}", 0.0).await;
     // Histograms and process figures are there to be read.
     for q in [
