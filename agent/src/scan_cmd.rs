@@ -186,6 +186,7 @@ async fn scan(args: ScanArgs) -> Result<i32, Failure> {
         seed: rand::random(),
         max_probes: Permutation::MAX_LEN,
         shards: ShardPolicy { min_shard_probes: u64::MAX, max_shards: 1 },
+        limited: None,
     })
     .map_err(usage)?;
 

@@ -28,6 +28,7 @@ mod export;
 mod inventory;
 mod nmap;
 mod retention;
+mod schedules;
 mod show;
 mod watch;
 mod webhooks;
@@ -52,6 +53,7 @@ pub use crate::{
     export::ResultsArgs,
     inventory::{ChangesArgs, DiffArgs, HostsArgs},
     retention::RetentionCommand,
+    schedules::SchedulesCommand,
     webhooks::WebhooksCommand,
 };
 
@@ -155,6 +157,12 @@ pub enum Command {
     /// with the webhook's secret.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Recurring scans: create, list, show, change, pause, resume, delete.
+    ///
+    /// Each run is a normal scan labelled `portfleet.schedule=ID`; `get`
+    /// shows the next run and the last runs with their scans' states.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Show how long finished scans are kept; `retention set` changes it.
     ///
     /// An admin token. `retention set 90d` deletes finished scans 90 days
@@ -250,6 +258,37 @@ impl PolicyArgs {
 
 #[derive(Args, Debug)]
 pub struct ScanArgs {
+    #[command(flatten)]
+    pub spec: ScanSpec,
+    /// Idempotency key: the same key returns the same scan.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Cancel the scan, keeping what it found, if it is still running at
+    /// this time: RFC 3339 (2026-12-07T18:00:00Z) or a duration from now
+    /// (2h, 30m).
+    #[arg(long, value_parser = deadline)]
+    pub deadline: Option<prost_types::Timestamp>,
+    /// Print what the scan would do (addresses after resolution and
+    /// exclusions, probes, shards, the scope policy's verdict, the agents
+    /// that could run it, the estimated duration) without creating it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Create the scan and print its id, without waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Results as JSON Lines, the schema of `portfleet-agent scan --json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop waiting after this long (30s, 5m, 1h) and exit 124, naming the
+    /// scan's state. The scan is not cancelled: it goes on, and `get`,
+    /// `results` or `cancel` reach it later.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// What a scan is of and how it runs: `scan`'s and `schedules create`'s.
+#[derive(Args, Debug, Clone)]
+pub struct ScanSpec {
     /// Addresses, CIDR blocks, ranges and hostnames.
     pub targets: Vec<String>,
     /// Scan every enabled target of this group too.
@@ -285,23 +324,100 @@ pub struct ScanArgs {
     /// At most this many of its shards run at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_parallel_shards: u32,
-    /// Idempotency key: the same key returns the same scan.
+    /// Never probe these addresses, CIDR blocks or ranges (comma-separated
+    /// or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Never probe these ports (80,443,8000-8100).
     #[arg(long)]
-    pub request_id: Option<String>,
+    pub exclude_ports: Option<String>,
+    /// Which addresses of a hostname: 4, 6 or both (default both).
+    #[arg(long, value_enum)]
+    pub ip_version: Option<IpVersionArg>,
+    /// Only the first address of each hostname (per family), as naabu
+    /// without -sa; default every address.
+    #[arg(long)]
+    pub first_ip: bool,
+    /// Addresses of CDN and WAF providers: all (every port, the default),
+    /// web (80 and 443 only, naabu's -ec) or skip.
+    #[arg(long, value_enum)]
+    pub cdn: Option<CdnArg>,
     /// Only agents with these labels (key=value).
     #[arg(long = "agent-label")]
     pub agent_labels: Vec<Labels>,
-    /// Create the scan and print its id, without waiting.
-    #[arg(long)]
-    pub no_wait: bool,
-    /// Results as JSON Lines, the schema of `portfleet-agent scan --json`.
-    #[arg(long)]
-    pub json: bool,
-    /// Stop waiting after this long (30s, 5m, 1h) and exit 124, naming the
-    /// scan's state. The scan is not cancelled: it goes on, and `get`,
-    /// `results` or `cancel` reach it later.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub timeout: Option<Duration>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum IpVersionArg {
+    #[value(name = "4")]
+    V4,
+    #[value(name = "6")]
+    V6,
+    Both,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum CdnArg {
+    All,
+    Web,
+    Skip,
+}
+
+impl ScanSpec {
+    /// The request it stands for (no idempotency key, deadline or dry run).
+    pub fn request(&self) -> Result<pb::CreateScanRequest, String> {
+        let selector = selector(&self.agent_labels)?;
+        Ok(pb::CreateScanRequest {
+            targets: self.targets.clone(),
+            target_group: self.group.clone().unwrap_or_default(),
+            ports: self.ports.clone(),
+            scan_type: match self.scan_type {
+                TypeArg::Syn => pb::ScanType::Syn,
+                TypeArg::Connect => pb::ScanType::Connect,
+            } as i32,
+            rate: self.rate,
+            retries: self.retries,
+            request_id: String::new(),
+            labels: Default::default(),
+            agent_selector: selector.into_map().into_iter().collect(),
+            allow_connect_fallback: self.allow_connect_fallback,
+            identify: self.no_identify.then_some(false),
+            port_threshold: self.port_threshold,
+            priority: self.priority,
+            max_agents: self.max_agents,
+            max_parallel_shards: self.max_parallel_shards,
+            exclude: self.exclude.clone(),
+            exclude_ports: self.exclude_ports.clone().unwrap_or_default(),
+            ip_version: match self.ip_version {
+                None => pb::IpVersion::Unspecified,
+                Some(IpVersionArg::V4) => pb::IpVersion::IpVersion4,
+                Some(IpVersionArg::V6) => pb::IpVersion::IpVersion6,
+                Some(IpVersionArg::Both) => pb::IpVersion::Both,
+            } as i32,
+            scan_all_ips: self.first_ip.then_some(false),
+            cdn_policy: match self.cdn {
+                None => pb::CdnPolicy::Unspecified,
+                Some(CdnArg::All) => pb::CdnPolicy::All,
+                Some(CdnArg::Web) => pb::CdnPolicy::WebPorts,
+                Some(CdnArg::Skip) => pb::CdnPolicy::Skip,
+            } as i32,
+            deadline: None,
+            validate_only: false,
+        })
+    }
+}
+
+/// `--deadline`: an RFC 3339 time, or a duration from now.
+fn deadline(s: &str) -> Result<prost_types::Timestamp, String> {
+    let t = match chrono::DateTime::parse_from_rfc3339(s) {
+        Ok(t) => t.to_utc(),
+        Err(_) => {
+            let d = humantime::parse_duration(s)
+                .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration (2h, 30m)"))?;
+            chrono::Utc::now() + chrono::Duration::from_std(d).map_err(|e| e.to_string())?
+        }
+    };
+    Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -335,6 +451,7 @@ pub async fn run(cli: Cli) -> Result<i32, String> {
         Command::Changes(a) => inventory::changes(&mut c, a, headers).await,
         Command::Diff(a) => inventory::diff(&mut c, a).await,
         Command::Webhooks(w) => webhooks::run(&mut c, w, headers).await,
+        Command::Schedules(s) => schedules::run(&mut c, s, headers).await,
         Command::Retention { command } => retention::retention(&mut c, command).await,
         Command::Agents => agents(&mut c, headers).await,
         Command::Drain { agent } => drain(&mut c, &agent, Drain::On).await,
@@ -375,28 +492,17 @@ pub(crate) const PAGE: u32 = 1000;
 /// `scan`: creates the scan, then (unless `--no-wait`) watches it and
 /// prints open ports as they land; exits 0 only if it completed.
 async fn scan(c: &mut ApiClient, a: ScanArgs) -> Result<i32, String> {
-    let selector = selector(&a.agent_labels)?;
     let request = pb::CreateScanRequest {
-        targets: a.targets,
-        target_group: a.group.unwrap_or_default(),
-        ports: a.ports,
-        scan_type: match a.scan_type {
-            TypeArg::Syn => pb::ScanType::Syn,
-            TypeArg::Connect => pb::ScanType::Connect,
-        } as i32,
-        rate: a.rate,
-        retries: a.retries,
-        request_id: a.request_id.unwrap_or_default(),
-        labels: Default::default(),
-        agent_selector: selector.into_map().into_iter().collect(),
-        allow_connect_fallback: a.allow_connect_fallback,
-        identify: a.no_identify.then_some(false),
-        port_threshold: a.port_threshold,
-        priority: a.priority,
-        max_agents: a.max_agents,
-        max_parallel_shards: a.max_parallel_shards,
+        request_id: a.request_id.clone().unwrap_or_default(),
+        deadline: a.deadline,
+        validate_only: a.dry_run,
+        ..a.spec.request()?
     };
     let scan = c.create_scan(request).await.map_err(status)?.into_inner();
+    if a.dry_run {
+        show::plan(&mut std::io::stdout().lock(), &scan).map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
     if a.no_wait {
         println!("{}", scan.id);
         return Ok(0);
@@ -808,7 +914,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Scan(a) = cli.command else { panic!("scan") };
-        assert_eq!(selector(&a.agent_labels).unwrap().to_string(), "dc=fra1,site=lab-2");
+        assert_eq!(selector(&a.spec.agent_labels).unwrap().to_string(), "dc=fra1,site=lab-2");
         assert!(Cli::try_parse_from(["portfleet", "scan", "--agent-label", "bad key=x"]).is_err());
         assert!(Cli::try_parse_from(["portfleet", "scan", "--agent-label", "novalue"]).is_err());
     }

@@ -252,6 +252,17 @@ pub fn scan_fields(s: &pb::Scan, now: SystemTime) -> Vec<(&'static str, String)>
         ("request id", or_dash(&r.request_id)),
         ("labels", labels(&r.labels)),
         ("agent selector", labels(&r.agent_selector)),
+        ("exclude", if r.exclude.is_empty() { "-".into() } else { clean(&r.exclude.join(",")) }),
+        ("exclude ports", or_dash(&r.exclude_ports)),
+        ("schedule", or_dash(&s.schedule_id)),
+        (
+            "deadline",
+            match &r.deadline {
+                None => "-".into(),
+                Some(t) if s.deadline_exceeded => format!("{} (exceeded: cancelled)", time(Some(t))),
+                Some(t) => time(Some(t)),
+            },
+        ),
         ("created", time(s.create_time.as_ref())),
         ("started", time(s.start_time.as_ref())),
         ("ended", time(s.end_time.as_ref())),
@@ -272,6 +283,40 @@ pub fn fields(out: &mut impl Write, fields: &[(&str, String)]) -> io::Result<()>
         writeln!(out, "{:<width$} {v}", format!("{k}:"))?;
     }
     Ok(())
+}
+
+/// `scan --dry-run`: what the scan would do.
+pub fn plan(out: &mut impl Write, s: &pb::Scan) -> io::Result<()> {
+    let p = s.plan.clone().unwrap_or_default();
+    let est = p.estimated_duration.map_or(Duration::ZERO, |d| Duration::new(d.seconds.max(0) as u64, 0));
+    let mut ranges = p.address_ranges.iter().map(|r| clean(r)).collect::<Vec<_>>().join(",");
+    if p.address_ranges.len() as u64 != p.address_count && p.address_ranges.len() >= 1000 {
+        ranges.push_str(",...");
+    }
+    let resolved: Vec<String> =
+        p.resolved.iter().map(|n| format!("{} -> {}", clean(&n.hostname), n.addresses.join(","))).collect();
+    let cdn: Vec<String> =
+        p.cdn.iter().map(|c| format!("{} ({}, {})", clean(&c.address), clean(&c.provider), c.policy)).collect();
+    let agents = if p.capable_agent_count == 0 {
+        "none connected".to_string()
+    } else {
+        format!("{} ({})", p.capable_agent_count, clean(&p.capable_agents.join(",")))
+    };
+    fields(
+        out,
+        &[
+            ("verdict", if p.allowed { "allowed".into() } else { format!("refused: {}", clean(&p.policy_verdict)) }),
+            ("addresses", format!("{} ({})", p.address_count, or_dash(&ranges))),
+            ("resolved", if resolved.is_empty() { "-".into() } else { resolved.join("; ") }),
+            ("excluded", count(p.excluded_addresses, "address")),
+            ("cdn edges", if cdn.is_empty() { "-".into() } else { cdn.join("; ") }),
+            ("ports", count(u64::from(s.port_count), "port")),
+            ("probes", p.probes.to_string()),
+            ("shards", count(u64::from(p.shard_count), "shard")),
+            ("capable agents", agents),
+            ("estimated", format!("at most {}", duration(est))),
+        ],
+    )
 }
 
 /// One line for a scan that ended or was acted on: "scan ID completed:

@@ -215,6 +215,10 @@ pub struct ServeArgs {
     /// whose names are not resolved by then is refused.
     #[arg(long, env = "PORTFLEET_RESOLVE_DEADLINE", default_value = "30s", value_parser = parse_duration)]
     pub resolve_deadline: Duration,
+    /// The shortest interval a schedule may have (a cron expression fires
+    /// at most once a minute whatever this is).
+    #[arg(long, env = "PORTFLEET_MIN_SCHEDULE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub min_schedule_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "PORTFLEET_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -683,6 +687,7 @@ impl TryFrom<&ServeArgs> for ControllerConfig {
                 max_targets: a.max_scan_targets,
                 max_hostnames: a.max_scan_hostnames,
                 resolve_deadline: a.resolve_deadline,
+                min_schedule_interval: a.min_schedule_interval,
                 shards: ShardPolicy::default(),
                 ..ScanLimits::default()
             },

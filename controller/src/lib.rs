@@ -25,6 +25,7 @@ pub mod politeness;
 pub mod prune;
 pub mod scans;
 pub mod scheduler;
+pub mod schedules;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;
@@ -248,6 +249,9 @@ pub async fn run(
             background.clone(),
         ));
     }
+    // Every controller fires schedules; the store's claims keep each due
+    // time to one of them.
+    tasks.spawn(schedules::ScheduleManager::new(api_store.clone(), scans.clone()).run(background.clone()));
     let watches = api::WatchHub::new(api_store.clone(), notifier, background.clone(), tasks.clone(), &config.api);
     let scan_api = api::ScanApi::new(scans, api_store.clone(), watches);
     let agent_api = api::AgentApi::new(fleet);

@@ -54,7 +54,12 @@ impl ScanPlan {
         let ports = PortSet::parse(&p.ports).map_err(|e| corrupt("ports", &e))?;
         // The seed is stored as its bit pattern (bigint); agents read the same.
         let seed = u64::from_ne_bytes(p.seed.to_ne_bytes());
-        let space = ScanSpace::new(addrs, ports, seed, Permutation::MAX_LEN).map_err(|e| corrupt("plan", &e))?;
+        let mut space = ScanSpace::new(addrs, ports, seed, Permutation::MAX_LEN).map_err(|e| corrupt("plan", &e))?;
+        if !p.limited_ranges.is_empty() {
+            let addrs = AddressSet::parse_ranges(&p.limited_ranges).map_err(|e| corrupt("limited_ranges", &e))?;
+            let ports = PortSet::parse(&p.limited_ports).map_err(|e| corrupt("limited_ports", &e))?;
+            space = space.with_limited(portfleet_core::space::Limited { addrs, ports });
+        }
         Ok(Self {
             id: p.id,
             scan_type,

@@ -4,9 +4,12 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
+
 use futures::{StreamExt, TryStreamExt, stream};
 use portfleet_core::{
-    AddressSet, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, labels, plan, text,
+    AddressSet, CdnPolicy, PlanInput, PortSet, ResolvedTarget, ScanType, ScopePolicy, ShardPolicy, TargetSpec, cdn,
+    labels, plan, space::Limited, text,
 };
 use portfleet_telemetry::{otel, otel::TraceParent, trace_span};
 use tokio::sync::Semaphore;
@@ -16,7 +19,7 @@ use uuid::Uuid;
 pub use crate::naabum8::HostnameSelection;
 use crate::{
     policy::PolicySource,
-    store::{NaabuM8Db, NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Store, StoreError},
+    store::{NaabuM8Db, NewScan, NewShard, Page, Paged, ScanRecord, ScanState, Shaping, Store, StoreError},
 };
 
 pub use crate::store::Origin;
@@ -43,6 +46,8 @@ pub struct ScanLimits {
     /// DNS lookups in flight at once on this controller, all scans
     /// together (each holds a blocking thread while it waits).
     pub max_lookups: usize,
+    /// The shortest interval a schedule may have.
+    pub min_schedule_interval: Duration,
 }
 
 impl Default for ScanLimits {
@@ -60,6 +65,7 @@ impl Default for ScanLimits {
             max_hostnames: 1000,
             resolve_deadline: Duration::from_secs(30),
             max_lookups: 64,
+            min_schedule_interval: Duration::from_secs(60),
         }
     }
 }
@@ -91,6 +97,19 @@ pub struct ScanRequestInput {
     /// Hostnames from NaabuM8's table (`--naabum8-database-url`), besides
     /// `targets`.
     pub naabum8: Option<HostnameSelection>,
+    /// Addresses, CIDRs and ranges never probed.
+    pub exclude: Vec<String>,
+    /// Ports never probed (a port spec; empty: none).
+    pub exclude_ports: String,
+    /// `None`: both families.
+    pub ip_version: Option<IpVersion>,
+    /// `None`: every address of each name.
+    pub scan_all_ips: Option<bool>,
+    /// `None`: [`CdnPolicy::All`].
+    pub cdn_policy: Option<CdnPolicy>,
+    pub deadline: Option<DateTime<Utc>>,
+    /// The schedule firing this run (set by the schedule runner only).
+    pub schedule_id: Option<Uuid>,
     /// Where the request came from, and where to reply (AMQP).
     pub origin: Origin,
     pub reply_to: Option<String>,
@@ -136,11 +155,64 @@ pub struct ScanRequest {
     pub max_agents: u32,
     pub max_parallel_shards: u32,
     pub naabum8: Option<HostnameSelection>,
+    /// Never probed: addresses, and ports (already taken out of `ports`).
+    pub exclude: AddressSet,
+    pub exclude_specs: Vec<String>,
+    pub exclude_ports: Option<PortSet>,
+    pub ip_version: IpVersion,
+    pub scan_all_ips: bool,
+    pub cdn_policy: CdnPolicy,
+    pub deadline: Option<DateTime<Utc>>,
+    pub schedule_id: Option<Uuid>,
     pub origin: Origin,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     /// What the scan's later spans (each Assign's) continue: stored with it.
     pub trace_parent: Option<TraceParent>,
+}
+
+/// Which of a hostname's addresses a scan probes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IpVersion {
+    #[default]
+    Both,
+    V4,
+    V6,
+}
+
+impl IpVersion {
+    /// As stored: 0 (both), 4 or 6.
+    pub fn as_i16(self) -> i16 {
+        match self {
+            Self::Both => 0,
+            Self::V4 => 4,
+            Self::V6 => 6,
+        }
+    }
+
+    pub fn from_i16(v: i16) -> Self {
+        match v {
+            4 => Self::V4,
+            6 => Self::V6,
+            _ => Self::Both,
+        }
+    }
+
+    fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            Self::Both => true,
+            Self::V4 => ip.is_ipv4(),
+            Self::V6 => ip.is_ipv6(),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Both => "addresses",
+            Self::V4 => "IPv4 addresses",
+            Self::V6 => "IPv6 addresses",
+        }
+    }
 }
 
 /// Open ports on one address above which a scan reports the address as
@@ -245,6 +317,41 @@ impl ScanRequestInput {
                 return Err(invalid(field, format!("{n} exceeds the maximum of {MAX_PARALLEL} (0: no limit)")));
             }
         }
+        if self.exclude.len() > limits.max_targets as usize {
+            return Err(invalid(
+                "exclude",
+                format!("{} entries exceed the maximum of {}", self.exclude.len(), limits.max_targets),
+            ));
+        }
+        let mut exclude_specs = Vec::with_capacity(self.exclude.len());
+        let mut excluded = Vec::with_capacity(self.exclude.len());
+        for (i, e) in self.exclude.iter().enumerate() {
+            let field = format!("exclude[{i}]");
+            let spec = TargetSpec::parse(e).map_err(|err| invalid(&field, err))?;
+            let Some(range) = spec.range() else {
+                return Err(invalid(
+                    field,
+                    format!("{e:?}: exclusions are addresses, CIDR blocks or ranges, not hostnames"),
+                ));
+            };
+            excluded.push(range);
+            exclude_specs.push(spec.to_string());
+        }
+        let exclude_ports = match self.exclude_ports.trim() {
+            "" => None,
+            spec => Some(PortSet::parse(spec).map_err(|e| invalid("exclude_ports", e))?),
+        };
+        let ports = match &exclude_ports {
+            None => ports,
+            Some(out) => ports
+                .subtract(out)
+                .ok_or_else(|| invalid("exclude_ports", format!("excludes every requested port ({ports})")))?,
+        };
+        if let Some(deadline) = self.deadline
+            && deadline <= Utc::now()
+        {
+            return Err(invalid("deadline", format!("{} is in the past", deadline.to_rfc3339())));
+        }
         Ok(ScanRequest {
             targets,
             target_group,
@@ -262,6 +369,14 @@ impl ScanRequestInput {
             max_agents: self.max_agents,
             max_parallel_shards: self.max_parallel_shards,
             naabum8: self.naabum8,
+            exclude: AddressSet::new(excluded),
+            exclude_specs,
+            exclude_ports,
+            ip_version: self.ip_version.unwrap_or_default(),
+            scan_all_ips: self.scan_all_ips.unwrap_or(true),
+            cdn_policy: self.cdn_policy.unwrap_or_default(),
+            deadline: self.deadline,
+            schedule_id: self.schedule_id,
             origin: self.origin,
             reply_to: self.reply_to.filter(|r| !r.is_empty()),
             correlation_id: self.correlation_id.filter(|c| !c.is_empty()),
@@ -311,6 +426,32 @@ impl ScanRequest {
         if let Some(selection) = &self.naabum8 {
             canonical["naabum8"] = selection.fingerprint();
         }
+        // NaabuM8 envelopes cannot set these: their fixed values are not
+        // part of what a redelivery stored before them is compared with.
+        if self.origin != Origin::NaabuM8 {
+            if !self.exclude.is_empty() {
+                canonical["exclude"] = self.exclude.to_strings().into();
+            }
+            if let Some(ports) = &self.exclude_ports {
+                canonical["exclude_ports"] = ports.to_string().into();
+            }
+            if self.ip_version != IpVersion::Both {
+                canonical["ip_version"] = self.ip_version.as_i16().into();
+            }
+            if !self.scan_all_ips {
+                canonical["scan_all_ips"] = false.into();
+            }
+            if self.cdn_policy != CdnPolicy::All {
+                canonical["cdn_policy"] = self.cdn_policy.as_str().into();
+            }
+            // A schedule's run is keyed by its due time; its deadline follows
+            // the time it fired, so a retry of the run has another.
+            if let Some(deadline) = self.deadline
+                && self.schedule_id.is_none()
+            {
+                canonical["deadline"] = deadline.to_rfc3339().into();
+            }
+        }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         format!("v1:{hex}")
@@ -336,6 +477,58 @@ fn same_request(existing: ScanRecord, fingerprint: Option<&str>) -> Result<ScanR
 /// characters): checked before anything is stored.
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScanError> {
     text::check(value, max).map_err(|e| invalid(field, e))
+}
+
+/// A request's plan, before the policy check.
+struct Planned {
+    plan: portfleet_core::Plan,
+    stored_targets: Vec<String>,
+    seed: u64,
+    /// Each hostname and the addresses it stands for in the scan.
+    resolved: BTreeMap<String, Vec<IpAddr>>,
+    /// Addresses the exclusions (and a CDN skip) removed.
+    excluded: u128,
+    /// CDN edges among the addresses left after the exclusions.
+    edges: AddressSet,
+}
+
+/// Ranges and agents a preview lists at most (it counts them all).
+const PREVIEW_RANGES: usize = 1000;
+const PREVIEW_AGENTS: i64 = 100;
+
+/// What a scan request would do (`validate_only`).
+#[derive(Clone, Debug)]
+pub struct ScanPreview {
+    /// After resolution, exclusions and the CDN policy (the first 1000).
+    pub address_ranges: Vec<String>,
+    pub address_count: u64,
+    /// Probes sent once each (CDN edges' other ports left out).
+    pub probes: u64,
+    pub shard_count: u32,
+    pub resolved: BTreeMap<String, Vec<IpAddr>>,
+    pub excluded: u64,
+    pub cdn: Vec<CdnEdge>,
+    /// `None`: the scope policy allows it.
+    pub policy_verdict: Option<String>,
+    pub capable_agents: Vec<String>,
+    pub capable_agent_count: u32,
+    /// At the requested rate with every retry: an upper bound.
+    pub estimated: Duration,
+    /// The ports after exclusions, canonical.
+    pub ports: String,
+}
+
+/// CDN edge addresses in a scan.
+#[derive(Clone, Debug)]
+pub struct CdnEdge {
+    pub range: String,
+    pub provider: &'static str,
+    pub policy: CdnPolicy,
+}
+
+/// `a` ∩ `b`.
+fn intersect(a: &AddressSet, b: &AddressSet) -> AddressSet {
+    a.subtract(&a.subtract(b))
 }
 
 /// A request after planning: a new scan to store, or the one its key
@@ -577,8 +770,9 @@ impl ScanManager {
         })
     }
 
-    /// Expands the group, resolves names and plans: everything but storing.
-    async fn prepare(&self, req: &ScanRequest, policy: &ScopePolicy) -> Result<NewScan, ScanError> {
+    /// Expands the group, resolves names and plans: everything but the
+    /// policy check and storing.
+    async fn plan_request(&self, req: &ScanRequest) -> Result<Planned, ScanError> {
         let mut specs: Vec<(TargetSpec, String)> =
             req.targets.iter().enumerate().map(|(i, t)| (t.clone(), format!("targets[{i}]"))).collect();
         if let Some(group) = &req.target_group {
@@ -626,7 +820,8 @@ impl ScanManager {
         // A NaabuM8 scan is of a whole inventory, where some names have
         // gone: those are skipped (as naabu did), not fatal.
         let unresolved = if req.naabum8.is_some() { Unresolved::Skip } else { Unresolved::Refuse };
-        let lookups = resolve(&specs, self.limits.resolve_timeout, &self.lookups, unresolved);
+        let pick = Pick { version: req.ip_version, all: req.scan_all_ips };
+        let lookups = resolve(&specs, self.limits.resolve_timeout, &self.lookups, unresolved, pick);
         let span = if names > 0 { trace_span!("scan.resolve", hostnames = names) } else { Span::none() };
         let resolved = tokio::time::timeout(deadline, lookups).instrument(span).await.map_err(|_| {
             invalid("targets", format!("{names} hostnames were not all resolved within {deadline:?}"))
@@ -634,18 +829,62 @@ impl ScanManager {
         if resolved.is_empty() {
             return Err(invalid("naabum8", format!("none of the {names} hostnames resolves")));
         }
+        // Exclusions, then CDN edges (skipped, or probed on web ports only).
+        let requested = AddressSet::new(resolved.iter().map(|t| t.range));
+        let after_exclude = requested.subtract(&req.exclude);
+        if after_exclude.is_empty() {
+            return Err(invalid(
+                "exclude",
+                format!("every target address is excluded ({} requested)", requested.len()),
+            ));
+        }
+        let edges = intersect(&after_exclude, cdn::addresses());
+        let web = PortSet::parse(&cdn::WEB_PORTS.map(|p| p.to_string()).join(",")).map_err(|e| invalid("ports", e))?;
+        let (exclude, limited) = match (req.cdn_policy, req.ports.intersect(&web)) {
+            (CdnPolicy::All, _) => (req.exclude.clone(), None),
+            (CdnPolicy::WebPorts, Some(ports)) => (req.exclude.clone(), Some(Limited { addrs: edges.clone(), ports })),
+            // Web ports only, and none requested: nothing left to probe.
+            (CdnPolicy::Skip, _) | (CdnPolicy::WebPorts, None) => {
+                (AddressSet::new(req.exclude.ranges().iter().chain(edges.ranges()).copied()), None)
+            }
+        };
+        let remaining = requested.subtract(&exclude);
+        if remaining.is_empty() {
+            return Err(invalid(
+                "cdn_policy",
+                format!(
+                    "every target address left is a CDN edge that cdn_policy {} leaves out ({} addresses)",
+                    req.cdn_policy.as_str(),
+                    after_exclude.len()
+                ),
+            ));
+        }
+        let excluded = requested.len() - remaining.len();
         let seed: u64 = rand::random();
         let input = PlanInput {
-            targets: resolved,
+            targets: resolved.clone(),
             ports: req.ports.clone(),
-            exclude: AddressSet::default(),
+            exclude,
             seed,
             max_probes: self.limits.max_probes,
             shards: self.limits.shards,
+            limited,
         };
         let plan = trace_span!("scan.plan", ranges = input.targets.len(), ports = req.ports.len())
             .in_scope(|| plan(input))
             .map_err(|e| invalid("targets", e))?;
+        let mut names: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        for t in &resolved {
+            if let Some(name) = &t.hostname {
+                names.entry(name.clone()).or_default().push(t.range.first());
+            }
+        }
+        Ok(Planned { plan, stored_targets, seed, resolved: names, excluded, edges })
+    }
+
+    /// Plans the request and checks it against the scope policy.
+    async fn prepare(&self, req: &ScanRequest, policy: &ScopePolicy) -> Result<NewScan, ScanError> {
+        let Planned { plan, stored_targets, seed, .. } = self.plan_request(req).await?;
         let space = &plan.space;
         if let Some(range) = policy.first_offending(space.addresses()) {
             let why = crate::policy::refusal(policy, range);
@@ -684,8 +923,65 @@ impl ScanManager {
             max_agents: req.max_agents as i32,
             max_parallel_shards: req.max_parallel_shards as i32,
             trace_parent: req.trace_parent.as_ref().map(|t| t.as_str().to_string()),
+            shaping: Shaping {
+                exclude: req.exclude_specs.clone(),
+                exclude_ports: req.exclude_ports.as_ref().map(ToString::to_string).unwrap_or_default(),
+                ip_version: req.ip_version.as_i16(),
+                scan_all_ips: req.scan_all_ips,
+                cdn_policy: req.cdn_policy.as_str().into(),
+                limited_ranges: space.limited().map(|l| l.addrs.to_strings()).unwrap_or_default(),
+                limited_ports: space.limited().map(|l| l.ports.to_string()).unwrap_or_default(),
+                deadline: req.deadline,
+            },
+            schedule_id: req.schedule_id,
             shards: plan.shards.iter().map(|s| NewShard { start: s.start as i64, end: s.end as i64 }).collect(),
             hostnames: plan.hostnames,
+        })
+    }
+
+    /// What a request would do, without storing anything (`validate_only`):
+    /// its plan, the policy's verdict, the agents that could run it and
+    /// how long it would take at its rate.
+    pub async fn preview(&self, input: ScanRequestInput) -> Result<ScanPreview, ScanError> {
+        let req = input.validate(&self.limits)?;
+        let policy = self.policy.current().await?;
+        let Planned { plan, resolved, excluded, edges, .. } = self.plan_request(&req).await?;
+        let space = &plan.space;
+        let verdict = policy
+            .first_offending(space.addresses())
+            .map(|range| format!("{range} may not be scanned: {}", crate::policy::refusal(&policy, range)));
+        let raw_socket = req.scan_type == ScanType::Syn && !req.allow_connect_fallback;
+        let (capable_agents, capable_agent_count) = self
+            .store
+            .capable_agents(raw_socket, space.addresses().has_ipv6(), &req.agent_selector, PREVIEW_AGENTS)
+            .await?;
+        let probes = space.probe_count();
+        // Every unanswered probe retried: the longest it can take.
+        let sends = probes.saturating_mul(1 + u64::from(req.retries));
+        let estimated = Duration::from_secs_f64(sends as f64 / f64::from(req.rate.max(1)));
+        let cdn = edges
+            .ranges()
+            .iter()
+            .take(PREVIEW_RANGES)
+            .map(|r| CdnEdge {
+                range: r.to_string(),
+                provider: cdn::provider(r.first()).unwrap_or("cdn"),
+                policy: req.cdn_policy,
+            })
+            .collect();
+        Ok(ScanPreview {
+            address_ranges: space.addresses().to_strings().into_iter().take(PREVIEW_RANGES).collect(),
+            address_count: u64::try_from(space.addresses().len()).unwrap_or(u64::MAX),
+            probes,
+            shard_count: plan.shards.len() as u32,
+            resolved,
+            excluded: u64::try_from(excluded).unwrap_or(u64::MAX),
+            cdn,
+            policy_verdict: verdict,
+            capable_agents,
+            capable_agent_count,
+            estimated,
+            ports: req.ports.to_string(),
         })
     }
 
@@ -753,11 +1049,32 @@ enum Unresolved {
     Skip,
 }
 
+/// Which of a name's addresses a scan takes.
+#[derive(Clone, Copy, Debug)]
+struct Pick {
+    version: IpVersion,
+    /// Every address, or the first of each family (in the resolver's order).
+    all: bool,
+}
+
+impl Pick {
+    fn apply(self, addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        for ip in addrs.into_iter().map(portfleet_core::canonical_ip).filter(|ip| self.version.admits(*ip)) {
+            if self.all || !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+                out.push(ip);
+            }
+        }
+        out
+    }
+}
+
 async fn resolve(
     specs: &[(TargetSpec, String)],
     timeout: Duration,
     lookups: &Semaphore,
     unresolved: Unresolved,
+    pick: Pick,
 ) -> Result<Vec<ResolvedTarget>, ScanError> {
     let mut out: Vec<ResolvedTarget> = specs
         .iter()
@@ -779,9 +1096,9 @@ async fn resolve(
             let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), 0)))
                 .await
                 .map(|r| r.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<IpAddr>>()));
-            let failure = match lookup {
+            let failure = match lookup.map(|r| r.map(|addrs| pick.apply(addrs))) {
                 Ok(Ok(addrs)) if !addrs.is_empty() => return Ok((host, addrs)),
-                Ok(Ok(_)) => format!("hostname {host:?} has no addresses"),
+                Ok(Ok(_)) => format!("hostname {host:?} has no {}", pick.version.describe()),
                 Ok(Err(e)) => format!("hostname {host:?} does not resolve: {e}"),
                 Err(_) => format!("hostname {host:?} did not resolve within {timeout:?}"),
             };

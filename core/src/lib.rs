@@ -7,6 +7,7 @@
 
 pub mod addrs;
 pub mod backoff;
+pub mod cdn;
 pub mod found;
 pub mod labels;
 pub mod permutation;
@@ -22,6 +23,7 @@ mod top_ports;
 
 pub use addrs::{AddrRange, AddressSet};
 pub use addrs::{canonical_ip, canonical_net};
+pub use cdn::CdnPolicy;
 pub use found::Found;
 pub use permutation::Permutation;
 pub use plan::{Plan, PlanInput, ResolvedTarget, plan};

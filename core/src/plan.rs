@@ -10,7 +10,7 @@ use crate::{
     addrs::{AddrRange, AddressSet},
     ports::PortSet,
     shard::{self, ShardPolicy, ShardRange},
-    space::ScanSpace,
+    space::{Limited, ScanSpace},
 };
 
 /// A target after DNS: a range of addresses, with the name it came from.
@@ -29,6 +29,8 @@ pub struct PlanInput {
     pub seed: u64,
     pub max_probes: u64,
     pub shards: ShardPolicy,
+    /// Addresses probed only on some ports (CDN edges, web ports only).
+    pub limited: Option<Limited>,
 }
 
 #[derive(Clone, Debug)]
@@ -67,7 +69,10 @@ pub fn plan(input: PlanInput) -> Result<Plan, SpecError> {
             (ip, n.join(","))
         })
         .collect();
-    let space = ScanSpace::new(addrs, input.ports, input.seed, input.max_probes)?;
+    let mut space = ScanSpace::new(addrs, input.ports, input.seed, input.max_probes)?;
+    if let Some(limited) = input.limited {
+        space = space.with_limited(limited);
+    }
     let shards = shard::split(space.len(), input.shards);
     Ok(Plan { space, shards, hostnames })
 }
@@ -93,6 +98,7 @@ mod tests {
             seed: 9,
             max_probes: 1 << 32,
             shards: ShardPolicy::default(),
+            limited: None,
         }
     }
 

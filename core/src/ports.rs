@@ -102,6 +102,41 @@ impl PortSet {
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
         self.ranges.iter().flat_map(|&(lo, hi)| lo..=hi)
     }
+
+    /// The ports of `self` not in `other`; `None` when none are left (a
+    /// set is never empty).
+    pub fn subtract(&self, other: &PortSet) -> Option<PortSet> {
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ranges {
+            let mut lo = u32::from(lo);
+            let hi = u32::from(hi);
+            for &(olo, ohi) in &other.ranges {
+                let (olo, ohi) = (u32::from(olo), u32::from(ohi));
+                if ohi < lo || olo > hi {
+                    continue;
+                }
+                if olo > lo {
+                    out.push((lo as u16, (olo - 1) as u16));
+                }
+                lo = ohi + 1;
+                if lo > hi {
+                    break;
+                }
+            }
+            if lo <= hi {
+                out.push((lo as u16, hi as u16));
+            }
+        }
+        (!out.is_empty()).then(|| Self::from_ranges(out))
+    }
+
+    /// The ports in both; `None` when there are none.
+    pub fn intersect(&self, other: &PortSet) -> Option<PortSet> {
+        match self.subtract(other) {
+            None => Some(self.clone()),
+            Some(only_self) => self.subtract(&only_self),
+        }
+    }
 }
 
 fn parse_ranges(spec: &str) -> Result<Vec<(u16, u16)>, SpecError> {
@@ -231,5 +266,17 @@ mod tests {
         fn never_panics(spec in ".{0,40}") {
             let _ = PortSet::parse(&spec);
         }
+    }
+
+    #[test]
+    fn subtracts_and_intersects() {
+        let set = |s: &str| PortSet::parse(s).unwrap();
+        assert_eq!(set("1-100").subtract(&set("1,50-60,100")).unwrap().to_string(), "2-49,61-99");
+        assert_eq!(set("80,443").subtract(&set("1-65535")), None);
+        assert_eq!(set("80,443").subtract(&set("22")).unwrap(), set("80,443"));
+        assert_eq!(set("full").subtract(&set("65535")).unwrap().to_string(), "1-65534");
+        assert_eq!(set("top-100").intersect(&set("80,443")).unwrap(), set("80,443"));
+        assert_eq!(set("22,80").intersect(&set("80,443")).unwrap(), set("80"));
+        assert_eq!(set("22").intersect(&set("80,443")), None);
     }
 }

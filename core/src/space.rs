@@ -12,6 +12,17 @@ pub struct ScanSpace {
     ports: PortSet,
     addr_count: u64,
     perm: Permutation,
+    /// Addresses probed only on some ports (CDN edges under the web-ports
+    /// policy): their other positions stay in the space, so both sides
+    /// keep one permutation, but are never probed nor covered.
+    limited: Option<Limited>,
+}
+
+/// Addresses (a subset of the space's) probed only on `ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limited {
+    pub addrs: AddressSet,
+    pub ports: PortSet,
 }
 
 impl ScanSpace {
@@ -28,7 +39,35 @@ impl ScanSpace {
         // Both fit: probes <= max <= 2^62.
         let addr_count = addrs.len() as u64;
         let perm = Permutation::new(probes as u64, seed);
-        Ok(Self { addrs, ports, addr_count, perm })
+        Ok(Self { addrs, ports, addr_count, perm, limited: None })
+    }
+
+    /// Probes `limited.addrs` only on `limited.ports`; addresses outside
+    /// the space are ignored.
+    pub fn with_limited(mut self, limited: Limited) -> Self {
+        let addrs = limited.addrs.subtract(&limited.addrs.subtract(&self.addrs));
+        self.limited = (!addrs.is_empty()).then_some(Limited { addrs, ports: limited.ports });
+        self
+    }
+
+    pub fn limited(&self) -> Option<&Limited> {
+        self.limited.as_ref()
+    }
+
+    /// Whether the pair is probed: false for a limited address on another
+    /// port (its position counts as done without a probe).
+    pub fn is_probed(&self, ip: IpAddr, port: u16) -> bool {
+        self.limited.as_ref().is_none_or(|l| l.ports.contains(port) || !l.addrs.contains(ip))
+    }
+
+    /// Probes actually sent once each: [`ScanSpace::len`] less the limited
+    /// addresses' other ports.
+    pub fn probe_count(&self) -> u64 {
+        let Some(l) = &self.limited else { return self.len() };
+        let kept = self.ports.iter().filter(|p| l.ports.contains(*p)).count() as u128;
+        let dropped = l.addrs.len() * (u128::from(self.ports.len()) - kept);
+        // dropped <= len, which fits u64.
+        self.len() - dropped as u64
     }
 
     /// Number of probes (addresses x ports).
@@ -58,10 +97,44 @@ impl ScanSpace {
         (ip, port)
     }
 
-    /// The position of a probe, if it is in the space.
+    /// The position of a probe, if it is in the space and probed.
     pub fn position_of(&self, ip: IpAddr, port: u16) -> Option<u64> {
+        if !self.is_probed(ip, port) {
+            return None;
+        }
         let a = self.addrs.index_of(ip)? as u64;
         let p = u64::from(self.ports.index_of(port)?);
         Some(self.perm.invert(p * self.addr_count + a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Limited addresses keep their positions (one permutation on both
+    /// sides) but only their limited ports are probed or found.
+    #[test]
+    fn limited_addresses_are_probed_on_their_ports_only() {
+        let addrs = AddressSet::parse_ranges(&["192.0.2.0-192.0.2.3"]).unwrap();
+        let ports = PortSet::parse("22,80,443").unwrap();
+        let plain = ScanSpace::new(addrs.clone(), ports.clone(), 7, u64::MAX).unwrap();
+        let edge = AddressSet::parse_ranges(&["192.0.2.2", "198.51.100.1"]).unwrap();
+        let web = PortSet::parse("80,443").unwrap();
+        let space = plain.clone().with_limited(Limited { addrs: edge, ports: web });
+        assert_eq!(space.len(), 12);
+        assert_eq!(space.probe_count(), 11);
+        // Only the address inside the space is kept.
+        assert_eq!(space.limited().unwrap().addrs.to_strings(), vec!["192.0.2.2"]);
+        let probed: Vec<(IpAddr, u16)> =
+            (0..space.len()).map(|p| space.probe_at(p)).filter(|(ip, port)| space.is_probed(*ip, *port)).collect();
+        assert_eq!(probed.len(), 11);
+        let ip: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(!space.is_probed(ip, 22));
+        assert_eq!(space.position_of(ip, 22), None);
+        assert_eq!(space.position_of(ip, 80), plain.position_of(ip, 80));
+        for p in 0..space.len() {
+            assert_eq!(space.probe_at(p), plain.probe_at(p), "positions moved");
+        }
     }
 }

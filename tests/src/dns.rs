@@ -118,3 +118,34 @@ fn answer(q: &[u8]) -> Option<(Vec<u8>, bool)> {
     }
     Some((r, slow && a))
 }
+
+/// An `/etc/hosts` of the test's own, and a way to run a process whose
+/// system resolver reads it (a private mount namespace, as
+/// [`DnsServer::command`]). Names resolve in the file's order, so the
+/// first line of a name is its first address.
+pub struct HostsFile {
+    file: tempfile::NamedTempFile,
+}
+
+impl HostsFile {
+    /// `entries`: (address, name) lines.
+    pub fn new(entries: &[(&str, &str)]) -> Self {
+        let mut file = tempfile::NamedTempFile::new().expect("hosts file");
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (ip, name) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        std::io::Write::write_all(&mut file, text.as_bytes()).expect("write hosts file");
+        Self { file }
+    }
+
+    /// `program args...` with `/etc/hosts` replaced by this file.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(self.file.path())
+            .arg(program);
+        cmd
+    }
+}

@@ -160,6 +160,16 @@ impl NetTopology {
         Ok(t)
     }
 
+    /// Makes `block` (an IPv4 CIDR) live in the target namespace too, routed
+    /// from the scanner like the others: for tests that need addresses of
+    /// a particular range (a CDN's). Still no default route: probes to it
+    /// reach the target namespace and nothing else.
+    pub fn add_live_v4_block(&self, block: &str) {
+        ip(&["-n", &self.target, "route", "add", "local", block, "dev", "lo"]).expect("local route");
+        ip(&["-n", &self.scanner, "route", "add", block, "via", "198.19.0.2", "dev", &self.scanner_if])
+            .expect("scanner route");
+    }
+
     /// A command run inside the scanner namespace.
     pub fn in_scanner(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");

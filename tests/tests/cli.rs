@@ -136,6 +136,78 @@ async fn every_subcommand_works_and_errors_are_clear() {
     all.dedup();
     assert_eq!(all.len(), builtin.len() + host.len(), "an entry twice:\n{policy}");
 
+    // A dry run: the plan, nothing stored.
+    let plan = cli
+        .ok(&[
+            "scan",
+            "--dry-run",
+            "198.51.100.0/28",
+            "-p",
+            "22,80,8080",
+            "--exclude",
+            "198.51.100.0/30",
+            "--exclude-ports",
+            "8080",
+            "--rate",
+            "10",
+            "--retries",
+            "0",
+        ])
+        .await;
+    assert_eq!(field(&plan, "verdict"), "allowed");
+    assert!(field(&plan, "addresses").starts_with("12 ("), "{plan}");
+    assert_eq!(field(&plan, "excluded"), "4 addresses");
+    assert_eq!(field(&plan, "probes"), "24");
+    assert_eq!(field(&plan, "capable agents"), "none connected");
+    assert_eq!(field(&plan, "estimated"), "at most 2s");
+    let refused = cli.ok(&["scan", "--dry-run", "203.0.113.1", "-p", "80"]).await;
+    assert!(field(&refused, "verdict").starts_with("refused: 203.0.113.1"), "{refused}");
+    assert_eq!(cli.ok(&["list", "--no-headers"]).await.lines().count(), 1, "a dry run stored a scan");
+    cli.fails(&["scan", "198.51.100.1", "-p", "80", "--exclude", "198.51.100.0/24", "--no-wait"], "exclude").await;
+    cli.fails(&["scan", "198.51.100.1", "-p", "80", "--deadline", "soon", "--no-wait"], "--deadline").await;
+
+    // Schedules: created, listed, shown, changed, paused, resumed, deleted.
+    let made = cli
+        .ok(&[
+            "schedules",
+            "create",
+            "--name",
+            "nightly",
+            "--cron",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Paris",
+            "--overlap",
+            "queue",
+            "-p",
+            "80",
+            "--priority",
+            "8",
+            "198.51.100.9",
+        ])
+        .await;
+    let sid = field(&made, "id").to_string();
+    assert!(field(&made, "next run").ends_with('Z'), "{made}");
+    let listed = cli.ok(&["schedules", "list"]).await;
+    assert!(listed.lines().nth(1).is_some_and(|l| l.starts_with(&sid) && l.contains("queue")), "{listed}");
+    let shown = cli.ok(&["schedules", "get", &sid]).await;
+    assert_eq!(field(&shown, "when"), "cron \"0 3 * * *\" Europe/Paris");
+    assert_eq!(field(&shown, "priority"), "8");
+    assert_eq!(field(&shown, "targets"), "198.51.100.9");
+    let changed = cli.ok(&["schedules", "update", &sid, "--every", "2h"]).await;
+    assert_eq!(field(&changed, "when"), "every 2h");
+    assert_eq!(field(&changed, "targets"), "198.51.100.9", "the template kept");
+    let changed = cli.ok(&["schedules", "update", &sid, "--template", "-p", "443", "198.51.100.10"]).await;
+    assert_eq!(field(&changed, "targets"), "198.51.100.10");
+    assert!(cli.ok(&["schedules", "pause", &sid]).await.starts_with("paused"));
+    assert_eq!(field(&cli.ok(&["schedules", "get", &sid]).await, "paused"), "true");
+    assert!(cli.ok(&["schedules", "resume", &sid]).await.starts_with("resumed"));
+    cli.fails(&["schedules", "create", "--cron", "0 3 * *", "198.51.100.9"], "schedule.cron").await;
+    cli.fails(&["schedules", "create", "--every", "10s", "198.51.100.9"], "schedule.interval").await;
+    cli.fails(&["schedules", "create", "--every", "1h", "203.0.113.1"], "PermissionDenied").await;
+    assert!(cli.ok(&["schedules", "delete", &sid]).await.contains(&sid));
+    cli.fails(&["schedules", "get", &sid], "NotFound").await;
+
     cli.fails(&["scan", "203.0.113.1", "-p", "80", "--no-wait"], "PermissionDenied").await;
     cli.fails(&["scan", "198.51.100.1", "-p", "99999", "--no-wait"], "InvalidArgument").await;
     cli.fails(&["get", "not-a-scan-id"], "InvalidArgument").await;

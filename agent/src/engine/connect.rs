@@ -107,6 +107,10 @@ pub async fn run(
             _ = limiter.acquire() => {}
         }
         let (ip, port) = job.space.probe_at(pos);
+        if !job.space.is_probed(ip, port) {
+            next.store(pos + 1, Ordering::Release);
+            continue;
+        }
         if job.deny.contains(ip) {
             counts.denied.fetch_add(1, Ordering::Relaxed);
             next.store(pos + 1, Ordering::Release);

@@ -222,6 +222,11 @@ fn send_loop(shared: &Shared, sender: &mut Sender, threads: u32) -> std::io::Res
                     continue;
                 }
                 let (ip, port) = shared.job.space.probe_at(this);
+                // A CDN edge's other ports: done without a probe.
+                if !shared.job.space.is_probed(ip, port) {
+                    w.skip(this);
+                    continue;
+                }
                 if shared.job.deny.contains(ip) {
                     shared.counts.denied.fetch_add(1, Ordering::Relaxed);
                     w.skip(this);

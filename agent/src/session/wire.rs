@@ -224,8 +224,13 @@ impl TryFrom<pb::Assign> for Assignment {
         let p = a.scan.ok_or_else(|| reject(InvalidAssign::NoScan))?;
         let addrs = AddressSet::parse_ranges(&p.address_ranges).map_err(|e| reject(InvalidAssign::Addresses(e)))?;
         let ports = PortSet::parse(&p.ports).map_err(|e| reject(InvalidAssign::Ports(e)))?;
-        let space =
+        let mut space =
             ScanSpace::new(addrs, ports, p.seed, Permutation::MAX_LEN).map_err(|e| reject(InvalidAssign::Space(e)))?;
+        if !p.limited_ranges.is_empty() {
+            let addrs = AddressSet::parse_ranges(&p.limited_ranges).map_err(|e| reject(InvalidAssign::Addresses(e)))?;
+            let ports = PortSet::parse(&p.limited_ports).map_err(|e| reject(InvalidAssign::Ports(e)))?;
+            space = space.with_limited(portfleet_core::space::Limited { addrs, ports });
+        }
         if space.len() != p.total {
             return Err(reject(InvalidAssign::Size { built: space.len(), planned: p.total }).into());
         }

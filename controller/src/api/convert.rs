@@ -2,13 +2,13 @@
 //! conversions validate; outbound ones cannot fail.
 
 use chrono::{DateTime, Utc};
-use portfleet_core::ScanType;
+use portfleet_core::{CdnPolicy, ScanType};
 use portfleet_proto::v1 as pb;
 use tonic::Status;
 use uuid::Uuid;
 
 use crate::{
-    scans::ScanRequestInput,
+    scans::{IpVersion, ScanPreview, ScanRequestInput},
     store::{AgentRecord, AgentState, PortState, ResultRecord, ScanRecord, ScanState, TargetRecord},
 };
 
@@ -50,7 +50,7 @@ pub fn scan_state_from_pb(value: i32) -> Result<Option<ScanState>, Status> {
     })
 }
 
-fn scan_state_to_pb(state: ScanState) -> pb::ScanState {
+pub fn scan_state_to_pb(state: ScanState) -> pb::ScanState {
     match state {
         ScanState::Pending => pb::ScanState::Pending,
         ScanState::Running => pb::ScanState::Running,
@@ -80,8 +80,101 @@ impl TryFrom<pb::CreateScanRequest> for ScanRequestInput {
             priority: r.priority,
             max_agents: r.max_agents,
             max_parallel_shards: r.max_parallel_shards,
+            exclude: r.exclude,
+            exclude_ports: r.exclude_ports,
+            ip_version: ip_version_from_pb(r.ip_version)?,
+            scan_all_ips: r.scan_all_ips,
+            cdn_policy: cdn_policy_from_pb(r.cdn_policy)?,
+            deadline: r.deadline.map(|t| time_from_pb("deadline", t)).transpose()?,
             ..Default::default()
         })
+    }
+}
+
+pub fn time_from_pb(field: &str, t: prost_types::Timestamp) -> Result<DateTime<Utc>, Status> {
+    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: not a valid time")))
+}
+
+pub fn ip_version_from_pb(value: i32) -> Result<Option<IpVersion>, Status> {
+    Ok(match pb::IpVersion::try_from(value) {
+        Ok(pb::IpVersion::Unspecified) => None,
+        Ok(pb::IpVersion::IpVersion4) => Some(IpVersion::V4),
+        Ok(pb::IpVersion::IpVersion6) => Some(IpVersion::V6),
+        Ok(pb::IpVersion::Both) => Some(IpVersion::Both),
+        Err(_) => return Err(Status::invalid_argument(format!("ip_version: unknown value {value}"))),
+    })
+}
+
+pub fn ip_version_to_pb(v: IpVersion) -> pb::IpVersion {
+    match v {
+        IpVersion::Both => pb::IpVersion::Both,
+        IpVersion::V4 => pb::IpVersion::IpVersion4,
+        IpVersion::V6 => pb::IpVersion::IpVersion6,
+    }
+}
+
+pub fn cdn_policy_from_pb(value: i32) -> Result<Option<CdnPolicy>, Status> {
+    Ok(match pb::CdnPolicy::try_from(value) {
+        Ok(pb::CdnPolicy::Unspecified) => None,
+        Ok(pb::CdnPolicy::All) => Some(CdnPolicy::All),
+        Ok(pb::CdnPolicy::WebPorts) => Some(CdnPolicy::WebPorts),
+        Ok(pb::CdnPolicy::Skip) => Some(CdnPolicy::Skip),
+        Err(_) => return Err(Status::invalid_argument(format!("cdn_policy: unknown value {value}"))),
+    })
+}
+
+pub fn cdn_policy_to_pb(p: CdnPolicy) -> pb::CdnPolicy {
+    match p {
+        CdnPolicy::All => pb::CdnPolicy::All,
+        CdnPolicy::WebPorts => pb::CdnPolicy::WebPorts,
+        CdnPolicy::Skip => pb::CdnPolicy::Skip,
+    }
+}
+
+pub fn duration_to_pb(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// A `validate_only` answer: a Scan with no id, its request as given and
+/// its plan.
+pub fn preview_to_pb(request: pb::CreateScanRequest, p: ScanPreview) -> pb::Scan {
+    pb::Scan {
+        port_count: portfleet_core::PortSet::parse(&p.ports).map_or(0, |s| s.len()),
+        address_count: p.address_count,
+        probes_planned: p.probes,
+        shard_count: p.shard_count,
+        request: Some(request),
+        plan: Some(pb::ScanPlan {
+            address_ranges: p.address_ranges,
+            address_count: p.address_count,
+            probes: p.probes,
+            shard_count: p.shard_count,
+            resolved: p
+                .resolved
+                .into_iter()
+                .map(|(hostname, addrs)| pb::ResolvedName {
+                    hostname,
+                    addresses: addrs.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            excluded_addresses: p.excluded,
+            cdn: p
+                .cdn
+                .into_iter()
+                .map(|c| pb::CdnRange {
+                    address: c.range,
+                    provider: c.provider.into(),
+                    policy: c.policy.as_str().into(),
+                })
+                .collect(),
+            allowed: p.policy_verdict.is_none(),
+            policy_verdict: p.policy_verdict.unwrap_or_default(),
+            capable_agents: p.capable_agents,
+            capable_agent_count: p.capable_agent_count,
+            estimated_duration: Some(duration_to_pb(p.estimated)),
+        }),
+        ..Default::default()
     }
 }
 
@@ -107,6 +200,13 @@ impl From<ScanRecord> for pb::Scan {
                 priority: Some(s.priority as u32),
                 max_agents: s.max_agents as u32,
                 max_parallel_shards: s.max_parallel_shards as u32,
+                exclude: s.shaping.exclude,
+                exclude_ports: s.shaping.exclude_ports,
+                ip_version: ip_version_to_pb(IpVersion::from_i16(s.shaping.ip_version)) as i32,
+                scan_all_ips: Some(s.shaping.scan_all_ips),
+                cdn_policy: cdn_policy_to_pb(CdnPolicy::parse(&s.shaping.cdn_policy).unwrap_or_default()) as i32,
+                deadline: s.shaping.deadline.map(timestamp),
+                validate_only: false,
             }),
             address_count: s.address_count as u64,
             port_count: s.port_count as u32,
@@ -121,6 +221,9 @@ impl From<ScanRecord> for pb::Scan {
             error: s.error.unwrap_or_default(),
             eta,
             waiting_reason: s.waiting_reason.unwrap_or_default(),
+            plan: None,
+            deadline_exceeded: s.deadline_exceeded,
+            schedule_id: s.schedule_id.map(|id| id.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -190,6 +293,7 @@ impl From<ResultRecord> for pb::Result {
             first_observed_at: Some(timestamp(r.first_seen_at)),
             service: r.service.as_ref().map(|s| pb::Service::from(&s.0)),
             host_answers_everything: r.host_answers_everything,
+            cdn: portfleet_core::cdn::provider(r.ip).unwrap_or_default().into(),
         }
     }
 }

@@ -22,8 +22,8 @@ use crate::{
 /// Changes GetHost returns with the host.
 const HOST_CHANGES: u32 = 100;
 /// Event names a webhook may ask for.
-pub const WEBHOOK_EVENTS: [&str; 5] =
-    ["scan.created", "scan.completed", "scan.failed", "scan.cancelled", "scan.changes"];
+pub const WEBHOOK_EVENTS: [&str; 6] =
+    ["scan.created", "scan.completed", "scan.failed", "scan.cancelled", "scan.changes", "schedule.fired"];
 
 /// An address or CIDR block; empty: none.
 pub fn cidr(field: &str, value: &str) -> Result<Option<IpNet>, Status> {

@@ -5,6 +5,7 @@ mod agent;
 mod convert;
 mod inventory;
 mod page;
+mod schedules;
 mod status;
 mod watch;
 
@@ -40,6 +41,7 @@ pub struct ScanApi {
     auth: Authorizer,
     /// Scan spaces, for diffs.
     plans: crate::plans::ScanPlans,
+    schedules: crate::schedules::ScheduleManager,
 }
 
 impl ScanApi {
@@ -48,7 +50,8 @@ impl ScanApi {
     pub fn new(scans: ScanManager, store: Store, watches: WatchHub) -> Self {
         let auth = Authorizer::new(store.clone(), std::time::Duration::from_secs(5));
         let plans = crate::plans::ScanPlans::new(store.clone());
-        Self { scans, store, watches, auth, plans }
+        let schedules = crate::schedules::ScheduleManager::new(store.clone(), scans.clone());
+        Self { scans, store, watches, auth, plans, schedules }
     }
 }
 
@@ -148,7 +151,13 @@ impl ScanService for ScanApi {
         let trace = RequestTrace { span: span.clone(), parent: traceparent.and_then(TraceParent::parse) };
         let created: Result<Response<pb::Scan>, Status> = async {
             self.auth.authorize(request.metadata(), Scope::Scan, "CreateScan").await?;
-            let input = ScanRequestInput { trace, ..ScanRequestInput::try_from(request.into_inner())? };
+            let request = request.into_inner();
+            if request.validate_only {
+                let preview =
+                    self.scans.preview(ScanRequestInput::try_from(request.clone())?).await.map_err(to_status)?;
+                return Ok(Response::new(convert::preview_to_pb(request, preview)));
+            }
+            let input = ScanRequestInput { trace, ..ScanRequestInput::try_from(request)? };
             let (scan, _) = self.scans.create(input).await.map_err(to_status)?;
             Ok(Response::new(scan.into()))
         }
@@ -367,6 +376,52 @@ impl ScanService for ScanApi {
         request: Request<pb::ListWebhookDeliveriesRequest>,
     ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
         self.do_list_webhook_deliveries(request).await
+    }
+
+    async fn create_schedule(
+        &self,
+        request: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.do_create_schedule(request).await
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        self.do_list_schedules(request).await
+    }
+
+    async fn get_schedule(&self, request: Request<pb::GetScheduleRequest>) -> Result<Response<pb::Schedule>, Status> {
+        self.do_get_schedule(request).await
+    }
+
+    async fn update_schedule(
+        &self,
+        request: Request<pb::UpdateScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.do_update_schedule(request).await
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        self.do_delete_schedule(request).await
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<pb::PauseScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.do_set_paused(request.metadata(), &request.get_ref().id, true).await
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.do_set_paused(request.metadata(), &request.get_ref().id, false).await
     }
 
     async fn get_retention(

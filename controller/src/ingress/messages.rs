@@ -5,13 +5,13 @@
 
 use std::{cell::Cell, collections::BTreeMap};
 
-use portfleet_core::{ScanType, labels, text};
+use portfleet_core::{CdnPolicy, ScanType, labels, text};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use uuid::Uuid;
 
-use crate::scans::{HostnameSelection, Origin, ScanRequestInput};
+use crate::scans::{HostnameSelection, IpVersion, Origin, ScanRequestInput};
 
 /// Why a message can never become a scan (it goes to the dead-letter
 /// queue with this reason).
@@ -143,6 +143,21 @@ struct NativeV1 {
     #[serde(default)]
     max_parallel_shards: u32,
     #[serde(default)]
+    exclude: Bounded<String>,
+    #[serde(default)]
+    exclude_ports: String,
+    /// 4, 6 or "both" (default both).
+    #[serde(default)]
+    ip_version: Option<serde_json::Value>,
+    #[serde(default)]
+    scan_all_ips: Option<bool>,
+    /// "all", "web" or "skip" (default all).
+    #[serde(default)]
+    cdn_policy: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    deadline: Option<String>,
+    #[serde(default)]
     reply_to: Option<String>,
     #[serde(default)]
     correlation_id: Option<String>,
@@ -150,6 +165,16 @@ struct NativeV1 {
 
 fn v1() -> u32 {
     1
+}
+
+fn ip_version(v: Option<&serde_json::Value>) -> Result<Option<IpVersion>, BadMessage> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) if v == 4 || v == "4" => Ok(Some(IpVersion::V4)),
+        Some(v) if v == 6 || v == "6" => Ok(Some(IpVersion::V6)),
+        Some(v) if v == "both" => Ok(Some(IpVersion::Both)),
+        Some(other) => Err(BadMessage(format!("ip_version: {other} is not 4, 6 or \"both\""))),
+    }
 }
 
 fn scan_type(s: Option<&str>) -> Result<Option<ScanType>, BadMessage> {
@@ -189,6 +214,26 @@ pub fn parse_native(
         priority: msg.priority,
         max_agents: msg.max_agents,
         max_parallel_shards: msg.max_parallel_shards,
+        exclude: msg.exclude.0,
+        exclude_ports: msg.exclude_ports,
+        ip_version: ip_version(msg.ip_version.as_ref())?,
+        scan_all_ips: msg.scan_all_ips,
+        cdn_policy: msg
+            .cdn_policy
+            .as_deref()
+            .map(CdnPolicy::parse)
+            .transpose()
+            .map_err(|e| BadMessage(format!("cdn_policy: {e}")))?,
+        deadline: msg
+            .deadline
+            .as_deref()
+            .map(|d| {
+                chrono::DateTime::parse_from_rfc3339(d)
+                    .map(|t| t.to_utc())
+                    .map_err(|e| BadMessage(format!("deadline: {d:?} is not an RFC 3339 time: {e}")))
+            })
+            .transpose()?,
+        schedule_id: None,
         naabum8: None,
         origin: Origin::Amqp,
         // The AMQP properties win over the body.
@@ -258,6 +303,11 @@ pub fn parse_naabum8(
         ports: defaults.ports.clone(),
         rate: defaults.rate,
         origin: Origin::NaabuM8,
+        // As NaabuM8 ran naabu: IPv4 only, the first address of each name,
+        // CDN edges on 80 and 443 only (-ec).
+        ip_version: Some(IpVersion::V4),
+        scan_all_ips: Some(false),
+        cdn_policy: Some(CdnPolicy::WebPorts),
         request_id: request_id(None, props, routing_key, body),
         reply_to: props.reply_to.map(str::to_string),
         correlation_id: props.correlation_id.map(str::to_string),
@@ -448,6 +498,31 @@ mod tests {
         }
     }
 
+    /// NaabuM8-format scans run as NaabuM8 ran naabu: IPv4, the first
+    /// address of each name, CDN edges on web ports only.
+    #[test]
+    fn naabum8_requests_default_as_naabu_did() {
+        let d = NaabuDefaults { ports: "top-100".into(), rate: 1000, hostname_table: false };
+        let env = br#"{"channel":"cptm8.naabum8.get.scan","payload":null,"timestamp":"2024-01-01T00:00:00Z"}"#;
+        let i = parse_naabum8("cptm8.naabum8.get.scan", env, &props(), &d, MAX).unwrap();
+        assert_eq!(i.ip_version, Some(IpVersion::V4));
+        assert_eq!(i.scan_all_ips, Some(false));
+        assert_eq!(i.cdn_policy, Some(CdnPolicy::WebPorts));
+        let native =
+            br#"{"targets":["a.example"],"ip_version":"both","cdn_policy":"skip","deadline":"2099-01-01T00:00:00Z"}"#;
+        let n = parse_native("scan.request", native, &props(), MAX).unwrap();
+        assert_eq!((n.ip_version, n.cdn_policy), (Some(IpVersion::Both), Some(CdnPolicy::Skip)));
+        assert!(n.deadline.is_some());
+        for (bad, needle) in [
+            (&br#"{"targets":["a"],"ip_version":5}"#[..], "ip_version"),
+            (br#"{"targets":["a"],"cdn_policy":"most"}"#, "cdn_policy"),
+            (br#"{"targets":["a"],"deadline":"tomorrow"}"#, "deadline"),
+        ] {
+            let err = parse_native("scan.request", bad, &props(), MAX).unwrap_err().0;
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
     /// docs/amqp-request.schema.json and the parser agree: its examples
     /// parse, every property it names is accepted, and a property it does
     /// not name is refused (as its `additionalProperties: false` says).
@@ -465,7 +540,9 @@ mod tests {
             "version": 1, "targets": ["192.0.2.1"], "target_group": "g", "ports": "80", "scan_type": "connect",
             "rate": 5, "retries": 2, "request_id": "r", "labels": {"a": "b"}, "agent_selector": {"c": "d"},
             "allow_connect_fallback": true, "identify": false, "port_threshold": 20, "priority": 9,
-            "max_agents": 2, "max_parallel_shards": 3, "reply_to": "q", "correlation_id": "c"
+            "max_agents": 2, "max_parallel_shards": 3, "reply_to": "q", "correlation_id": "c",
+            "exclude": ["192.0.2.0/30"], "exclude_ports": "22", "ip_version": 4, "scan_all_ips": false,
+            "cdn_policy": "web", "deadline": "2099-01-01T00:00:00Z"
         });
         let properties = schema["properties"].as_object().unwrap();
         let sample_keys: Vec<&String> = samples.as_object().unwrap().keys().collect();

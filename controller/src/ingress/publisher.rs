@@ -105,7 +105,7 @@ async fn publish(
 /// again.
 async fn naabum8_tables(ingress: &Ingress, e: &PendingEvent, down: &mut bool) -> Result<Option<String>, StoreError> {
     let Some(db) = &ingress.naabum8_db else { return Ok(None) };
-    if matches!(e.event, ScanEvent::Created | ScanEvent::Changes) || e.scan.origin != Origin::NaabuM8 {
+    if !e.event.is_final() || e.scan.origin != Origin::NaabuM8 {
         return Ok(None);
     }
     // Found unavailable earlier in this pass: the rest wait without
@@ -142,7 +142,7 @@ async fn publish_event(
     confirms: &mut Vec<lapin::PublisherConfirm>,
 ) -> Result<(), IngressError> {
     let s = &e.scan;
-    let name = format!("scan.{}", e.event);
+    let name = e.event.wire_name();
     let body = event_body_with(&name, s, e.payload.as_ref().map(|p| &p.0));
     let events = &ingress.config.events_exchange;
     // A scan's changes come in pages: each page its own message id.
@@ -151,7 +151,7 @@ async fn publish_event(
         None => format!("{}:{name}", s.id),
     };
     confirms.push(publish(ch, events, &name, &body, message_id, None).await?);
-    if e.event == ScanEvent::Changes {
+    if matches!(e.event, ScanEvent::Changes | ScanEvent::ScheduleFired) {
         return Ok(());
     }
     if e.event == ScanEvent::Created

@@ -394,6 +394,8 @@ impl From<Assignment> for pb::Assign {
                     })
                     .collect(),
                 port_threshold: p.port_threshold,
+                limited_ranges: p.space.limited().map(|l| l.addrs.to_strings()).unwrap_or_default(),
+                limited_ports: p.space.limited().map(|l| l.ports.to_string()).unwrap_or_default(),
             }),
             start_index: u64::try_from(a.start).unwrap_or(0),
             end_index: u64::try_from(a.end).unwrap_or(0),

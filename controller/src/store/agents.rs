@@ -306,4 +306,28 @@ impl Store {
         .await?;
         Ok(rows)
     }
+
+    /// Connected agents (not draining) that could run a scan with these
+    /// needs: the first `limit` names, and how many there are.
+    pub async fn capable_agents(
+        &self,
+        raw_socket: bool,
+        ipv6: bool,
+        selector: &Labels,
+        limit: i64,
+    ) -> Result<(Vec<String>, u32), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, count(*) OVER () FROM agents
+             WHERE state = 'connected' AND labels @> $1 AND (ipv6 OR NOT $2) AND (raw_socket OR NOT $3)
+             ORDER BY name LIMIT $4",
+        )
+        .bind(Json(selector))
+        .bind(ipv6)
+        .bind(raw_socket)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let count = rows.first().map_or(0, |r| r.1) as u32;
+        Ok((rows.into_iter().map(|r| r.0).collect(), count))
+    }
 }

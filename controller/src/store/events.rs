@@ -63,7 +63,9 @@ impl Store {
                     s.probes_done, s.open_ports, s.error, s.created_at, s.started_at, s.finished_at,
                     s.updated_at, s.has_ipv6, s.waiting_reason, s.origin, s.reply_to, s.correlation_id,
                     s.request_fingerprint, s.identify, s.port_threshold, s.priority, s.max_agents,
-                    s.max_parallel_shards
+                    s.max_parallel_shards, s.exclude, s.exclude_ports, s.ip_version, s.scan_all_ips,
+                    s.cdn_policy, s.limited_ranges, s.limited_ports, s.deadline, s.deadline_exceeded,
+                    s.schedule_id
              FROM scan_events e JOIN scans s ON s.id = e.scan_id
              ORDER BY e.id
              LIMIT $1

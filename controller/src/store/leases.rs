@@ -55,6 +55,9 @@ pub struct ScanParams {
     pub port_threshold: i32,
     /// The W3C `traceparent` of the span that created the scan, when traced.
     pub trace_parent: Option<String>,
+    /// Addresses probed only on `limited_ports` (empty: none).
+    pub limited_ranges: Vec<String>,
+    pub limited_ports: String,
 }
 
 /// A name an address of a scan was resolved from (several joined by ',').
@@ -445,7 +448,7 @@ impl Store {
     pub async fn scan_params_many(&self, ids: &[Uuid]) -> Result<Vec<ScanParams>, StoreError> {
         let rows = sqlx::query_as::<_, ScanParams>(
             "SELECT id, scan_type, ports, address_ranges, retries, seed, probes_planned, rate, identify,
-                    port_threshold, trace_parent
+                    port_threshold, trace_parent, limited_ranges, limited_ports
              FROM scans WHERE id = ANY($1)",
         )
         .bind(ids)

@@ -15,6 +15,7 @@ mod policy;
 mod results;
 mod retention;
 mod scans;
+mod schedules;
 mod states;
 mod targets;
 mod tokens;
@@ -46,7 +47,8 @@ pub use naabum8::{Export, NaabuM8Db};
 pub use policy::{ActiveScanRanges, CapsUpdate, ScopeRules};
 pub use results::{ResultFilter, ResultHead, ResultKey, ResultRecord};
 pub use retention::Deleted;
-pub use scans::{Labels, NewScan, NewShard, ScanRecord};
+pub use scans::{Labels, NewScan, NewShard, ScanRecord, Shaping};
+pub use schedules::{Advance, LastRun, NewRun, OptionalState, RunRecord, ScheduleRecord};
 pub use states::{
     AgentState, ChangeKind, DeliveryState, LeaseOutcome, Origin, PortState, ScanEvent, ScanState, ScopeAction,
     ShardState, UnknownValue,

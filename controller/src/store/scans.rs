@@ -58,6 +58,29 @@ pub struct ScanRecord {
     /// 0: no limit.
     pub max_agents: i32,
     pub max_parallel_shards: i32,
+    #[sqlx(flatten)]
+    pub shaping: Shaping,
+    /// Its deadline passed before it finished (it was cancelled).
+    pub deadline_exceeded: bool,
+    /// The schedule that fired it.
+    pub schedule_id: Option<Uuid>,
+}
+
+/// How a request shaped its scan, as it asked (echoed back) and as the
+/// plan applied it (`limited_*`).
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
+pub struct Shaping {
+    pub exclude: Vec<String>,
+    pub exclude_ports: String,
+    /// 0: both families; 4 or 6.
+    pub ip_version: i16,
+    pub scan_all_ips: bool,
+    /// "all", "web" or "skip".
+    pub cdn_policy: String,
+    /// Addresses probed only on `limited_ports` (CDN edges, web ports).
+    pub limited_ranges: Vec<String>,
+    pub limited_ports: String,
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// `"<prefix> <every scans column> <suffix>"`, built at compile time because
@@ -70,7 +93,9 @@ macro_rules! with_scan_columns {
             retries, labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count, \
             port_count, probes_planned, shard_count, probes_done, open_ports, error, created_at, \
             started_at, finished_at, updated_at, has_ipv6, waiting_reason, origin, reply_to, correlation_id, \
-            request_fingerprint, identify, port_threshold, priority, max_agents, max_parallel_shards ",
+            request_fingerprint, identify, port_threshold, priority, max_agents, max_parallel_shards, \
+            exclude, exclude_ports, ip_version, scan_all_ips, cdn_policy, limited_ranges, limited_ports, deadline, \
+            deadline_exceeded, schedule_id ",
             $suffix
         )
     };
@@ -112,6 +137,8 @@ pub struct NewScan {
     /// The W3C `traceparent` the scan's later spans (each Assign's) are
     /// children of; `None` when the scan is not traced.
     pub trace_parent: Option<String>,
+    pub shaping: Shaping,
+    pub schedule_id: Option<Uuid>,
     pub shards: Vec<NewShard>,
     pub hostnames: Vec<(IpAddr, String)>,
 }
@@ -184,6 +211,11 @@ impl Store {
                     "identify": s.identify, "port_threshold": s.port_threshold,
                     "priority": s.priority, "max_agents": s.max_agents,
                     "max_parallel_shards": s.max_parallel_shards, "trace_parent": s.trace_parent,
+                    "exclude": s.shaping.exclude, "exclude_ports": s.shaping.exclude_ports,
+                    "ip_version": s.shaping.ip_version, "scan_all_ips": s.shaping.scan_all_ips,
+                    "cdn_policy": s.shaping.cdn_policy, "limited_ranges": s.shaping.limited_ranges,
+                    "limited_ports": s.shaping.limited_ports, "deadline": s.shaping.deadline,
+                    "schedule_id": s.schedule_id,
                 })
             })
             .collect();
@@ -213,13 +245,17 @@ impl Store {
                     labels, agent_selector, allow_connect_fallback, seed, address_ranges, address_count,
                     port_count, probes_planned, shard_count, has_ipv6, origin, reply_to, correlation_id,
                     request_fingerprint, identify, port_threshold, trace_parent, priority, max_agents,
-                    max_parallel_shards, pass)
+                    max_parallel_shards, exclude, exclude_ports, ip_version, scan_all_ips, cdn_policy,
+                    limited_ranges, limited_ports, deadline, schedule_id, pass)
                 SELECT r.id, r.request_id, ARRAY(SELECT jsonb_array_elements_text(r.targets)), r.target_group,
                     r.ports, r.scan_type, r.rate, r.retries, r.labels, r.agent_selector, r.allow_connect_fallback,
                     r.seed, ARRAY(SELECT jsonb_array_elements_text(r.address_ranges)), r.address_count,
                     r.port_count, r.probes_planned, r.shard_count, r.has_ipv6, r.origin, r.reply_to,
                     r.correlation_id, r.request_fingerprint, r.identify, r.port_threshold, r.trace_parent,
                     r.priority, r.max_agents, r.max_parallel_shards,
+                    ARRAY(SELECT jsonb_array_elements_text(r.exclude)), r.exclude_ports, r.ip_version,
+                    r.scan_all_ips, r.cdn_policy, ARRAY(SELECT jsonb_array_elements_text(r.limited_ranges)),
+                    r.limited_ports, r.deadline, r.schedule_id,
                     -- Fair share: a new scan starts level with the least served
                     -- of the scans being served (docs/protocol.md).
                     -- (else of the running ones: a stuck scan, never started,
@@ -233,7 +269,9 @@ impl Store {
                     address_count bigint, port_count int, probes_planned bigint, shard_count int,
                     has_ipv6 bool, origin text, reply_to text, correlation_id text, request_fingerprint text,
                     identify bool, port_threshold int, trace_parent text, priority smallint, max_agents int,
-                    max_parallel_shards int)
+                    max_parallel_shards int, exclude jsonb, exclude_ports text, ip_version smallint,
+                    scan_all_ips bool, cdn_policy text, limited_ranges jsonb, limited_ports text,
+                    deadline timestamptz, schedule_id uuid)
                 ON CONFLICT ON CONSTRAINT scans_request_id_key DO NOTHING
                 RETURNING *
              ), sh AS (
@@ -375,6 +413,36 @@ impl Store {
             tx.commit().await?;
             super::events::count_finished(ScanEvent::Cancelled, u64::from(row.is_some()));
             Ok(row)
+        })
+        .await
+    }
+
+    /// Cancels up to `limit` scans whose deadline has passed, keeping what
+    /// they found and saying so (`deadline_exceeded`, `error`). Returns
+    /// their ids. Safe on every controller at once (SKIP LOCKED).
+    pub async fn expire_deadlines(&self, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        crate::metrics::timed("expire_deadlines", async move {
+            let mut tx = self.pool.begin().await?;
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "UPDATE scans SET state = 'cancelled', deadline_exceeded = true, finished_at = now(),
+                        updated_at = now(),
+                        error = format('deadline %s passed with %s of %s probes done',
+                                       to_char(deadline AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                                       probes_done, probes_planned)
+                 WHERE id IN (SELECT id FROM scans
+                              WHERE deadline <= now() AND state IN ('pending', 'running')
+                              ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id",
+            )
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            for id in &ids {
+                stop_unfinished_shards(&mut tx, *id, ScanEvent::Cancelled).await?;
+            }
+            tx.commit().await?;
+            super::events::count_finished(ScanEvent::Cancelled, ids.len() as u64);
+            Ok(ids)
         })
         .await
     }

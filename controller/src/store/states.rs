@@ -148,6 +148,8 @@ text_enum! {
         Api = "api",
         Amqp = "amqp",
         NaabuM8 = "naabum8",
+        /// A run of a schedule.
+        Schedule = "schedule",
     }
 }
 
@@ -160,10 +162,20 @@ text_enum! {
         Cancelled = "cancelled",
         /// What the scan changed in the inventory (`payload`: one page).
         Changes = "changes",
+        /// A schedule started this scan (`payload`: schedule id, due time).
+        ScheduleFired = "schedule_fired",
     }
 }
 
 impl ScanEvent {
+    /// Its name on the events exchange and in webhooks.
+    pub fn wire_name(self) -> String {
+        match self {
+            Self::ScheduleFired => "schedule.fired".into(),
+            other => format!("scan.{other}"),
+        }
+    }
+
     /// The event ends its scan.
     pub fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
