@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::{
     scans::{IpVersion, Origin, ScanError, ScanManager, ScanRequestInput},
-    store::{Advance, LastRun, NewRun, Page, Paged, RunRecord, ScheduleRecord, Store, StoreError},
+    store::{Advance, LastRun, NewRun, Overlap, Page, Paged, RunOutcome, RunRecord, ScheduleRecord, Store, StoreError},
 };
 
 /// The longest jitter.
@@ -201,34 +201,6 @@ impl Cadence {
     }
 }
 
-/// What to do with a run due while the previous one is still going.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Overlap {
-    #[default]
-    Skip,
-    Queue,
-    Cancel,
-}
-
-impl Overlap {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Skip => "skip",
-            Self::Queue => "queue",
-            Self::Cancel => "cancel",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "skip" => Some(Self::Skip),
-            "queue" => Some(Self::Queue),
-            "cancel" => Some(Self::Cancel),
-            _ => None,
-        }
-    }
-}
-
 /// A schedule as an adapter received it.
 #[derive(Clone, Debug, Default)]
 pub struct ScheduleInput {
@@ -356,7 +328,7 @@ impl ScheduleManager {
             time_zone: if input.time_zone.trim().is_empty() { "UTC".into() } else { input.time_zone.trim().into() },
             interval_secs: matches!(cadence, Cadence::Every(_)).then(|| input.interval.map(secs)).flatten(),
             jitter_secs,
-            overlap: input.overlap.unwrap_or_default().as_str().into(),
+            overlap: input.overlap.unwrap_or(Overlap::Skip),
             template: Json(template),
             max_run_secs: input.max_run.map(secs),
             paused: false,
@@ -414,7 +386,7 @@ impl ScheduleManager {
                 r.jitter_secs = secs(jitter);
                 r.max_run_secs = max_run.map(secs);
                 if let Some(o) = u.overlap {
-                    r.overlap = o.as_str().into();
+                    r.overlap = o;
                 }
                 if !r.paused {
                     if cadence_changed {
@@ -535,7 +507,7 @@ impl ScheduleManager {
                     runs.push(NewRun {
                         schedule_id: s.id,
                         due_at: due,
-                        outcome: "failed",
+                        outcome: RunOutcome::Failed,
                         scan_id: None,
                         error: Some(e.to_string()),
                     });
@@ -554,7 +526,7 @@ impl ScheduleManager {
                 runs.push(NewRun {
                     schedule_id: s.id,
                     due_at: due,
-                    outcome: "started",
+                    outcome: RunOutcome::Started,
                     scan_id: Some(scan),
                     error: None,
                 });
@@ -562,12 +534,12 @@ impl ScheduleManager {
                 continue;
             }
             let active = last.filter(|l| l.state.is_some_and(|st| st.is_active()));
-            match (active, Overlap::parse(&s.overlap).unwrap_or_default()) {
+            match (active, s.overlap) {
                 (Some(_), Overlap::Skip) => {
                     runs.push(NewRun {
                         schedule_id: s.id,
                         due_at: due,
-                        outcome: "skipped",
+                        outcome: RunOutcome::Skipped,
                         scan_id: None,
                         error: Some("the previous run was still going".into()),
                     });
@@ -605,7 +577,7 @@ impl ScheduleManager {
                         runs.push(NewRun {
                             schedule_id: id,
                             due_at: due,
-                            outcome: "started",
+                            outcome: RunOutcome::Started,
                             scan_id: Some(scan.id),
                             error: None,
                         });
@@ -623,7 +595,7 @@ impl ScheduleManager {
                         runs.push(NewRun {
                             schedule_id: id,
                             due_at: due,
-                            outcome: "failed",
+                            outcome: RunOutcome::Failed,
                             scan_id: None,
                             error: Some(e.to_string()),
                         });
@@ -632,7 +604,7 @@ impl ScheduleManager {
                 }
             }
         }
-        let skipped = runs.iter().filter(|r| r.outcome == "skipped").count() as u64;
+        let skipped = runs.iter().filter(|r| r.outcome == RunOutcome::Skipped).count() as u64;
         metrics::counter!("portfleet_schedule_runs_total", "outcome" => "skipped").increment(skipped);
         let recheck = now + chrono::Duration::from_std(QUEUE_RECHECK).unwrap_or_default();
         self.store.postpone_schedules(&postponed, recheck, token).await?;

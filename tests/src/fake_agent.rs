@@ -127,3 +127,16 @@ impl FakeAgent {
         self.send(Out::Complete(pb::ShardComplete { shard_id, lease_epoch, seq: 2, counts: None })).await;
     }
 }
+
+/// The scan space an Assign names, built as a real agent builds it (for
+/// results at positions of its shard).
+pub fn space_of(a: &pb::Assign) -> portfleet_core::ScanSpace {
+    let p = a.scan.as_ref().expect("scan parameters");
+    portfleet_core::ScanSpace::new(
+        portfleet_core::AddressSet::parse_ranges(&p.address_ranges).expect("address ranges"),
+        portfleet_core::PortSet::parse(&p.ports).expect("ports"),
+        p.seed,
+        u64::MAX,
+    )
+    .expect("the Assign's space")
+}

@@ -484,14 +484,7 @@ async fn results_outside_the_lease_are_refused_and_not_written() {
     .await
     .unwrap();
     let In::Assign(a) = agent.next().await else { panic!("expected Assign") };
-    let p = a.scan.as_ref().unwrap();
-    let space = portfleet_core::ScanSpace::new(
-        portfleet_core::AddressSet::parse_ranges(&p.address_ranges).unwrap(),
-        portfleet_core::PortSet::parse(&p.ports).unwrap(),
-        p.seed,
-        u64::MAX,
-    )
-    .unwrap();
+    let space = portfleet_tests::fake_agent::space_of(&a);
     assert!(a.end_index - a.start_index < space.len(), "one shard is not the whole scan");
     let as_result = |pos: u64| {
         let (ip, port) = space.probe_at(pos);

@@ -153,7 +153,14 @@ async fn overlap_policies_skip_queue_and_cancel() {
     let skip = create(&c, make(pb::OverlapPolicy::Skip)).await.unwrap();
     let queue = create(&c, make(pb::OverlapPolicy::Queue)).await.unwrap();
     let cancel = create(&c, make(pb::OverlapPolicy::Cancel)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Until the skip schedule has skipped twice and the cancel one run
+    // three times (the queue one by then has had as many due times).
+    eventually("several due times", Duration::from_secs(20), || async {
+        let skipped =
+            get(&c, &skip.id).await.runs.iter().filter(|r| r.outcome == pb::RunOutcome::Skipped as i32).count();
+        (skipped >= 2 && runs_by_scan(&db, &cancel.id).await.len() >= 3).then_some(())
+    })
+    .await;
 
     // skip: one run started and pending; the later due times skipped.
     let s = get(&c, &skip.id).await;

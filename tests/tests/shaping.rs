@@ -334,15 +334,7 @@ async fn a_deadline_cancels_the_scan_and_keeps_what_it_found() {
     // finishes.
     let first = agent.assigned(Duration::from_secs(10)).await.expect("an Assign");
     // A position of this shard: the controller takes results only there.
-    let p = first.scan.clone().unwrap();
-    let space = portfleet_core::ScanSpace::new(
-        portfleet_core::AddressSet::parse_ranges(&p.address_ranges).unwrap(),
-        portfleet_core::PortSet::parse(&p.ports).unwrap(),
-        p.seed,
-        u64::MAX,
-    )
-    .unwrap();
-    let (hit, hit_port) = space.probe_at(first.start_index);
+    let (hit, hit_port) = portfleet_tests::fake_agent::space_of(&first).probe_at(first.start_index);
     agent.finish(&first, &[(hit, hit_port)]).await;
     let running = wait_state(&mut api, &scan.id, pb::ScanState::Running).await;
     assert!(!running.deadline_exceeded);

@@ -10,8 +10,8 @@ use super::{ScanApi, convert, page, to_status};
 use crate::{
     auth::Scope,
     scans::ScanRequestInput,
-    schedules::{Overlap, ScanTemplate, ScheduleInput, ScheduleUpdate, ScheduleView},
-    store::{Page, RunRecord, ScheduleRecord},
+    schedules::{ScanTemplate, ScheduleInput, ScheduleUpdate, ScheduleView},
+    store::{Overlap, Page, RunOutcome, RunRecord, ScheduleRecord},
 };
 
 fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
@@ -65,7 +65,7 @@ fn schedule_to_pb(r: ScheduleRecord, runs: Vec<RunRecord>) -> pb::Schedule {
         time_zone: r.time_zone,
         interval: r.interval_secs.map(seconds),
         jitter: (r.jitter_secs > 0).then(|| seconds(r.jitter_secs)),
-        overlap: match Overlap::parse(&r.overlap).unwrap_or_default() {
+        overlap: match r.overlap {
             Overlap::Skip => pb::OverlapPolicy::Skip,
             Overlap::Queue => pb::OverlapPolicy::Queue,
             Overlap::Cancel => pb::OverlapPolicy::Cancel,
@@ -111,11 +111,10 @@ fn run_to_pb(r: RunRecord) -> pb::ScheduleRun {
     pb::ScheduleRun {
         due_time: Some(convert::timestamp(r.due_at)),
         fire_time: Some(convert::timestamp(r.fired_at)),
-        outcome: match r.outcome.as_str() {
-            "started" => pb::RunOutcome::Started,
-            "skipped" => pb::RunOutcome::Skipped,
-            "failed" => pb::RunOutcome::Failed,
-            _ => pb::RunOutcome::Unspecified,
+        outcome: match r.outcome {
+            RunOutcome::Started => pb::RunOutcome::Started,
+            RunOutcome::Skipped => pb::RunOutcome::Skipped,
+            RunOutcome::Failed => pb::RunOutcome::Failed,
         } as i32,
         scan_id: r.scan_id.map(|id| id.to_string()).unwrap_or_default(),
         scan_state: r.scan_state.0.map_or(pb::ScanState::Unspecified, convert::scan_state_to_pb) as i32,

@@ -50,8 +50,8 @@ pub use retention::Deleted;
 pub use scans::{Labels, NewScan, NewShard, ScanRecord, Shaping};
 pub use schedules::{Advance, LastRun, NewRun, OptionalState, RunRecord, ScheduleRecord};
 pub use states::{
-    AgentState, ChangeKind, DeliveryState, LeaseOutcome, Origin, PortState, ScanEvent, ScanState, ScopeAction,
-    ShardState, UnknownValue,
+    AgentState, ChangeKind, DeliveryState, LeaseOutcome, Origin, Overlap, PortState, RunOutcome, ScanEvent, ScanState,
+    ScopeAction, ShardState, UnknownValue,
 };
 pub use targets::{NewTarget, TargetFilter, TargetRecord};
 pub use tokens::TokenRecord;

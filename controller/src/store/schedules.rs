@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Page, Paged, ScanState, Store, StoreError};
+use super::{Overlap, Page, Paged, RunOutcome, ScanState, Store, StoreError};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ScheduleRecord {
@@ -19,8 +19,8 @@ pub struct ScheduleRecord {
     pub time_zone: String,
     pub interval_secs: Option<i64>,
     pub jitter_secs: i64,
-    /// "skip", "queue" or "cancel".
-    pub overlap: String,
+    #[sqlx(try_from = "String")]
+    pub overlap: Overlap,
     /// The domain's `ScanTemplate`, as JSON.
     pub template: Json<serde_json::Value>,
     pub max_run_secs: Option<i64>,
@@ -50,8 +50,8 @@ pub struct RunRecord {
     pub schedule_id: Uuid,
     pub due_at: DateTime<Utc>,
     pub fired_at: DateTime<Utc>,
-    /// "started", "skipped" or "failed".
-    pub outcome: String,
+    #[sqlx(try_from = "String")]
+    pub outcome: RunOutcome,
     pub scan_id: Option<Uuid>,
     #[sqlx(try_from = "String")]
     pub scan_state: OptionalState,
@@ -88,7 +88,7 @@ pub struct LastRun {
 pub struct NewRun {
     pub schedule_id: Uuid,
     pub due_at: DateTime<Utc>,
-    pub outcome: &'static str,
+    pub outcome: RunOutcome,
     pub scan_id: Option<Uuid>,
     pub error: Option<String>,
 }
@@ -130,7 +130,7 @@ impl Store {
             .bind(&s.time_zone)
             .bind(s.interval_secs)
             .bind(s.jitter_secs)
-            .bind(&s.overlap)
+            .bind(s.overlap.as_str())
             .bind(&s.template)
             .bind(s.max_run_secs)
             .bind(s.paused)
@@ -256,7 +256,7 @@ impl Store {
             if !runs.is_empty() {
                 let ids: Vec<Uuid> = runs.iter().map(|r| r.schedule_id).collect();
                 let dues: Vec<DateTime<Utc>> = runs.iter().map(|r| r.due_at).collect();
-                let outcomes: Vec<&str> = runs.iter().map(|r| r.outcome).collect();
+                let outcomes: Vec<&str> = runs.iter().map(|r| r.outcome.as_str()).collect();
                 let scans: Vec<Option<Uuid>> = runs.iter().map(|r| r.scan_id).collect();
                 let errors: Vec<Option<String>> = runs.iter().map(|r| r.error.clone()).collect();
                 sqlx::query(

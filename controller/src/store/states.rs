@@ -183,6 +183,28 @@ impl ScanEvent {
 }
 
 text_enum! {
+    /// What a schedule does with a run due while the previous one is still
+    /// pending or running (`schedules.overlap`).
+    pub enum Overlap in "schedules"."overlap" {
+        /// Record the run as skipped.
+        Skip = "skip",
+        /// Start it when the previous one ends.
+        Queue = "queue",
+        /// Cancel the previous one and start it.
+        Cancel = "cancel",
+    }
+}
+
+text_enum! {
+    /// What became of a schedule's due time (`schedule_runs.outcome`).
+    pub enum RunOutcome in "schedule_runs"."outcome" {
+        Started = "started",
+        Skipped = "skipped",
+        Failed = "failed",
+    }
+}
+
+text_enum! {
     /// How a lease ended (`shard_leases.outcome`).
     pub enum LeaseOutcome in "shard_leases"."outcome" {
         Done = "done",
@@ -207,6 +229,12 @@ mod tests {
         }
         for s in AgentState::ALL {
             assert_eq!(AgentState::parse(s.as_str()), Ok(*s));
+        }
+        for o in Overlap::ALL {
+            assert_eq!(Overlap::parse(o.as_str()), Ok(*o));
+        }
+        for o in RunOutcome::ALL {
+            assert_eq!(RunOutcome::parse(o.as_str()), Ok(*o));
         }
         let e = AgentState::parse("asleep").unwrap_err();
         assert_eq!(e.to_string(), r#"unknown agents.state value "asleep""#);
